@@ -1,0 +1,40 @@
+"""`shapeflow <command>`: the one console script.
+
+Each stage module registers its own sub-command (`add_parser`) and runs it (`main(args) -> int`), so
+the command line of a stage lives beside its code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from shapeflow import __version__
+from shapeflow.config import ParamsError
+from shapeflow.stages import fetch, sample, watertight
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shapeflow", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"shapeflow {__version__}")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in (fetch, watertight, sample):
+        stage.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ParamsError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"shapeflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Typed parameters per stage, loaded from params.yaml.
+
+This is the only module that reads params.yaml. Every section is a dataclass; unknown keys and
+values of the wrong type or range raise `ParamsError` naming the key, so a typo in params.yaml fails
+loudly instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """params.yaml (or a command-line override) holds an invalid value."""
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    val: float = 0.1
+    test: float = 0.1
+
+    def check(self, where: str) -> None:
+        for name in ("val", "test"):
+            share = getattr(self, name)
+            if not 0.0 <= share < 1.0:
+                raise ParamsError(f"{where}.{name}: a share in [0, 1) is required, got {share}")
+        if self.val + self.test >= 1.0:
+            raise ParamsError(f"{where}: val + test must leave room for train, got {self.val + self.test}")
+
+
+@dataclass(frozen=True)
+class BuiltinParams:
+    per_category: int = 40
+    defect_share: float = 0.3
+
+    def check(self, where: str) -> None:
+        if self.per_category < 1:
+            raise ParamsError(f"{where}.per_category: at least 1, got {self.per_category}")
+        if not 0.0 <= self.defect_share <= 1.0:
+            raise ParamsError(f"{where}.defect_share: a share in [0, 1], got {self.defect_share}")
+
+
+@dataclass(frozen=True)
+class LocalParams:
+    path: str | None = None
+    recursive: bool = True
+
+
+@dataclass(frozen=True)
+class ObjaverseParams:
+    list: str | None = None
+    limit: int = 100
+    cache_dir: str = "~/.objaverse"
+    retries: int = 3
+    processes: int = 4
+
+    def check(self, where: str) -> None:
+        if self.limit < 1:
+            raise ParamsError(f"{where}.limit: at least 1, got {self.limit}")
+        if self.retries < 0:
+            raise ParamsError(f"{where}.retries: 0 or more, got {self.retries}")
+
+
+@dataclass(frozen=True)
+class FetchParams:
+    source: Literal["builtin", "local", "objaverse"] = "builtin"
+    builtin: BuiltinParams = field(default_factory=BuiltinParams)
+    local: LocalParams = field(default_factory=LocalParams)
+    objaverse: ObjaverseParams = field(default_factory=ObjaverseParams)
+    split: SplitParams = field(default_factory=SplitParams)
+
+    def check(self, where: str) -> None:
+        if self.source == "local" and not self.local.path:
+            raise ParamsError(f"{where}.local.path: required when {where}.source is 'local'")
+        if self.source == "objaverse" and not self.objaverse.list:
+            raise ParamsError(f"{where}.objaverse.list: required when {where}.source is 'objaverse'")
+
+
+@dataclass(frozen=True)
+class WatertightParams:
+    resolution: int = 256
+    # Shell half-width in voxels: eps = eps_voxels * 2 / resolution (1.0 gives the seed's eps = 2/R).
+    eps_voxels: float = 1.0
+    # Keep the input surface where the input is closed and consistently oriented (else the seed's
+    # eps-offset surface is produced everywhere).
+    keep_closed_surface: bool = True
+    backend: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def check(self, where: str) -> None:
+        if not 16 <= self.resolution <= 2048:
+            raise ParamsError(f"{where}.resolution: between 16 and 2048, got {self.resolution}")
+        if not 0.25 <= self.eps_voxels <= 8.0:
+            raise ParamsError(f"{where}.eps_voxels: between 0.25 and 8, got {self.eps_voxels}")
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    surface: int = 16384
+    sharp: int = 4096
+    sharp_angle_deg: float = 30.0
+    volume: int = 16384
+    near: int = 16384
+    near_scales: tuple[float, ...] = (0.005, 0.02)
+    sharp_near: int = 8192
+    sharp_near_scale: float = 0.005
+
+    def check(self, where: str) -> None:
+        for name in ("surface", "volume", "near"):
+            if getattr(self, name) < 1:
+                raise ParamsError(f"{where}.{name}: at least 1, got {getattr(self, name)}")
+        for name in ("sharp", "sharp_near"):
+            if getattr(self, name) < 0:
+                raise ParamsError(f"{where}.{name}: 0 or more, got {getattr(self, name)}")
+        if not 0.0 < self.sharp_angle_deg < 180.0:
+            raise ParamsError(f"{where}.sharp_angle_deg: in (0, 180), got {self.sharp_angle_deg}")
+        if len(self.near_scales) < 1 or any(s <= 0 for s in self.near_scales):
+            raise ParamsError(f"{where}.near_scales: one or more positive scales, got {list(self.near_scales)}")
+        if self.sharp_near_scale <= 0:
+            raise ParamsError(f"{where}.sharp_near_scale: positive, got {self.sharp_near_scale}")
+
+
+@dataclass(frozen=True)
+class ComputeParams:
+    # Local worker processes for per-object stages; 0 means one per CPU core.
+    workers: int = 0
+
+    def check(self, where: str) -> None:
+        if self.workers < 0:
+            raise ParamsError(f"{where}.workers: 0 (all cores) or more, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    fetch: FetchParams = field(default_factory=FetchParams)
+    watertight: WatertightParams = field(default_factory=WatertightParams)
+    sample: SampleParams = field(default_factory=SampleParams)
+    compute: ComputeParams = field(default_factory=ComputeParams)
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and types, recursing into sections."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: a mapping is required, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ParamsError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    values = {name: _coerce(hints[name], raw[name], f"{where}.{name}" if where else name) for name in raw}
+    obj = cls(**values)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(where)
+    return obj
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ParamsError(f"{where}: one of {list(allowed)} is required, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{where}: a list is required, got {value!r}")
+        (item,) = typing.get_args(hint)[:1]
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{where}: true or false is required, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{where}: an integer is required, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{where}: a number is required, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{where}: a string is required, got {value!r}")
+        return value
+    raise TypeError(f"{where}: unsupported parameter type {hint!r}")
+
+
+def load_params(path: str | Path | None = "params.yaml") -> Params:
+    """Params from a params.yaml; defaults when `path` is None or the file does not exist."""
+    if path is None or not Path(path).exists():
+        return Params()
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return _build(Params, raw, "")
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from exc
+
+
+def replace(section: Any, **overrides: Any) -> Any:
+    """A copy of a params section with command-line overrides (None means 'not given'), re-checked."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return section
+    raw = dataclasses.asdict(section) | given
+    return _build(type(section), raw, type(section).__name__)
+
+
+def section_hash(section: Any) -> str:
+    """A short stable hash of a params section: records made under other params are redone."""
+    blob = json.dumps(dataclasses.asdict(section), sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,144 @@
+"""Object records, manifests, atomic writes and hashing.
+
+Every stage writes `manifest.csv` into its output folder: one row per object, keyed by the sha256 of
+the object's source file. Per-object records are also kept as small JSON files under `records/`, each
+written atomically right after the object's output, so a killed stage loses at most the objects in
+flight and a rerun picks up from the records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.csv"
+RECORDS = "records"
+OBJECTS = "objects"
+
+OK = "ok"
+FAILED = "failed"
+
+MESH_SUFFIXES = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf")
+
+
+class ManifestError(ValueError):
+    """A manifest is missing columns or cannot be read."""
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bytes_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def split_for_key(key: str, val: float, test: float) -> str:
+    """train/val/test as a fixed function of the key, so adding objects never moves existing ones."""
+    u = int(key[:15], 16) / float(16**15)  # uniform in [0, 1) for a sha256 hex key
+    if u < test:
+        return "test"
+    if u < test + val:
+        return "val"
+    return "train"
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; on success it is renamed onto `dest`, else removed.
+
+    The temporary name keeps `dest`'s suffix, so writers that pick the format from the suffix
+    (trimesh, numpy) work unchanged.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(dest: str | Path, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(dest: str | Path, text: str) -> None:
+    atomic_write_bytes(dest, text.encode())
+
+
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Remove temporary files a killed run left behind (they never carry a finished result)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for tmp in folder.rglob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
+
+
+def read_manifest(path: str | Path, required: Sequence[str] = ("key", "path")) -> list[dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise ManifestError(f"{path}: missing column(s) {missing}; has {columns}")
+        return list(reader)
+
+
+def write_manifest(path: str | Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Write rows (sorted by key) to a CSV atomically; columns not in `columns` are appended."""
+    rows = sorted(rows, key=lambda r: str(r.get("key", "")))
+    extra = sorted({k for r in rows for k in r} - set(columns))
+    header = list(columns) + extra
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=header, extrasaction="raise")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _cell(row.get(k, "")) for k in header})
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return " ".join(_cell(v) for v in value)
+    return str(value)
+
+
+def record_path(out_dir: str | Path, key: str) -> Path:
+    return Path(out_dir) / RECORDS / f"{key}.json"
+
+
+def write_record(out_dir: str | Path, record: dict[str, Any]) -> None:
+    atomic_write_text(record_path(out_dir, record["key"]), json.dumps(record, sort_keys=True, indent=1))
+
+
+def read_record(out_dir: str | Path, key: str) -> dict[str, Any] | None:
+    path = record_path(out_dir, key)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a record cut short is as good as none: the object is redone

@@ -1,0 +1,235 @@
+"""Map a per-object function over the objects of a folder: resumable, parallel, shardable.
+
+A per-object function takes a `Task` and the output folder, writes its output atomically and returns
+the fields of its record. The runner skips objects whose record says `ok` under the same params,
+runs the rest on local worker processes, turns an exception into a `failed` record with its reason,
+and survives a worker that dies (a crash in native code): the objects it held are retried one at a
+time, and the one that kills its worker again is recorded as failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from shapeflow import manifest as mf
+
+log = logging.getLogger(__name__)
+
+ObjectFn = Callable[["Task", Path], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Task:
+    key: str
+    src: str  # absolute path of the input file
+    meta: dict[str, Any] = field(default_factory=dict)  # columns carried over from the input manifest
+
+
+# Columns an input manifest may carry that later stages keep.
+CARRIED = ("source", "category", "license", "split")
+
+
+def collect_tasks(src_dir: str | Path, split_val: float = 0.1, split_test: float = 0.1) -> list[Task]:
+    """Tasks for every object in `src_dir`: from its manifest.csv, or from the mesh files in it.
+
+    Objects that failed upstream are left out (their reason stays in the upstream manifest).
+    """
+    src_dir = Path(src_dir).resolve()
+    if not src_dir.is_dir():
+        raise FileNotFoundError(f"{src_dir}: input folder not found")
+    manifest_path = src_dir / mf.MANIFEST
+    tasks: list[Task] = []
+    if manifest_path.is_file():
+        rows = mf.read_manifest(manifest_path)
+        for row in rows:
+            if row.get("status", mf.OK) != mf.OK:
+                continue
+            meta = {k: row[k] for k in CARRIED if row.get(k)}
+            tasks.append(Task(key=row["key"], src=str(src_dir / row["path"]), meta=meta))
+        skipped = len(rows) - len(tasks)
+        if skipped:
+            log.info("%s: %d object(s) failed upstream and are skipped", manifest_path, skipped)
+    else:
+        for path in sorted(p for p in src_dir.rglob("*") if p.suffix.lower() in mf.MESH_SUFFIXES and p.is_file()):
+            key = mf.file_sha256(path)
+            meta = {"source": str(path.relative_to(src_dir)), "split": mf.split_for_key(key, split_val, split_test)}
+            tasks.append(Task(key=key, src=str(path), meta=meta))
+    seen: dict[str, Task] = {}
+    for task in tasks:
+        seen.setdefault(task.key, task)  # the same file twice is one object
+    return sorted(seen.values(), key=lambda t: t.key)
+
+
+def _done(out_dir: Path, task: Task, params_hash: str) -> dict[str, Any] | None:
+    record = mf.read_record(out_dir, task.key)
+    if record is None or record.get("status") != mf.OK or record.get("params_hash") != params_hash:
+        return None
+    if not (out_dir / record.get("path", "")).is_file():
+        return None
+    return record
+
+
+def _run_one(fn: ObjectFn, task: Task, out_dir: Path, params_hash: str) -> dict[str, Any]:
+    """Run `fn` on one task and write its record; never raises for a bad object."""
+    start = time.perf_counter()
+    record: dict[str, Any] = {"key": task.key, **task.meta, "params_hash": params_hash}
+    try:
+        fields = fn(task, out_dir)
+    except Exception as exc:  # a per-object failure is recorded, never allowed to stop the others
+        record.update(status=mf.FAILED, reason=f"{task.src}: {type(exc).__name__}: {exc}", path="")
+        log.debug("object %s failed", task.key, exc_info=True)
+    else:
+        record.update(fields, status=mf.OK, reason="")
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    mf.write_record(out_dir, record)
+    return record
+
+
+def _init_worker() -> None:
+    # One process per core already: keep native thread pools from oversubscribing the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import numba
+
+        numba.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def run_objects(
+    fn: ObjectFn,
+    tasks: Sequence[Task],
+    out_dir: str | Path,
+    params_hash: str,
+    *,
+    workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    desc: str = "objects",
+) -> list[dict[str, Any]]:
+    """Run `fn` over this rank's share of `tasks`; returns the records of that share."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    out_dir = Path(out_dir)
+    (out_dir / mf.RECORDS).mkdir(parents=True, exist_ok=True)
+    mf.remove_stale_temporaries(out_dir)
+    shard = sorted(tasks, key=lambda t: t.key)[rank::world_size]
+    records: dict[str, dict[str, Any]] = {}
+    todo: list[Task] = []
+    for task in shard:
+        done = _done(out_dir, task, params_hash)
+        if done is not None:
+            records[task.key] = done
+        else:
+            todo.append(task)
+    if records:
+        log.info("%s: %d of %d already done, %d to go", desc, len(records), len(shard), len(todo))
+    workers = workers or os.cpu_count() or 1
+    with tqdm(total=len(shard), initial=len(records), desc=desc, unit="obj", disable=None) as bar:
+        if workers == 1 or len(todo) <= 1:
+            for task in todo:
+                records[task.key] = _run_one(fn, task, out_dir, params_hash)
+                bar.update()
+        else:
+            for record in _run_pool(fn, todo, out_dir, params_hash, min(workers, len(todo)), bar):
+                records[record["key"]] = record
+    return [records[t.key] for t in shard]
+
+
+def _run_pool(fn, todo, out_dir, params_hash, workers, bar):
+    ctx = mp.get_context("spawn")  # fork is unsafe with the thread pools of numba, igl and tqdm
+    pending = list(todo)
+    suspects: list[Task] = []
+    while pending:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+            running: dict[Future, Task] = {}
+            broken = False
+            while (pending or running) and not broken:
+                while pending and len(running) < 2 * workers:
+                    task = pending.pop(0)
+                    running[pool.submit(_run_one, fn, task, out_dir, params_hash)] = task
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    task = running.pop(fut)
+                    try:
+                        yield fut.result()
+                        bar.update()
+                    except BrokenProcessPool:
+                        broken = True
+                        suspects.append(task)
+            if broken:
+                suspects.extend(running.values())
+                pool.shutdown(wait=False, cancel_futures=True)
+        # Each object that was in flight when a worker died runs alone, so the culprit is known.
+        for task in suspects:
+            yield _run_isolated(fn, task, out_dir, params_hash, ctx)
+            bar.update()
+        suspects = []
+
+
+def _run_isolated(fn, task, out_dir, params_hash, ctx) -> dict[str, Any]:
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker) as pool:
+        try:
+            return pool.submit(_run_one, fn, task, out_dir, params_hash).result()
+        except BrokenProcessPool:
+            record = {
+                "key": task.key,
+                **task.meta,
+                "params_hash": params_hash,
+                "status": mf.FAILED,
+                "reason": f"{task.src}: the worker process died while processing this object "
+                "(a crash in native code or out of memory)",
+                "path": "",
+            }
+            mf.write_record(out_dir, record)
+            return record
+
+
+def finish_manifest(
+    out_dir: str | Path, tasks: Sequence[Task], columns: Sequence[str], world_size: int = 1
+) -> Path | None:
+    """Write manifest.csv from the records of all tasks, once every task has one.
+
+    With several ranks, each rank calls this after its shard; the last one to finish writes it.
+    """
+    out_dir = Path(out_dir)
+    keys = {t.key for t in tasks}
+    records = [r for k in sorted(keys) if (r := mf.read_record(out_dir, k)) is not None]
+    if len(records) < len(keys):
+        log.info("%d of %d objects have records; the manifest is written by the last shard",
+                 len(records), len(keys))
+        return None
+    _prune(out_dir, keys)
+    path = out_dir / mf.MANIFEST
+    mf.write_manifest(path, records, columns)
+    return path
+
+
+def _prune(out_dir: Path, keys: set[str]) -> None:
+    """Drop outputs and records of objects no longer in the input, so the folder matches it."""
+    for sub in (mf.RECORDS, mf.OBJECTS):
+        folder = out_dir / sub
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if path.name.split(".", 1)[0] not in keys:
+                    path.unlink()
+
+
+def summarize(records: Sequence[dict[str, Any]], desc: str) -> str:
+    failed = [r for r in records if r.get("status") != mf.OK]
+    lines = [f"{desc}: {len(records) - len(failed)} ok, {len(failed)} failed"]
+    lines += [f"  failed {r['key'][:12]}: {r.get('reason', '')}" for r in failed[:20]]
+    if len(failed) > 20:
+        lines.append(f"  ... and {len(failed) - 20} more (see manifest.csv)")
+    return "\n".join(lines)
