@@ -233,3 +233,17 @@ def summarize(records: Sequence[dict[str, Any]], desc: str) -> str:
     if len(failed) > 20:
         lines.append(f"  ... and {len(failed) - 20} more (see manifest.csv)")
     return "\n".join(lines)
+
+
+def exit_code(records: Sequence[dict[str, Any]]) -> int:
+    """0 when at least one object came through (failures are in the manifest), 1 when none did."""
+    if records and not any(r.get("status") == mf.OK for r in records):
+        return 1
+    return 0
+
+
+def add_worker_arguments(parser) -> None:
+    """--workers, --rank and --world-size, shared by every per-object stage command."""
+    parser.add_argument("--workers", type=int, help="local worker processes (default: params compute.workers; 0 = one per core)")
+    parser.add_argument("--rank", type=int, default=0, help="this shard's index when the objects are split over machines")
+    parser.add_argument("--world-size", type=int, default=1, help="number of shards")
