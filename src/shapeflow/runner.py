@@ -36,6 +36,8 @@ class Task:
     meta: dict[str, Any] = field(default_factory=dict)  # columns carried over from the input manifest
 
 
+TIMINGS = "timings.csv"
+
 # Columns an input manifest may carry that later stages keep.
 CARRIED = ("source", "category", "license", "split")
 
@@ -91,9 +93,16 @@ def _run_one(fn: ObjectFn, task: Task, out_dir: Path, params_hash: str) -> dict[
         log.debug("object %s failed", task.key, exc_info=True)
     else:
         record.update(fields, status=mf.OK, reason="")
-    record["seconds"] = round(time.perf_counter() - start, 3)
     mf.write_record(out_dir, record)
+    # Timings stay out of the record: outputs must be a pure function of inputs and params.
+    _log_timing(out_dir, task.key, record["status"], time.perf_counter() - start)
     return record
+
+
+def _log_timing(out_dir: Path, key: str, status: str, seconds: float) -> None:
+    """Append to `timings.csv`, a log beside the outputs that DVC ignores (see .dvcignore)."""
+    with open(out_dir / TIMINGS, "a") as fh:
+        fh.write(f"{key},{status},{seconds:.3f}\n")
 
 
 def _init_worker() -> None:

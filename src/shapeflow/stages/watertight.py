@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 COLUMNS = (
     "key", "path", "status", "reason", "source", "category", "split", "license",
     "scale", "offset_x", "offset_y", "offset_z", "resolution", "backend",
-    "closed_parts", "open_parts", "components", "n_vertices", "n_faces", "shell_ratio", "seconds",
+    "closed_parts", "open_parts", "components", "n_vertices", "n_faces", "shell_ratio", "params_hash",
 )  # fmt: skip
 
 

@@ -1,0 +1,31 @@
+# The two commands a new user needs: `make pipeline` (set up, then `dvc repro` on the built-in
+# dataset) and `make test` (set up, then the test suite). Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup pipeline test bench clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+pipeline: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# Benchmarks need the dense baseline's distance library (pysdf), which compiles against Eigen
+# (Debian/Ubuntu: apt-get install libeigen3-dev).
+bench: setup
+	CPATH=/usr/include/eigen3 $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
+	$(BIN)/python bench/bench_watertight.py
+	$(BIN)/python bench/bench_salient.py
+
+clean-venv:
+	rm -rf $(VENV)
