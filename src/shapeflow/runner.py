@@ -89,7 +89,8 @@ def _run_one(fn: ObjectFn, task: Task, out_dir: Path, params_hash: str) -> dict[
     try:
         fields = fn(task, out_dir)
     except Exception as exc:  # a per-object failure is recorded, never allowed to stop the others
-        record.update(status=mf.FAILED, reason=f"{task.src}: {type(exc).__name__}: {exc}", path="")
+        message = str(exc).removeprefix(f"{task.src}: ")  # errors that name the file already
+        record.update(status=mf.FAILED, reason=f"{task.src}: {type(exc).__name__}: {message}", path="")
         log.debug("object %s failed", task.key, exc_info=True)
     else:
         record.update(fields, status=mf.OK, reason="")

@@ -280,7 +280,8 @@ def signed_blocks(val, touched, block_out, point_out, origins, size, r_band, nud
     Points not reachable from outside are inside: a positive value there (a pocket enclosed by the
     surface) is negated, as the seed's flood fill does. Points off the band get +-r_band. Values within
     `nudge` of zero are pushed to +nudge so that no vertex lands exactly on a grid point, which is what
-    makes marching cubes emit zero-area triangles.
+    makes marching cubes emit zero-area triangles. Points on the grid's outer faces are never inside,
+    so the surface is closed even where the shell would cross the grid's edge.
     """
     R = val.shape[0]
     n = origins.shape[0]
@@ -304,5 +305,7 @@ def signed_blocks(val, touched, block_out, point_out, origins, size, r_band, nud
                         v = -v
                     if abs(v) < nudge:
                         v = nudge
+                    if v < 0 and (i == 0 or j == 0 or k == 0 or i == R - 1 or j == R - 1 or k == R - 1):
+                        v = nudge  # a shell reaching the grid's edge (eps > margin at small R) is closed there
                     out[b, di, dj, dk] = v
     return out

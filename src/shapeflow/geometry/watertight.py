@@ -389,6 +389,9 @@ def seed_method(
     del labels
     sdf = np.where(outside, d - eps, -np.abs(d - eps)).astype(np.float32)
     sdf[np.abs(sdf) < 1e-4 * h] = 1e-4 * h
+    for face in (np.s_[0], np.s_[-1]):  # never inside on the grid's outer faces, as in signed_blocks
+        for axis_view in (sdf[face], sdf[:, face], sdf[:, :, face]):
+            np.maximum(axis_view, 1e-4 * h, out=axis_view)
     verts_idx, mc_faces = mcubes.marching_cubes(sdf, 0.0)
     verts, out_faces, _ = _finish(verts_idx, mc_faces.astype(np.int64), resolution)
     return verts, out_faces

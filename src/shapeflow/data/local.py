@@ -1,0 +1,81 @@
+"""A folder of mesh files as a data source.
+
+Each file is one object keyed by the sha256 of its bytes. Importing copies it to
+`<objects>/<key><suffix>`; a .gltf becomes a self-contained .glb, because its buffers and textures
+live in separate files that would not travel with a copy of the .gltf alone. The key stays the
+sha256 of the .gltf, so the object is found again from the same source file.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from shapeflow import manifest as mf
+from shapeflow.geometry.mesh import gltf_to_glb
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    path: Path  # absolute
+    rel: str  # relative to the scanned folder, with forward slashes
+    key: str  # sha256 of the file
+
+    @property
+    def category(self) -> str:
+        """The first folder under the scanned root ("chair/a.obj" -> "chair"); "" at the root.
+
+        The top folder is what dataset layouts use for the class (ShapeNet's synset folders, a
+        folder per category), whereas the immediate parent is often a per-model folder.
+        """
+        parts = self.rel.split("/")
+        return parts[0] if len(parts) > 1 else ""
+
+
+def list_mesh_files(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Mesh files (by suffix, any case) in `folder`, sorted; hidden files and folders are skipped.
+
+    Hidden names are skipped because atomic writes leave `.name.tmp*` files behind only when killed,
+    and editors and OS tools keep their own state in dot-files.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: local source folder not found")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: local source is not a folder")
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        p for p in candidates
+        if p.suffix.lower() in mf.MESH_SUFFIXES and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )  # fmt: skip
+
+
+def scan(folder: str | Path, recursive: bool = True) -> list[LocalFile]:
+    """Every mesh file of `folder` with its key; raises if there is none (a wrong path, most likely)."""
+    folder = Path(folder).resolve()
+    files = list_mesh_files(folder, recursive)
+    if not files:
+        where = "in it or its subfolders" if recursive else "in it (subfolders not searched)"
+        raise FileNotFoundError(f"{folder}: no mesh files ({', '.join(mf.MESH_SUFFIXES)}) {where}")
+    return [LocalFile(path=p, rel=p.relative_to(folder).as_posix(), key=mf.file_sha256(p)) for p in files]
+
+
+def object_suffix(src: str | Path) -> str:
+    """The suffix an imported file gets: its own in lower case, .glb for a .gltf."""
+    suffix = Path(src).suffix.lower()
+    return ".glb" if suffix == ".gltf" else suffix
+
+
+def import_file(src: str | Path, objects_dir: str | Path, key: str | None = None) -> Path:
+    """Copy (or for .gltf, pack) `src` to `<objects_dir>/<key><suffix>` atomically; returns that path."""
+    src = Path(src)
+    key = key or mf.file_sha256(src)
+    dest = Path(objects_dir) / f"{key}{object_suffix(src)}"
+    with mf.atomic_path(dest) as tmp:
+        if src.suffix.lower() == ".gltf":
+            tmp.write_bytes(gltf_to_glb(src))
+        else:
+            shutil.copyfile(src, tmp)
+    return dest

@@ -1,0 +1,249 @@
+"""fetch stage: raw meshes from the built-in families, a local folder or an Objaverse uid list.
+
+`shapeflow fetch OUT [--source builtin|local|objaverse] [--path DIR] [--list CSV] [--limit N]`
+writes `OUT/objects/<key><suffix>` (key = sha256 of the source file; a .gltf is packed into a
+.glb), `OUT/records/<key>.json` and `OUT/manifest.csv` with one row per object, failures included
+with their reason. A file is only taken if later stages can use it: it loads, and cleaning leaves
+faces that are not all in one plane.
+
+The folder is resumable and ends up matching the params: objects already in OUT are not redone,
+and objects of an earlier run that are no longer selected are removed (OUT is a DVC output with
+`persist: true`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from shapeflow import config, manifest as mf, runner
+from shapeflow.data import builtin, local, objaverse
+from shapeflow.geometry.mesh import clean_mesh, load_mesh
+from shapeflow.runner import Task
+
+T = TypeVar("T")
+
+COLUMNS = ("key", "source", "path", "category", "license", "n_faces", "split", "status", "reason", "defects")
+# An imported object depends on nothing but its source file and this code: change the tag when the
+# code changes what it writes, and every object is imported again.
+PARAMS_HASH = "fetch-v1"
+BUILTIN_LICENSE = "CC0-1.0"  # the built-in shapes are generated here
+
+
+# ------------------------------------------------------------------------- per-object functions
+
+
+def usable_faces(path: Path, where: str) -> int:
+    """Face count of a mesh file as loaded; raises MeshError if later stages could not use it."""
+    mesh = load_mesh(path)
+    clean_mesh(mesh, where)
+    return len(mesh.faces)
+
+
+def import_object(task: Task, out_dir: Path) -> dict[str, Any]:
+    """Check one source file and copy it (a .gltf packed into a .glb) to objects/<key><suffix>."""
+    n_faces = usable_faces(Path(task.src), task.src)
+    dest = local.import_file(task.src, out_dir / mf.OBJECTS, task.key)
+    return {"path": dest.relative_to(out_dir).as_posix(), "n_faces": n_faces}
+
+
+def write_builtin(blobs: dict[str, bytes], task: Task, out_dir: Path) -> dict[str, Any]:
+    """Write one generated object (its PLY bytes are in `blobs`) to objects/<key>.ply."""
+    rel = f"{mf.OBJECTS}/{task.key}.ply"
+    with mf.atomic_path(out_dir / rel) as tmp:
+        tmp.write_bytes(blobs[task.key])
+        n_faces = usable_faces(tmp, task.src)
+    return {"path": rel, "n_faces": n_faces}
+
+
+# ------------------------------------------------------------------------------------ sources
+
+
+def _meta(key: str, split: config.SplitParams, **fields: str) -> dict[str, str]:
+    return {**fields, "split": mf.split_for_key(key, split.val, split.test)}
+
+
+def builtin_tasks(params: config.Params) -> tuple[list[Task], dict[str, bytes]]:
+    """One task per generated object, and the PLY bytes that are its source file."""
+    section = params.fetch.builtin
+    tasks, blobs = [], {}
+    for obj in builtin.generate_builtin(section.per_category, section.defect_share, params.seed):
+        data = builtin.export_bytes(obj.mesh)
+        key = hashlib.sha256(data).hexdigest()
+        blobs[key] = data
+        source = f"builtin:{obj.name}"
+        meta = _meta(key, params.fetch.split, source=source, category=obj.category, license=BUILTIN_LICENSE,
+                     defects=";".join(obj.defects))
+        tasks.append(Task(key=key, src=source, meta=meta))
+    return tasks, blobs
+
+
+def local_tasks(fetch: config.FetchParams) -> list[Task]:
+    """One task per mesh file of the local folder; the category is its top subfolder."""
+    return [
+        Task(key=f.key, src=str(f.path),
+             meta=_meta(f.key, fetch.split, source=f"local:{f.rel}", category=f.category, license=""))
+        for f in local.scan(fetch.local.path, fetch.local.recursive)
+    ]  # fmt: skip
+
+
+def objaverse_tasks(
+    fetch: config.FetchParams, out_dir: Path, client: objaverse.Client | None
+) -> tuple[list[Task], list[tuple[Task, str]]]:
+    """Tasks for the list's objects that are in OUT or could be downloaded, and (task, reason) failures.
+
+    Objects already imported into OUT are not downloaded again (the cache may be gone, as on a
+    machine that pulled OUT from a DVC remote).
+    """
+    section = fetch.objaverse
+    rows = objaverse.read_uid_list(section.list, section.limit)
+    done = _done_by_source(out_dir)
+    fetched = objaverse.fetch_objects(
+        [r for r in rows if _source(r) not in done], section.cache_dir, client=client,
+        processes=section.processes, retries=section.retries,
+    )  # fmt: skip
+    new = [r.uid for r in rows if not r.license and r.uid in fetched and fetched[r.uid].path is not None]
+    licences = objaverse.licences(new, section.cache_dir, client)
+    tasks, failures = [], []
+    for row in rows:
+        source = _source(row)
+        fields = {"source": source, "category": row.category}
+        if source in done:
+            record = done[source]
+            meta = _meta(record["key"], fetch.split, **fields, license=row.license or record.get("license", ""))
+            tasks.append(Task(key=record["key"], src=str(out_dir / record["path"]), meta=meta))
+            continue
+        got = fetched.get(row.uid)
+        if got is not None and got.path is not None:
+            meta = _meta(got.sha256, fetch.split, **fields, license=row.license or licences.get(row.uid, ""))
+            tasks.append(Task(key=got.sha256, src=str(got.path), meta=meta))
+        else:
+            # No file, so no file hash: the list's sha256, else a hash of the identifier.
+            key = row.sha256 or hashlib.sha256(source.encode()).hexdigest()
+            meta = _meta(key, fetch.split, **fields, license=row.license)
+            failures.append((Task(key=key, src=row.identifier, meta=meta), row.problem or got.reason))
+    return tasks, failures
+
+
+def _source(row: objaverse.ListRow) -> str:
+    """objaverse:<uid>, or the list's own identifier when the row names no valid uid."""
+    return f"objaverse:{row.uid if objaverse.UID_RE.match(row.uid) else row.identifier}"
+
+
+def _done_by_source(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """source -> record of every object imported into OUT whose file is still there."""
+    folder = out_dir / mf.RECORDS
+    done = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        record = mf.read_record(out_dir, path.stem)
+        if (record and record.get("status") == mf.OK and record.get("params_hash") == PARAMS_HASH
+                and (out_dir / record.get("path", "")).is_file()):
+            done[record.get("source", "")] = record
+    return done
+
+
+# ------------------------------------------------------------------------------------ the stage
+
+
+def run(
+    params: config.Params, out_dir: str | Path, workers: int | None = None, *, client: objaverse.Client | None = None
+) -> list[dict[str, Any]]:
+    """Fetch the objects params.fetch selects into `out_dir`; returns their records (sorted by key).
+
+    `workers` defaults to params.compute.workers; `client` replaces the Objaverse network calls.
+    """
+    out_dir = Path(out_dir)
+    fetch = params.fetch
+    workers = params.compute.workers if workers is None else workers
+    failures: list[tuple[Task, str]] = []
+    if fetch.source == "builtin":
+        tasks, blobs = builtin_tasks(params)
+        # Writing bytes that are already in memory: a process pool would only copy them around.
+        fn, workers = functools.partial(write_builtin, blobs), 1
+    elif fetch.source == "local":
+        tasks, fn = local_tasks(fetch), import_object
+    else:
+        (tasks, failures), fn = objaverse_tasks(fetch, out_dir, client), import_object
+    tasks = _first_per_key(tasks, lambda t: t.key)  # the same file twice is one object
+    keys = {t.key for t in tasks}
+    failures = [f for f in _first_per_key(failures, lambda f: f[0].key) if f[0].key not in keys]
+    records = runner.run_objects(fn, tasks, out_dir, PARAMS_HASH, workers=workers, desc=f"fetch {fetch.source}")
+    meta = {t.key: t.meta for t in tasks}
+    records = [_refresh(out_dir, r, meta[r["key"]]) for r in records]
+    records += [_record_failure(out_dir, task, reason) for task, reason in failures]
+    runner.finish_manifest(out_dir, tasks + [t for t, _ in failures], COLUMNS)
+    return sorted(records, key=lambda r: r["key"])
+
+
+def _first_per_key(items: list[T], key: Callable[[T], str]) -> list[T]:
+    seen: dict[str, T] = {}
+    for item in items:
+        seen.setdefault(key(item), item)
+    return list(seen.values())
+
+
+def _refresh(out_dir: Path, record: dict[str, Any], meta: dict[str, str]) -> dict[str, Any]:
+    """Bring the columns of an object done earlier up to date (split shares, category, licence)."""
+    if all(record.get(k) == v for k, v in meta.items()):
+        return record
+    record = {**record, **meta}
+    mf.write_record(out_dir, record)
+    return record
+
+
+def _record_failure(out_dir: Path, task: Task, reason: str) -> dict[str, Any]:
+    """The record of an object that never got a file (not downloadable, download failed)."""
+    record = {"key": task.key, **task.meta, "params_hash": PARAMS_HASH, "status": mf.FAILED,
+              "reason": f"{task.src}: {reason}", "path": ""}
+    mf.write_record(out_dir, record)
+    return record
+
+
+# --------------------------------------------------------------------------------- command line
+
+
+def with_overrides(
+    params: config.Params,
+    source: str | None = None,
+    path: str | None = None,
+    uid_list: str | None = None,
+    limit: int | None = None,
+) -> config.Params:
+    """params with command-line values (None = not given) put into params.fetch, re-checked."""
+    fetch = params.fetch
+    local_section = config.replace(fetch.local, path=path)
+    objaverse_section = config.replace(fetch.objaverse, list=uid_list, limit=limit)
+    fetch = config.replace(
+        fetch, source=source, local=dataclasses.asdict(local_section),
+        objaverse=dataclasses.asdict(objaverse_section),
+    )  # fmt: skip
+    return dataclasses.replace(params, fetch=fetch)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("fetch", help="collect raw meshes: built-in shapes, a local folder or Objaverse")
+    p.add_argument("out", type=Path, help="output folder (objects/, records/, manifest.csv)")
+    p.add_argument("--source", choices=("builtin", "local", "objaverse"), help="default: params fetch.source")
+    p.add_argument("--path", help="folder of mesh files for --source local (params fetch.local.path)")
+    p.add_argument("--list", dest="uid_list", help="uid list csv for --source objaverse (params fetch.objaverse.list)")
+    p.add_argument("--limit", type=int, help="first N rows of the uid list (params fetch.objaverse.limit)")
+    p.add_argument("--workers", type=int,
+                   help="local worker processes (default: params compute.workers; 0 = one per core)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    params = with_overrides(config.load_params(args.params), args.source, args.path, args.uid_list, args.limit)
+    try:
+        records = run(params, args.out, workers=args.workers)
+    except objaverse.ObjaverseListError as exc:
+        print(f"shapeflow fetch: error: {exc}", file=sys.stderr)
+        return 2
+    print(runner.summarize(records, f"fetch {params.fetch.source}"))
+    return runner.exit_code(records)

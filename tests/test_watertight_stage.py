@@ -1,0 +1,154 @@
+"""`shapeflow watertight SRC DST` on folders with good and bad files, and on a fetch-style manifest."""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+
+from bad_inputs import EXPECTED_REASON, make_bad_inputs, make_good_inputs
+from shapeflow import manifest as mf
+from shapeflow.cli import main
+from shapeflow.geometry.mesh import load_mesh
+
+
+def read_rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "manifest.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_params(tmp_path: Path, resolution: int = 48) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(f"watertight:\n  resolution: {resolution}\ncompute:\n  workers: 1\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mixed")
+    src = tmp / "src"
+    bad = make_bad_inputs(src / "bad")
+    good = make_good_inputs(src / "good")
+    params = write_params(tmp)
+    code = main(["--params", str(params), "watertight", str(src), str(tmp / "out"), "--workers", "2"])
+    return tmp, bad, good, code
+
+
+def test_good_files_come_out_watertight_and_bad_ones_fail_with_reasons(mixed_run):
+    tmp, bad, good, code = mixed_run
+    assert code == 0
+    rows = {row["source"]: row for row in read_rows(tmp / "out")}
+    assert len(rows) == len({mf.file_sha256(p) for p in [*bad.values(), *good.values()]})
+    for name, path in good.items():
+        row = rows[str(path.relative_to(tmp / "src"))]
+        assert row["status"] == "ok", (name, row["reason"])
+        mesh = trimesh.load(tmp / "out" / row["path"])
+        assert mesh.is_watertight and mesh.volume > 0
+        assert np.abs(mesh.vertices).max() <= 1.0
+        # The manifest's transform takes the output back to the input's frame.
+        original = mesh.vertices * float(row["scale"]) + [float(row[f"offset_{a}"]) for a in "xyz"]
+        source = load_mesh(path)
+        assert np.allclose(original.min(axis=0), source.bounds[0], atol=0.05 * float(row["scale"]))
+    for name, path in bad.items():
+        row = rows[str(path.relative_to(tmp / "src"))]
+        assert row["status"] == "failed" and row["path"] == ""
+        assert path.name in row["reason"], row["reason"]
+        assert re.search(EXPECTED_REASON[name], row["reason"], re.I), (name, row["reason"])
+
+
+def test_nothing_half_written_is_left(mixed_run):
+    tmp, *_ = mixed_run
+    leftovers = [p for p in (tmp / "out").rglob("*") if p.name.startswith(".")]
+    assert leftovers == []
+    ok = {row["key"] for row in read_rows(tmp / "out") if row["status"] == "ok"}
+    assert {p.name.split(".")[0] for p in (tmp / "out" / "objects").iterdir()} == ok
+
+
+def test_rerun_skips_finished_objects_and_redoes_missing_ones(tmp_path):
+    src = tmp_path / "src"
+    good = make_good_inputs(src)
+    params = write_params(tmp_path)
+    out = tmp_path / "out"
+    assert main(["--params", str(params), "watertight", str(src), str(out)]) == 0
+    outputs = sorted((out / "objects").iterdir())
+    stamps = {p: p.stat().st_mtime_ns for p in outputs}
+    # Simulate a run killed after all but one object: its output and record are gone, a temp remains.
+    victim = outputs[0]
+    victim.unlink()
+    mf.record_path(out, victim.name.split(".")[0]).unlink()
+    (out / "objects" / f".{victim.stem}.x.tmp.ply").write_bytes(b"half")
+    assert main(["--params", str(params), "watertight", str(src), str(out)]) == 0
+    assert victim.is_file()
+    for path in outputs[1:]:
+        assert path.stat().st_mtime_ns == stamps[path], f"{path.name} was redone"
+    assert not list((out / "objects").glob(".*"))
+    assert len(read_rows(out)) == len(good)
+
+
+def test_changing_resolution_redoes_objects(tmp_path):
+    src = tmp_path / "src"
+    make_good_inputs(src)
+    out = tmp_path / "out"
+    main(["--params", str(write_params(tmp_path, 32)), "watertight", str(src), str(out)])
+    before = {row["key"]: int(row["n_faces"]) for row in read_rows(out)}
+    main(["--params", str(write_params(tmp_path, 32)), "watertight", str(src), str(out), "--resolution", "64"])
+    rows = read_rows(out)
+    assert {row["resolution"] for row in rows} == {"64"}
+    assert all(int(row["n_faces"]) > before[row["key"]] for row in rows)
+
+
+def test_manifest_input_with_a_missing_file(tmp_path):
+    src = tmp_path / "raw"
+    good = make_good_inputs(src / mf.OBJECTS)
+    rows = []
+    for i, path in enumerate(sorted(good.values())):
+        rows.append({"key": f"{i:064x}", "path": str(path.relative_to(src)), "category": "thing", "split": "train", "status": "ok"})
+    rows.append({"key": "f" * 64, "path": "objects/gone.obj", "category": "thing", "split": "val", "status": "ok"})
+    rows.append({"key": "e" * 64, "path": "", "category": "thing", "split": "val", "status": "failed"})
+    mf.write_manifest(src / "manifest.csv", rows, ["key", "path", "category", "split", "status"])
+    out = tmp_path / "out"
+    assert main(["--params", str(write_params(tmp_path)), "watertight", str(src), str(out)]) == 0
+    result = {row["key"]: row for row in read_rows(out)}
+    assert "e" * 64 not in result  # failed upstream: not retried here
+    missing = result["f" * 64]
+    assert missing["status"] == "failed" and "gone.obj" in missing["reason"]
+    assert all(result[r["key"]]["category"] == "thing" for r in rows[:-2])
+    assert sum(r["status"] == "ok" for r in result.values()) == len(good)
+
+
+def test_shards_split_the_work_and_the_last_writes_the_manifest(tmp_path):
+    src = tmp_path / "src"
+    good = make_good_inputs(src)
+    params = write_params(tmp_path, 32)
+    out = tmp_path / "out"
+    main(["--params", str(params), "watertight", str(src), str(out), "--rank", "0", "--world-size", "2"])
+    assert not (out / "manifest.csv").exists()
+    first = set((out / "objects").iterdir())
+    main(["--params", str(params), "watertight", str(src), str(out), "--rank", "1", "--world-size", "2"])
+    assert len(read_rows(out)) == len(good)
+    assert 0 < len(first) < len(good)
+
+
+def test_missing_input_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["watertight", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_objects_dropped_from_the_input_are_pruned(tmp_path):
+    src = tmp_path / "src"
+    good = make_good_inputs(src)
+    params = write_params(tmp_path, 32)
+    out = tmp_path / "out"
+    main(["--params", str(params), "watertight", str(src), str(out)])
+    dropped = sorted(good.values())[0]
+    key = mf.file_sha256(dropped)
+    dropped.unlink()
+    main(["--params", str(params), "watertight", str(src), str(out)])
+    assert key not in {row["key"] for row in read_rows(out)}
+    assert not list((out / "objects").glob(f"{key}.*"))
+    shutil.rmtree(src)
