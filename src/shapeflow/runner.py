@@ -109,6 +109,7 @@ def _log_timing(out_dir: Path, key: str, status: str, seconds: float) -> None:
 def _init_worker() -> None:
     # One process per core already: keep native thread pools from oversubscribing the cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("IGL_NUM_THREADS", "1")  # libigl's own pool ignores OMP_NUM_THREADS
     try:
         import numba
 

@@ -1,0 +1,138 @@
+"""sample stage: every watertight mesh -> one npz of points, normals and signed distances.
+
+`shapeflow sample SRC DST` works on a watertight-stage output (its manifest.csv) or on any folder of
+closed meshes. DST gets `objects/<key>.npz` (arrays listed in `geometry.sampling.sample_object`,
+plain arrays, readable with `np.load(path, allow_pickle=False)`), `records/<key>.json` and
+`manifest.csv`. Each object's random stream is seeded from (params seed, object key), so its samples
+do not depend on the order, the number of workers or the sharding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trimesh
+
+from shapeflow import config, manifest as mf, runner
+from shapeflow.geometry.mesh import clean_mesh, load_mesh, normalise
+from shapeflow.geometry.sampling import edge_defects, sample_object
+
+COLUMNS = (
+    "key", "path", "status", "reason", "source", "category", "split", "license",
+    "n_faces", "n_sharp_edges", "inverted", "scale", "offset_x", "offset_y", "offset_z", "params_hash",
+)  # fmt: skip
+
+# Bumped when the npz layout changes, so outputs written by older code are redone.
+FORMAT_VERSION = 1
+
+
+def object_seed(seed: int, key: str) -> int:
+    """A 64-bit seed for one object: a function of (params seed, key) only."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def params_hash(params: config.Params) -> str:
+    """What an output depends on besides its input file: the sample section, the seed, the format."""
+    blob = f"{config.section_hash(params.sample)}:{params.seed}:{FORMAT_VERSION}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def closed_mesh(path: str) -> tuple[trimesh.Trimesh, bool]:
+    """The mesh at `path`, checked closed and consistently oriented, and whether it was inside out.
+
+    Watertight-stage output is used as loaded. Anything else gets `clean_mesh` first (welding
+    turns an STL triangle soup or UV-split vertices into a connected surface) and must then pass.
+    """
+    mesh = load_mesh(path)
+    if any(edge_defects(mesh.faces, len(mesh.vertices)).values()):
+        mesh = clean_mesh(mesh, where=path)
+        defects = edge_defects(mesh.faces, len(mesh.vertices))
+        if defects["boundary"] or defects["overshared"]:
+            raise ValueError(
+                f"not watertight ({defects['boundary']} boundary edge(s), {defects['overshared']} edge(s) "
+                "shared by more than two faces): run `shapeflow watertight` first"
+            )
+        if defects["misoriented"]:
+            raise ValueError(
+                f"not consistently oriented ({defects['misoriented']} edge(s) whose two faces disagree on "
+                "the outside): run `shapeflow watertight` first"
+            )
+    # A closed mesh whose faces all point inwards has negative volume: turn it outside out so that
+    # inside means inside.
+    inverted = signed_volume(mesh) < 0
+    if inverted:
+        mesh.invert()
+    return mesh, inverted
+
+
+def signed_volume(mesh: trimesh.Trimesh) -> float:
+    """Volume enclosed by a closed mesh, negative when its faces point inwards (divergence theorem)."""
+    corners = np.asarray(mesh.vertices)[np.asarray(mesh.faces)]  # (F, 3, 3)
+    return float(np.einsum("ij,ij->", corners[:, 0], np.cross(corners[:, 1], corners[:, 2]))) / 6.0
+
+
+def process_object(task: runner.Task, out_dir: Path, params: config.Params) -> dict[str, Any]:
+    """One object: load, check it is closed, normalise, sample, write `objects/<key>.npz`."""
+    mesh, inverted = closed_mesh(task.src)
+    # Watertight-stage output is normalised already; this is then the identity up to rounding.
+    mesh, scale, offset = normalise(mesh)
+    arrays = sample_object(mesh, params.sample, object_seed(params.seed, task.key))
+    rel = f"{mf.OBJECTS}/{task.key}.npz"
+    with mf.atomic_path(out_dir / rel) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    return {
+        "path": rel,
+        "n_faces": len(mesh.faces),
+        "n_sharp_edges": int(arrays["n_sharp_edges"]),
+        "inverted": inverted,
+        "scale": float(scale),
+        "offset_x": float(offset[0]),
+        "offset_y": float(offset[1]),
+        "offset_z": float(offset[2]),
+    }
+
+
+def run(
+    params: config.Params,
+    src: str | Path,
+    dst: str | Path,
+    *,
+    workers: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[dict[str, Any]]:
+    """Sample this rank's share of the objects in `src` into `dst`; returns their records."""
+    tasks = runner.collect_tasks(src, params.fetch.split.val, params.fetch.split.test)
+    records = runner.run_objects(
+        functools.partial(process_object, params=params),
+        tasks,
+        dst,
+        params_hash(params),
+        workers=params.compute.workers if workers is None else workers,
+        rank=rank,
+        world_size=world_size,
+        desc="sample",
+    )
+    runner.finish_manifest(dst, tasks, COLUMNS)
+    return records
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("sample", help="sample surface, salient-edge and supervision points with signed distances")
+    p.add_argument("src", type=Path, help="a watertight output (with manifest.csv) or any folder of closed meshes")
+    p.add_argument("dst", type=Path, help="output folder")
+    runner.add_worker_arguments(p)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    params = config.load_params(args.params)
+    records = run(params, args.src, args.dst, workers=args.workers, rank=args.rank, world_size=args.world_size)
+    print(runner.summarize(records, "sample"))
+    return runner.exit_code(records)
