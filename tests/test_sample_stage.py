@@ -133,10 +133,10 @@ def test_watertight_output_carries_its_columns_and_inside_out_meshes_are_turned(
     (src / "objects").mkdir(parents=True)
     sphere_v, sphere_f = icosphere(2)
     meshes = {"a" * 64: (sphere_v * 0.95, sphere_f), "b" * 64: (sphere_v * 0.95, sphere_f[:, ::-1])}
-    lines = ["key,path,status,reason,category,split,source,license"]
+    lines = ["key,path,status,reason,category,split,source,license,scale,offset_x,offset_y,offset_z"]
     for key, (v, f) in meshes.items():
         trimesh.Trimesh(v, f, process=False).export(src / "objects" / f"{key}.ply")
-        lines.append(f"{key},objects/{key}.ply,ok,,chair,train,local:{key[0]}.obj,CC0")
+        lines.append(f"{key},objects/{key}.ply,ok,,chair,train,local:{key[0]}.obj,CC0,2.5,1.0,-2.0,0.5")
     lines.append(f"{'c' * 64},,failed,upstream trouble,chair,train,local:c.obj,CC0")
     (src / "manifest.csv").write_text("\n".join(lines) + "\n")
     params = tmp_path / "params.yaml"
@@ -148,7 +148,9 @@ def test_watertight_output_carries_its_columns_and_inside_out_meshes_are_turned(
     for key, row in rows.items():
         assert row["status"] == "ok" and row["category"] == "chair" and row["license"] == "CC0"
         assert row["split"] == "train"
-        assert float(row["scale"]) == pytest.approx(1.0, abs=1e-6)  # normalising again changes nothing
+        # Normalising again changes nothing: the upstream transform back to the source frame carries over.
+        assert float(row["scale"]) == pytest.approx(2.5, rel=1e-6)
+        assert [float(row[f"offset_{a}"]) for a in "xyz"] == pytest.approx([1.0, -2.0, 0.5], abs=1e-5)
         with np.load(dst / row["path"], allow_pickle=False) as npz:
             inside = np.linalg.norm(npz["vol_points"], axis=1) < 0.9
             assert (npz["vol_sdf"][inside] < 0).all()

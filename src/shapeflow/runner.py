@@ -38,8 +38,9 @@ class Task:
 
 TIMINGS = "timings.csv"
 
-# Columns an input manifest may carry that later stages keep.
-CARRIED = ("source", "category", "license", "split")
+# Columns an input manifest may carry that later stages keep (a stage's own fields win; the
+# transform back to the source's frame, scale and offset, is composed by stages that renormalise).
+CARRIED = ("source", "category", "license", "split", "scale", "offset_x", "offset_y", "offset_z")
 
 
 def collect_tasks(src_dir: str | Path, split_val: float = 0.1, split_test: float = 0.1) -> list[Task]:

@@ -82,6 +82,10 @@ def process_object(task: runner.Task, out_dir: Path, params: config.Params) -> d
     mesh, inverted = closed_mesh(task.src)
     # Watertight-stage output is normalised already; this is then the identity up to rounding.
     mesh, scale, offset = normalise(mesh)
+    # Compose with the upstream transform, so scale and offset lead back to the source file's frame.
+    up_scale = float(task.meta.get("scale", 1.0))
+    up_offset = np.array([float(task.meta.get(f"offset_{a}", 0.0)) for a in "xyz"])
+    scale, offset = scale * up_scale, offset * up_scale + up_offset
     arrays = sample_object(mesh, params.sample, object_seed(params.seed, task.key))
     rel = f"{mf.OBJECTS}/{task.key}.npz"
     with mf.atomic_path(out_dir / rel) as tmp, open(tmp, "wb") as fh:
