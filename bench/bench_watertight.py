@@ -76,7 +76,10 @@ def _measure(method: str, source: bytes | str, resolution: int, quality_points: 
         start = time.perf_counter()
         result = watertight(mesh.vertices, mesh.faces, resolution=resolution, backend="cpu")
         seconds = time.perf_counter() - start
-        verts, faces, closed_input = result.vertices, result.faces, result.open_parts == 0
+        verts, faces = result.vertices, result.faces
+        # Closed inputs keep their surface; one whose sign check failed got the seed's shell.
+        closed_input = result.open_parts == 0 and not result.sign_fallback
+        fallback = result.sign_fallback
     else:
         import pysdf
 
@@ -84,7 +87,7 @@ def _measure(method: str, source: bytes | str, resolution: int, quality_points: 
         sdf = pysdf.SDF(mesh.vertices.astype(np.float32), mesh.faces.astype(np.uint32))
         verts, faces = seed_method(mesh.vertices, mesh.faces, resolution, lambda p: np.abs(sdf(p.astype(np.float32))))
         seconds = time.perf_counter() - start
-        closed_input = None
+        closed_input = fallback = None
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     out = trimesh.Trimesh(verts, faces)  # processed on load, as a user loads it
     rng = np.random.default_rng(0)
@@ -106,6 +109,7 @@ def _measure(method: str, source: bytes | str, resolution: int, quality_points: 
         "cd": cd[quality_points],
         "cd_floor": floor,
         "closed_input": closed_input,
+        "sign_fallback": fallback,
         "faces_out": len(out.faces),
     }
 
@@ -174,6 +178,7 @@ def _summarise(rows: list[dict], resolutions: list[int]) -> dict:
             "max_peak_mb": max(row["nb_peak_mb"] for row in sel),
             "watertight_share": sum(row["nb_watertight"] for row in sel) / len(sel),
             "closed_inputs": len(closed),
+            "sign_fallbacks": sum(bool(row["nb_sign_fallback"]) for row in sel),
             "closed_max_cd": max((row["nb_cd"] for row in closed), default=None),
             "closed_cd_bound": 1.0 / r,
             "open_inputs": len(open_),

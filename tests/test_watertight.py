@@ -33,7 +33,7 @@ def test_closed_input_keeps_its_surface_and_the_seed_does_not():
     mesh = sphere()
     out, result = remesh(mesh)
     assert out.is_watertight and out.is_winding_consistent and out.volume > 0
-    assert result.closed_parts == 1 and result.open_parts == 0
+    assert result.closed_parts == 1 and result.open_parts == 0 and not result.sign_fallback
     assert mesh_chamfer(mesh, out, n=100_000) <= 1.0 / R
     assert out.volume == pytest.approx(mesh.volume, rel=0.02)
     # The seed grows the surface by eps = 2/R all round: its volume shows it.
@@ -78,6 +78,19 @@ def test_narrow_band_matches_the_dense_seed_on_open_input():
     assert ours.volume == pytest.approx(seed.volume, rel=1e-4)
     gap, _ = cKDTree(seed.vertices).query(ours.vertices)
     assert gap.max() < 1e-3 * grid_step(48)
+
+
+def test_self_intersecting_closed_part_falls_back_to_the_seed_shell():
+    """A closed, consistently wound sphere whose top vertex is pulled down through the bottom: its
+    pseudo-normal sign is wrong where the spike pokes out, which must not leave a hollow result."""
+    sphere3 = trimesh.creation.icosphere(subdivisions=3)
+    v = sphere3.vertices.copy()
+    v[np.argmax(v[:, 2])] = (0.0, 0.0, -1.6)
+    mesh = normalised(trimesh.Trimesh(v, sphere3.faces, process=False))
+    out, result = remesh(mesh)
+    assert result.sign_fallback and result.closed_parts == 0
+    assert out.is_watertight and result.components == 1
+    assert out.volume > 0.9 * (4 / 3) * np.pi * (0.95 * 2 / 2.6) ** 3  # solid, not a shell
 
 
 def test_small_hole_is_sealed_and_interior_is_solid():

@@ -309,3 +309,50 @@ def signed_blocks(val, touched, block_out, point_out, origins, size, r_band, nud
                         v = nudge  # a shell reaching the grid's edge (eps > margin at small R) is closed there
                     out[b, di, dj, dk] = v
     return out
+
+
+@njit(cache=True)
+def inner_edge_exposed(val, touched, block_out, point_out):
+    """True when some point inside a surface (val < 0) touches the outside off the band.
+
+    In a consistent field a negative point's neighbours are band points or the unreached interior.
+    A negative point next to an outside point that no face reached means the flood fill got in
+    behind the surface: the pseudo-normal sign was wrong somewhere (a self-intersecting fold).
+    """
+    R = val.shape[0]
+    nb_ = touched.shape[0]
+    for bi in range(nb_):
+        for bj in range(nb_):
+            for bk in range(nb_):
+                if touched[bi, bj, bk] == 0:
+                    continue
+                for i in range(bi * BLOCK, min((bi + 1) * BLOCK, R)):
+                    for j in range(bj * BLOCK, min((bj + 1) * BLOCK, R)):
+                        for k in range(bk * BLOCK, min((bk + 1) * BLOCK, R)):
+                            if not val[i, j, k] < 0:
+                                continue
+                            for d in range(6):
+                                ni, nj, nk = i, j, k
+                                if d == 0:
+                                    ni += 1
+                                elif d == 1:
+                                    ni -= 1
+                                elif d == 2:
+                                    nj += 1
+                                elif d == 3:
+                                    nj -= 1
+                                elif d == 4:
+                                    nk += 1
+                                else:
+                                    nk -= 1
+                                if ni < 0 or nj < 0 or nk < 0 or ni >= R or nj >= R or nk >= R:
+                                    continue
+                                if math.isfinite(val[ni, nj, nk]):
+                                    continue
+                                b0, b1, b2 = ni // BLOCK, nj // BLOCK, nk // BLOCK
+                                if touched[b0, b1, b2] == 0:
+                                    if block_out[b0, b1, b2] == 1:
+                                        return True
+                                elif point_out[ni, nj, nk] == 1:
+                                    return True
+    return False

@@ -54,6 +54,7 @@ class WatertightResult:
     closed_parts: int  # input parts kept on their own surface
     open_parts: int  # input parts given the seed's eps shell
     components: int  # connected components of the output
+    sign_fallback: bool  # closed parts gave an inconsistent sign: the seed's shell was used instead
     volume: float
     area: float
     backend: str
@@ -308,23 +309,34 @@ def watertight(
     h = grid_step(resolution)
     eps = eps_voxels * 2.0 / resolution
     r_band = eps + BAND_VOXELS * h
-    parts = find_parts(vertices, faces, keep_closed_surface)
     backend = pick_backend(backend)
+    parts = find_parts(vertices, faces, keep_closed_surface)
+    val, touched, block_out, point_out = _field_and_outside(vertices, parts, resolution, eps, r_band, backend)
+    fallback = bool(parts.n_closed) and nb.inner_edge_exposed(val, touched, block_out, point_out)
+    if fallback:
+        # A closed part folds through itself somewhere, so its pseudo-normal sign cannot be trusted:
+        # give the whole object the seed's eps shell, which needs no sign.
+        parts = find_parts(vertices, faces, keep_closed=False)
+        val, touched, block_out, point_out = _field_and_outside(vertices, parts, resolution, eps, r_band, backend)
+    origins = _mc_origins(touched, resolution)
+    values = nb.signed_blocks(val, touched, block_out, point_out, origins, MC_BLOCK, r_band, 1e-4 * h)
+    del val, point_out
+    verts_idx, mc_faces = _march_blocks(values, origins)
+    verts, out_faces, n_comp = _finish(verts_idx, mc_faces, resolution)
+    return _result(verts, out_faces, parts, n_comp, backend, fallback)
+
+
+def _field_and_outside(vertices, parts: Parts, resolution: int, eps: float, r_band: float, backend: str):
     if backend == "cuda":
         val = _dense_field_cubvh(vertices, parts, resolution, eps, r_band)
         touched = _touched_blocks(val)
     else:
         val, touched = band_field(vertices, parts, resolution, eps, r_band)
     block_out, point_out = nb.flood_outside(val, touched)
-    origins = _mc_origins(touched, resolution)
-    values = nb.signed_blocks(val, touched, block_out, point_out, origins, MC_BLOCK, r_band, 1e-4 * h)
-    del val, point_out
-    verts_idx, mc_faces = _march_blocks(values, origins)
-    verts, out_faces, n_comp = _finish(verts_idx, mc_faces, resolution)
-    return _result(verts, out_faces, parts, n_comp, backend)
+    return val, touched, block_out, point_out
 
 
-def _result(verts, faces, parts: Parts, n_comp: int, backend: str) -> WatertightResult:
+def _result(verts, faces, parts: Parts, n_comp: int, backend: str, fallback: bool) -> WatertightResult:
     tri = verts[faces]
     cross = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     return WatertightResult(
@@ -333,6 +345,7 @@ def _result(verts, faces, parts: Parts, n_comp: int, backend: str) -> Watertight
         closed_parts=parts.n_closed,
         open_parts=parts.n_open,
         components=n_comp,
+        sign_fallback=fallback,
         volume=float(np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6.0),
         area=float(0.5 * np.linalg.norm(cross, axis=1).sum()),
         backend=backend,

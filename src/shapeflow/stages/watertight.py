@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 COLUMNS = (
     "key", "path", "status", "reason", "source", "category", "split", "license",
     "scale", "offset_x", "offset_y", "offset_z", "resolution", "backend",
-    "closed_parts", "open_parts", "components", "n_vertices", "n_faces", "shell_ratio", "params_hash",
+    "closed_parts", "open_parts", "sign_fallback", "components", "n_vertices", "n_faces", "shell_ratio", "params_hash",
 )  # fmt: skip
 
 
@@ -54,6 +54,7 @@ def process_object(task: runner.Task, out_dir: Path, params: config.WatertightPa
         "closed_parts": result.closed_parts,
         "open_parts": result.open_parts,
         "components": result.components,
+        "sign_fallback": result.sign_fallback,
         "n_vertices": len(result.vertices),
         "n_faces": len(result.faces),
         # About 1 when the object came out as a thin double-walled shell: a hole wider than eps let
