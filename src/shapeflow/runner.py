@@ -208,6 +208,35 @@ def _run_isolated(fn, task, out_dir, params_hash, ctx) -> dict[str, Any]:
             return record
 
 
+def run_stage(
+    fn: ObjectFn,
+    src: str | Path,
+    dst: str | Path,
+    params_hash: str,
+    columns: Sequence[str],
+    params,
+    *,
+    workers: int | None,
+    rank: int,
+    world_size: int,
+    desc: str,
+) -> list[dict[str, Any]]:
+    """A per-object stage from end to end: its inputs, this rank's share of the work, the manifest."""
+    tasks = collect_tasks(src, params.fetch.split.val, params.fetch.split.test)
+    records = run_objects(
+        fn,
+        tasks,
+        dst,
+        params_hash,
+        workers=params.compute.workers if workers is None else workers,
+        rank=rank,
+        world_size=world_size,
+        desc=desc,
+    )
+    finish_manifest(dst, tasks, columns)
+    return records
+
+
 def finish_manifest(
     out_dir: str | Path, tasks: Sequence[Task], columns: Sequence[str], world_size: int = 1
 ) -> Path | None:

@@ -112,19 +112,18 @@ def run(
     world_size: int = 1,
 ) -> list[dict[str, Any]]:
     """Sample this rank's share of the objects in `src` into `dst`; returns their records."""
-    tasks = runner.collect_tasks(src, params.fetch.split.val, params.fetch.split.test)
-    records = runner.run_objects(
+    return runner.run_stage(
         functools.partial(process_object, params=params),
-        tasks,
+        src,
         dst,
         params_hash(params),
-        workers=params.compute.workers if workers is None else workers,
+        COLUMNS,
+        params,
+        workers=workers,
         rank=rank,
         world_size=world_size,
         desc="sample",
     )
-    runner.finish_manifest(dst, tasks, COLUMNS)
-    return records
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

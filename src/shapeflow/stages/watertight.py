@@ -75,19 +75,18 @@ def run(
 ) -> list[dict[str, Any]]:
     """Remesh this rank's share of the objects in `src` into `dst`; returns their records."""
     section = config.replace(params.watertight, resolution=resolution)
-    tasks = runner.collect_tasks(src, params.fetch.split.val, params.fetch.split.test)
-    records = runner.run_objects(
+    return runner.run_stage(
         functools.partial(process_object, params=section),
-        tasks,
+        src,
         dst,
         config.section_hash(section),
-        workers=params.compute.workers if workers is None else workers,
+        COLUMNS,
+        params,
+        workers=workers,
         rank=rank,
         world_size=world_size,
         desc="watertight",
     )
-    runner.finish_manifest(dst, tasks, COLUMNS)
-    return records
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
