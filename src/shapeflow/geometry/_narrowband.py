@@ -165,14 +165,20 @@ def band_field(tris, part, face_n, edge_n, vert_n, h, r_band, eps, slabs, val, c
         i1 = slabs[s + 1]
         for f in range(tris.shape[0]):
             _face_into_slab(f, tris, part, face_n, edge_n, vert_n, h, r_band, eps, i0, i1, val, cur, stamp, touched)
-    # Fold the last closed part seen at each point into the union.
+    # Fold the last closed part seen at each point into the union: only touched blocks hold any.
     if stamp.shape[0] == val.shape[0]:
         R = val.shape[0]
-        for i in prange(R):
-            for j in range(R):
-                for k in range(R):
-                    if stamp[i, j, k] >= 0 and cur[i, j, k] < val[i, j, k]:
-                        val[i, j, k] = cur[i, j, k]
+        nbk = touched.shape[0]
+        for bi in prange(nbk):
+            for bj in range(nbk):
+                for bk in range(nbk):
+                    if touched[bi, bj, bk] == 0:
+                        continue
+                    for i in range(bi * BLOCK, min((bi + 1) * BLOCK, R)):
+                        for j in range(bj * BLOCK, min((bj + 1) * BLOCK, R)):
+                            for k in range(bk * BLOCK, min((bk + 1) * BLOCK, R)):
+                                if stamp[i, j, k] >= 0 and cur[i, j, k] < val[i, j, k]:
+                                    val[i, j, k] = cur[i, j, k]
 
 
 @njit(cache=True)
