@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -75,6 +74,7 @@ def _measure(method: str, source: bytes | str, resolution: int, quality_points: 
     # Touch as much as a dense R^3 grid of float32 coordinates once, for both methods alike; on
     # this VM the first touch of fresh memory is otherwise several times slower than later ones.
     np.ones(3 * resolution**3, np.float64).sum()
+    _reset_peak_memory()
     warm = trimesh.creation.icosphere(subdivisions=2)
     if method == "narrow_band":
         watertight(warm.vertices * 0.9, warm.faces, resolution=32, backend="cpu")
@@ -93,7 +93,7 @@ def _measure(method: str, source: bytes | str, resolution: int, quality_points: 
         verts, faces = seed_method(mesh.vertices, mesh.faces, resolution, lambda p: np.abs(sdf(p.astype(np.float32))))
         seconds = time.perf_counter() - start
         closed_input = fallback = None
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak_mb = _peak_memory_mb()
     out = trimesh.Trimesh(verts, faces)  # processed on load, as a user loads it
     rng = np.random.default_rng(0)
     cd = {}
@@ -117,6 +117,21 @@ def _measure(method: str, source: bytes | str, resolution: int, quality_points: 
         "sign_fallback": fallback,
         "faces_out": len(out.faces),
     }
+
+
+def _reset_peak_memory() -> None:
+    """Start the peak-RSS count afresh (Linux: writing 5 to clear_refs resets VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def _peak_memory_mb() -> float:
+    """Peak resident memory of this process since the last reset, in MB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
 def _run_isolated(method, source, resolution, quality_points) -> dict:
