@@ -67,7 +67,8 @@ def _measure(method: str, source: bytes | str, resolution: int, quality_points: 
     import trimesh
 
     from shapeflow.geometry.watertight import seed_method, watertight
-    from shapeflow.metrics import chamfer_distance, sample_surface
+    from shapeflow.geometry.sampling import sample_surface
+    from shapeflow.metrics import chamfer_distance
 
     mesh = _load(source)
     # A stage worker has processed objects before: its memory is already backed by the machine.
@@ -98,14 +99,11 @@ def _measure(method: str, source: bytes | str, resolution: int, quality_points: 
     rng = np.random.default_rng(0)
     cd = {}
     for n in (10_000, quality_points):
-        a = sample_surface(mesh.vertices, mesh.faces, n, rng)
-        b = sample_surface(out.vertices, out.faces, n, rng)
+        a, _ = sample_surface(mesh, n, rng)
+        b, _ = sample_surface(out, n, rng)
         cd[n] = chamfer_distance(a, b)
     # The floor of the sampled Chamfer distance itself: two independent samplings of the input.
-    floor = chamfer_distance(
-        sample_surface(mesh.vertices, mesh.faces, quality_points, rng),
-        sample_surface(mesh.vertices, mesh.faces, quality_points, rng),
-    )
+    floor = chamfer_distance(sample_surface(mesh, quality_points, rng)[0], sample_surface(mesh, quality_points, rng)[0])
     return {
         "seconds": seconds,
         "peak_mb": peak_mb,

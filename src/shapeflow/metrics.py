@@ -9,21 +9,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
+from shapeflow.geometry.sampling import sample_surface
+
 DEFAULT_POINTS = 10_000
-
-
-def sample_surface(vertices: np.ndarray, faces: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """`n` points uniformly by area on a triangle mesh. # (n, 3)"""
-    tri = np.asarray(vertices, dtype=np.float64)[np.asarray(faces)]  # (F, 3, 3)
-    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-    if not np.isfinite(area).all() or area.sum() <= 0:
-        raise ValueError("cannot sample a surface with no area")
-    face = rng.choice(len(tri), size=n, p=area / area.sum())
-    u, v = rng.random(n), rng.random(n)
-    flip = u + v > 1.0
-    u[flip], v[flip] = 1.0 - u[flip], 1.0 - v[flip]
-    t = tri[face]
-    return t[:, 0] + u[:, None] * (t[:, 1] - t[:, 0]) + v[:, None] * (t[:, 2] - t[:, 0])
 
 
 def nearest_distances(points_a: np.ndarray, points_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +40,6 @@ def fscore(pred: np.ndarray, ref: np.ndarray, tau: float) -> float:
 def mesh_chamfer(mesh_a, mesh_b, n: int = DEFAULT_POINTS, seed: int = 0) -> float:
     """Chamfer distance between two trimesh surfaces, `n` uniform points on each."""
     rng = np.random.default_rng(seed)
-    a = sample_surface(mesh_a.vertices, mesh_a.faces, n, rng)
-    b = sample_surface(mesh_b.vertices, mesh_b.faces, n, rng)
+    a, _ = sample_surface(mesh_a, n, rng)
+    b, _ = sample_surface(mesh_b, n, rng)
     return chamfer_distance(a, b)
