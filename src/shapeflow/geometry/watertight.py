@@ -28,6 +28,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from shapeflow.geometry import _narrowband as nb
+from shapeflow.geometry.sampling import edge_defects
 
 MC_BLOCK = 16  # marching-cubes block edge, in cells
 BAND_VOXELS = 1.8  # band beyond eps, in grid steps: covers every cell a zero crossing can be in (sqrt 3)
@@ -234,19 +235,6 @@ def _weld(verts: np.ndarray, faces: np.ndarray, resolution: int):
     return verts[first], faces
 
 
-def _is_closed_surface(faces: np.ndarray, n_verts: int) -> bool:
-    """Every edge in exactly two faces, in opposite directions (sorting only, no inverse maps)."""
-    directed = faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
-    keys = np.sort(directed[:, 0] * n_verts + directed[:, 1])
-    if (keys[1:] == keys[:-1]).any():  # a directed edge twice: orientation flips or a fin
-        return False
-    undirected = np.sort(np.minimum(directed[:, 0], directed[:, 1]) * n_verts + np.maximum(directed[:, 0], directed[:, 1]))
-    pairs = undirected.reshape(-1, 2) if len(undirected) % 2 == 0 else None
-    if pairs is None or (pairs[:, 0] != pairs[:, 1]).any():
-        return False
-    return bool((pairs[1:, 0] != pairs[:-1, 0]).all())
-
-
 def _finish(verts_idx: np.ndarray, faces: np.ndarray, resolution: int) -> tuple:
     """Grid-index vertices from marching cubes -> a checked, outward, closed mesh in [-1, 1]^3."""
     h = grid_step(resolution)
@@ -270,7 +258,7 @@ def _finish(verts_idx: np.ndarray, faces: np.ndarray, resolution: int) -> tuple:
         verts, faces = verts[used], faces.reshape(-1, 3)
     if len(faces) == 0:
         raise WatertightError("only fragments smaller than one grid cell were left")
-    if not _is_closed_surface(faces, len(verts)):
+    if any(edge_defects(faces, len(verts)).values()):
         raise WatertightError("the remeshed surface is not closed (an edge without exactly one opposite twin)")
     return verts, faces, int(keep.sum())
 
