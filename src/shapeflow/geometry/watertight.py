@@ -17,6 +17,7 @@ What runs here does the same work where it matters and skips the rest:
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -184,19 +185,10 @@ def _mc_origins(touched: np.ndarray, resolution: int) -> np.ndarray:
     """Origins of the marching-cubes blocks whose corners include a point of a touched block."""
     tb = np.argwhere(touched)  # (T, 3)
     ratio = MC_BLOCK // nb.BLOCK
-    cand = [tb // ratio]
-    # A block's first layer of points is also the last corner layer of the block before it.
-    first = (tb % ratio) == 0
-    for axis in range(3):
-        shifted = tb // ratio
-        shifted[:, axis] -= first[:, axis]
-        cand.append(shifted)
-    # Corners along two or three axes at once.
-    for axes in ((0, 1), (0, 2), (1, 2), (0, 1, 2)):
-        shifted = tb // ratio
-        for axis in axes:
-            shifted[:, axis] -= first[:, axis]
-        cand.append(shifted)
+    # A block's first layer of points is also the last corner layer of the block before it, along
+    # any of the axes where it starts a marching-cubes block: every combination of those steps back.
+    first = (tb % ratio) == 0  # (T, 3)
+    cand = [tb // ratio - np.array(step) * first for step in itertools.product((0, 1), repeat=3)]
     blocks = np.unique(np.concatenate(cand), axis=0)
     blocks = blocks[(blocks >= 0).all(axis=1)]
     origins = blocks * MC_BLOCK
