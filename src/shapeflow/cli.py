@@ -12,7 +12,7 @@ import sys
 
 from shapeflow import __version__
 from shapeflow.config import ParamsError
-from shapeflow.stages import fetch, sample, watertight
+from shapeflow.stages import fetch, sample, train_vae, watertight
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage in (fetch, watertight, sample):
+    for stage in (fetch, watertight, sample, train_vae):
         stage.add_parser(commands)
     return parser
 

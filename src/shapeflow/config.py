@@ -139,12 +139,89 @@ class ComputeParams:
 
 
 @dataclass(frozen=True)
+class VAELossParams:
+    kind: Literal["l1", "mse", "bce"] = "l1"  # truncated SDF regression (l1, mse) or occupancy (bce)
+    truncation: float = 0.1  # SDF targets clipped to +-truncation
+    volume_weight: float = 1.0
+    near_weight: float = 1.0
+    sharp_weight: float = 1.0
+    kl_weight: float = 1e-4
+
+    def check(self, where: str) -> None:
+        if self.truncation <= 0:
+            raise ParamsError(f"{where}.truncation: positive, got {self.truncation}")
+        for name in ("volume_weight", "near_weight", "sharp_weight", "kl_weight"):
+            if getattr(self, name) < 0:
+                raise ParamsError(f"{where}.{name}: 0 or more, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class VAEDataParams:
+    input_points: int = 2048  # surface points (with normals) fed to the encoder per shape
+    sharp_points: int = 512  # salient-edge points for the sharp branch
+    volume_points: int = 1024  # supervision points per shape and step, by kind
+    near_points: int = 1024
+    sharp_near_points: int = 512
+    loader_workers: int = 0  # DataLoader worker processes per training process
+
+    def check(self, where: str) -> None:
+        for name in ("input_points", "volume_points", "near_points"):
+            if getattr(self, name) < 1:
+                raise ParamsError(f"{where}.{name}: at least 1, got {getattr(self, name)}")
+        for name in ("sharp_points", "sharp_near_points", "loader_workers"):
+            if getattr(self, name) < 0:
+                raise ParamsError(f"{where}.{name}: 0 or more, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class TrainVAEParams:
+    preset: str = "tiny"  # a preset of shapeflow.models.vae.PRESETS
+    # Fields of the preset's VAEConfig to replace, e.g. {num_latents: 128}; checked by the stage.
+    model: dict[str, Any] = field(default_factory=dict)
+    loss: VAELossParams = field(default_factory=VAELossParams)
+    data: VAEDataParams = field(default_factory=VAEDataParams)
+    steps: int = 3000  # optimizer steps
+    batch_size: int = 8  # shapes per process and micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    val_every: int = 1000  # 0: validate only at the end
+    val_objects: int = 0  # val-split objects checked during training; 0 = all of them
+    val_resolution: int = 128  # decode grid points per axis
+    accelerate_config: str = "configs/accelerate/default.yaml"
+
+    def check(self, where: str) -> None:
+        if not all(isinstance(k, str) for k in self.model):
+            raise ParamsError(f"{where}.model: a mapping of VAE config fields, got {self.model!r}")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ParamsError(f"{where}.{name}: at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "val_every", "val_objects"):
+            if getattr(self, name) < 0:
+                raise ParamsError(f"{where}.{name}: 0 or more, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ParamsError(f"{where}: lr must be positive, weight_decay and grad_clip 0 or more")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ParamsError(f"{where}.min_lr_ratio: in [0, 1], got {self.min_lr_ratio}")
+        if not 16 <= self.val_resolution <= 1024:
+            raise ParamsError(f"{where}.val_resolution: between 16 and 1024, got {self.val_resolution}")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     fetch: FetchParams = field(default_factory=FetchParams)
     watertight: WatertightParams = field(default_factory=WatertightParams)
     sample: SampleParams = field(default_factory=SampleParams)
     compute: ComputeParams = field(default_factory=ComputeParams)
+    train_vae: TrainVAEParams = field(default_factory=TrainVAEParams)
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -180,6 +257,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if value is None:
             return None
         return _coerce(args[0], value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: a mapping is required, got {value!r}")
+        return dict(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ParamsError(f"{where}: a list is required, got {value!r}")

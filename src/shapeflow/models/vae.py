@@ -1,0 +1,298 @@
+"""VecSet VAE (3DShape2VecSet, with Dora's optional sharp-edge branch): point cloud in, SDF out.
+
+encode: Fourier features of the surface points (and normals) -> queries picked by farthest point
+sampling cross-attend to all points -> self-attention blocks -> diagonal Gaussian over a set of
+`num_latents` tokens of `latent_channels` each.
+decode: up-projection -> self-attention blocks -> tokens.
+query:  Fourier-embedded query points cross-attend to the tokens -> signed distance (negative inside).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from shapeflow.manifest import atomic_path, atomic_write_text
+from shapeflow.models.layers import (
+    MLP,
+    Attention,
+    CrossBlock,
+    FourierEmbedder,
+    SelfBlock,
+    farthest_point_indices,
+    gather_points,
+)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    num_latents: int = 64  # latent tokens per shape
+    latent_channels: int = 16  # channels per latent token
+    width: int = 128  # transformer width
+    heads: int = 4
+    enc_layers: int = 1  # self-attention blocks after the point cross-attention
+    dec_layers: int = 3  # self-attention blocks after the up-projection
+    num_freqs: int = 8  # Fourier frequencies per axis
+    use_normals: bool = True  # feed surface normals to the encoder
+    sharp_branch: bool = False  # Dora: a second cross-attention over the salient-edge points
+    sharp_latents: int = 0  # of num_latents, how many queries are picked from the salient points
+    qkv_bias: bool = False
+
+    def check(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must be a multiple of heads {self.heads}")
+        for name in ("num_latents", "latent_channels", "width", "heads", "num_freqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.enc_layers < 0 or self.dec_layers < 0:
+            raise ValueError("enc_layers and dec_layers must be 0 or more")
+        if not 0 <= self.sharp_latents < self.num_latents:
+            raise ValueError(f"sharp_latents must be in [0, num_latents), got {self.sharp_latents}")
+        if self.sharp_latents and not self.sharp_branch:
+            raise ValueError("sharp_latents needs sharp_branch: true")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> VAEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown VAE config key(s) {unknown}; known: {sorted(known)}")
+        config = cls(**raw)
+        config.check()
+        return config
+
+
+PRESETS: dict[str, VAEConfig] = {
+    # Small enough to train on a 2-core CPU in minutes.
+    "tiny": VAEConfig(),
+    # The size published VecSet models use (3DShape2VecSet, Dora, CraftsMan3D): 512 x 64 latents,
+    # width 768, 8 encoder and 16 decoder blocks.
+    "base": VAEConfig(
+        num_latents=512, latent_channels=64, width=768, heads=12, enc_layers=8, dec_layers=16, num_freqs=8
+    ),
+}
+
+
+def vae_config(preset: str, overrides: dict[str, Any] | None = None) -> VAEConfig:
+    """A named preset with some fields replaced; raises ValueError naming a bad preset or key."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown VAE preset {preset!r}; known: {sorted(PRESETS)}")
+    return VAEConfig.from_dict(PRESETS[preset].to_dict() | dict(overrides or {}))
+
+
+INITIAL_LOGVAR = -6.0
+
+
+class DiagonalGaussian:
+    """Posterior N(mean, exp(logvar)) per latent channel."""
+
+    def __init__(self, moments: torch.Tensor):  # (B, M, 2C)
+        self.mean, logvar = moments.float().chunk(2, dim=-1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + (0.5 * self.logvar).exp() * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL to N(0, I) per shape, averaged over latent tokens and channels. (B,)"""
+        return 0.5 * (self.mean**2 + self.logvar.exp() - 1.0 - self.logvar).mean(dim=(1, 2))
+
+
+class PointEmbed(nn.Module):
+    """Points (and normals) -> width-sized tokens."""
+
+    def __init__(self, num_freqs: int, width: int, use_normals: bool):
+        super().__init__()
+        self.fourier = FourierEmbedder(num_freqs)
+        self.use_normals = use_normals
+        self.proj = nn.Linear(self.fourier.out_dim + 3 * int(use_normals), width)
+
+    def forward(self, points: torch.Tensor, normals: torch.Tensor | None = None) -> torch.Tensor:
+        feats = self.fourier(points)  # (B, N, F)
+        if self.use_normals:
+            feats = torch.cat([feats, normals], dim=-1)
+        return self.proj(feats)  # (B, N, C)
+
+
+class PointEncoder(nn.Module):
+    """FPS queries cross-attend to the point tokens (and, with the sharp branch, to the salient ones)."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        self.embed = PointEmbed(c.num_freqs, c.width, c.use_normals)
+        self.norm_q = nn.LayerNorm(c.width)
+        self.norm_ctx = nn.LayerNorm(c.width)
+        self.attn = Attention(c.width, c.heads, c.width, c.qkv_bias)
+        if c.sharp_branch:
+            self.norm_sharp = nn.LayerNorm(c.width)
+            self.sharp_attn = Attention(c.width, c.heads, c.width, c.qkv_bias)
+        self.norm_mlp = nn.LayerNorm(c.width)
+        self.mlp = MLP(c.width)
+
+    def forward(
+        self,
+        points: torch.Tensor,  # (B, N, 3)
+        normals: torch.Tensor | None,
+        sharp_points: torch.Tensor | None = None,  # (B, S, 3)
+        sharp_normals: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        c = self.config
+        tokens = self.embed(points, normals)  # (B, N, C)
+        idx = farthest_point_indices(points, c.num_latents - c.sharp_latents)
+        queries = gather_points(tokens, idx)  # (B, M, C)
+        if c.sharp_branch:
+            if sharp_points is None:
+                raise ValueError("this VAE has a sharp-edge branch: sharp_points are required")
+            sharp_tokens = self.embed(sharp_points, sharp_normals)  # (B, S, C)
+            if c.sharp_latents:
+                sharp_idx = farthest_point_indices(sharp_points, c.sharp_latents)
+                queries = torch.cat([queries, gather_points(sharp_tokens, sharp_idx)], dim=1)
+        q = self.norm_q(queries)
+        x = queries + self.attn(q, self.norm_ctx(tokens))
+        if c.sharp_branch:
+            x = x + self.sharp_attn(q, self.norm_sharp(sharp_tokens))
+        return x + self.mlp(self.norm_mlp(x))  # (B, M, C)
+
+
+class QueryDecoder(nn.Module):
+    """Query points cross-attend to the decoded tokens -> one signed distance each."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        c = config
+        self.embed = PointEmbed(c.num_freqs, c.width, use_normals=False)
+        self.cross = CrossBlock(c.width, c.heads, c.width, c.qkv_bias)
+        self.norm = nn.LayerNorm(c.width)
+        self.out = nn.Linear(c.width, 1)
+
+    def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:  # (B, Q, 3), (B, M, C)
+        x = self.cross(self.embed(queries), tokens)  # (B, Q, C)
+        return self.out(self.norm(x)).squeeze(-1)  # (B, Q)
+
+
+class VecSetVAE(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        config.check()
+        c = config
+        self.config = c
+        self.encoder = PointEncoder(c)
+        self.enc_blocks = nn.ModuleList(SelfBlock(c.width, c.heads, c.qkv_bias) for _ in range(c.enc_layers))
+        self.to_moments = nn.Linear(c.width, 2 * c.latent_channels)
+        self.from_latents = nn.Linear(c.latent_channels, c.width)
+        self.dec_blocks = nn.ModuleList(SelfBlock(c.width, c.heads, c.qkv_bias) for _ in range(c.dec_layers))
+        self.query_decoder = QueryDecoder(c)
+        self.apply(_init_weights)
+        # Start with a narrow posterior (std e^-3 = 0.05) instead of N(., 1): with unit noise the
+        # latents carry almost nothing at first and the decoder learns to ignore them; the KL term
+        # widens the posterior as far as reconstruction allows.
+        nn.init.constant_(self.to_moments.bias[c.latent_channels :], INITIAL_LOGVAR)
+
+    def encode(
+        self,
+        points: torch.Tensor,
+        normals: torch.Tensor | None = None,
+        sharp_points: torch.Tensor | None = None,
+        sharp_normals: torch.Tensor | None = None,
+    ) -> DiagonalGaussian:
+        x = self.encoder(points, normals, sharp_points, sharp_normals)  # (B, M, C)
+        for block in self.enc_blocks:
+            x = block(x)
+        return DiagonalGaussian(self.to_moments(x))  # over (B, M, latent_channels)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:  # (B, M, latent_channels) -> (B, M, C)
+        x = self.from_latents(latents.to(self.from_latents.weight.dtype))
+        for block in self.dec_blocks:
+            x = block(x)
+        return x
+
+    def query(self, tokens: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:  # -> (B, Q) signed distances
+        return self.query_decoder(queries, tokens)
+
+    def forward(
+        self,
+        points: torch.Tensor,
+        normals: torch.Tensor | None,
+        queries: torch.Tensor,
+        sharp_points: torch.Tensor | None = None,
+        sharp_normals: torch.Tensor | None = None,
+        sample_posterior: bool = True,
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        posterior = self.encode(points, normals, sharp_points, sharp_normals)
+        latents = posterior.sample() if sample_posterior else posterior.mode()
+        return self.query(self.decode(latents), queries), posterior
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+LossKind = Literal["l1", "mse", "bce"]
+
+
+def field_loss(pred: torch.Tensor, sdf: torch.Tensor, kind: LossKind, truncation: float) -> torch.Tensor:
+    """Per-point loss of a predicted field against the true signed distance. Same shape as `pred`.
+
+    l1 / mse: truncated SDF regression: the target is clipped to +-truncation (far from the surface
+    only the sign matters); the prediction is not, so a wrong sign always has a gradient. bce: occupancy, with -pred read as the logit of "inside", so the surface is the
+    zero level set for every kind and one decoder serves them all.
+    """
+    pred = pred.float()
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(-pred, (sdf < 0).float(), reduction="none")
+    target = sdf.clamp(-truncation, truncation)
+    if kind == "l1":
+        return (pred - target).abs()
+    if kind == "mse":
+        return (pred - target) ** 2
+    raise ValueError(f"unknown loss kind {kind!r}; known: l1, mse, bce")
+
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+FORMAT = "shapeflow.vecset_vae/1"
+
+
+def save_pretrained(model: VecSetVAE, folder: str | Path, meta: dict[str, Any] | None = None) -> None:
+    """model.safetensors and config.json ({format, config, meta}) in `folder`, each written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+    body = {"format": FORMAT, "config": model.config.to_dict(), "meta": dict(meta or {})}
+    atomic_write_text(folder / CONFIG, json.dumps(body, indent=2) + "\n")
+
+
+def load_pretrained(folder: str | Path, device: torch.device | str = "cpu") -> VecSetVAE:
+    """The VAE saved by `save_pretrained` in `folder`, in eval mode."""
+    folder = Path(folder)
+    for name in (WEIGHTS, CONFIG):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name}: missing; train the VAE first (dvc repro train_vae)")
+    body = json.loads((folder / CONFIG).read_text())
+    if body.get("format") != FORMAT:
+        raise ValueError(f"{folder / CONFIG}: format {body.get('format')!r}, expected {FORMAT!r}")
+    model = VecSetVAE(VAEConfig.from_dict(body["config"]))
+    model.load_state_dict(load_file(str(folder / WEIGHTS), device=str(device)))
+    return model.to(device).eval()

@@ -1,0 +1,211 @@
+"""Pieces every training stage shares: Accelerate setup, LR schedule, checkpoints, MLflow, provenance.
+
+Stages build their loop from these; nothing here knows about a particular model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TRAINER_STATE = "trainer.json"  # written last into a checkpoint: its presence marks it complete
+
+
+def pick_precision(requested: str) -> str:
+    """'auto' -> bf16 on a CUDA device that supports it, else full precision."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def make_accelerator(precision: str, grad_accum: int, seed: int) -> Accelerator:
+    """One process per device as `accelerate launch` / torchrun started it; CPU (gloo) without CUDA."""
+    return Accelerator(
+        mixed_precision=pick_precision(precision),
+        gradient_accumulation_steps=grad_accum,
+        cpu=not torch.cuda.is_available(),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+    )
+
+
+def cosine_schedule(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+    state: dict[str, Any]
+
+
+class Checkpoints:
+    """`save_state` checkpoints under `root/step_<n>/`, the newest `keep` kept.
+
+    A checkpoint is written to a temporary folder and renamed when complete, with `trainer.json`
+    (step, MLflow run id, ...) written last, so a kill at any moment leaves either the previous
+    complete checkpoint or the new one, never a half-written one that a rerun would load.
+    """
+
+    PATTERN = re.compile(r"^step_(\d+)$")
+
+    def __init__(self, root: str | Path, keep: int):
+        self.root = Path(root)
+        self.keep = keep
+
+    def complete(self) -> list[Checkpoint]:
+        found = []
+        for path in self.root.glob("step_*") if self.root.is_dir() else []:
+            match = self.PATTERN.match(path.name)
+            state_file = path / TRAINER_STATE
+            if match and state_file.is_file():
+                found.append(Checkpoint(path, int(match.group(1)), json.loads(state_file.read_text())))
+        return sorted(found, key=lambda c: c.step)
+
+    def latest(self) -> Checkpoint | None:
+        found = self.complete()
+        return found[-1] if found else None
+
+    def save(self, accelerator: Accelerator, step: int, state: Mapping[str, Any]) -> Path:
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp-step_{step:08d}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # every rank: each writes its own RNG state
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **state}, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in self.complete()[: -self.keep]:
+                shutil.rmtree(old.path, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    """HEAD's commit, with '-dirty' when tracked files differ from it; 'unknown' outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def dvc_hash(data_dir: str | Path, lock_file: str | Path = "dvc.lock") -> str | None:
+    """The md5 that dvc.lock records for the stage output at `data_dir`, or None when not tracked."""
+    lock_path = Path(lock_file)
+    if not lock_path.is_file():
+        return None
+    try:
+        rel = Path(os.path.relpath(Path(data_dir).resolve(), lock_path.parent.resolve())).as_posix()
+    except ValueError:  # another drive on Windows
+        return None
+    lock = yaml.safe_load(lock_path.read_text()) or {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if out.get("path") == rel:
+                return out.get("md5")
+    return None
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}, for MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
+
+
+class Tracker:
+    """One MLflow run per training, written by rank 0 only (other ranks hold an inactive tracker).
+
+    The run id is kept in the checkpoints, so a resumed training goes on logging into its own run.
+    The tracking URI is $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+    """
+
+    def __init__(self, active: bool):
+        self.active = active
+        self.run_id: str | None = None
+        self._client = None
+
+    def start(self, experiment: str, run_name: str, run_id: str | None, tags: Mapping[str, str], params: Mapping[str, Any]) -> str | None:
+        if not self.active:
+            return None
+        from mlflow.entities import Param, RunTag
+        from mlflow.tracking import MlflowClient
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+        self._client = MlflowClient(tracking_uri=uri)
+        if run_id is not None:
+            self.run_id = run_id
+            self._client.update_run(run_id, status="RUNNING")
+            self._client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            return run_id
+        found = self._client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
+        run = self._client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+        self.run_id = run.info.run_id
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self._client.log_batch(self.run_id, params=items[i : i + 100])
+        return self.run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client.log_batch(self.run_id, metrics=[Metric(_metric_name(k), float(v), now, step) for k, v in metrics.items()])
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str) -> None:
+        if self.active:
+            self._client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.active and self.run_id is not None:
+            self._client.set_terminated(self.run_id, status=status)
+
+
+def _metric_name(name: str) -> str:
+    """MLflow metric names allow letters, digits, _ - . space : / only: 'f@0.02' -> 'f_0.02'."""
+    return re.sub(r"[^\w\-. :/]", "_", name)

@@ -1,0 +1,122 @@
+"""The VecSet VAE's pieces: shapes, farthest points, the posterior, the loss, save and load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shapeflow.models.layers import FourierEmbedder, farthest_point_indices
+from shapeflow.models.vae import (
+    PRESETS,
+    DiagonalGaussian,
+    VecSetVAE,
+    field_loss,
+    load_pretrained,
+    save_pretrained,
+    vae_config,
+)
+
+SMALL = {"num_latents": 16, "latent_channels": 8, "width": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1}
+
+
+def cloud(batch: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    normals = torch.nn.functional.normalize(torch.randn(batch, n, 3, generator=g), dim=-1)
+    return 0.5 * normals, normals  # points on a sphere of radius 0.5
+
+
+def test_forward_gives_one_distance_per_query_and_latents_of_the_configured_size():
+    model = VecSetVAE(vae_config("tiny", SMALL))
+    points, normals = cloud(2, 256)
+    queries = torch.rand(2, 100, 3) * 2 - 1
+    pred, posterior = model(points, normals, queries)
+    assert pred.shape == (2, 100)
+    assert posterior.mean.shape == (2, 16, 8)
+    assert posterior.kl().shape == (2,)
+
+
+def test_sharp_branch_reads_the_salient_points_and_needs_them():
+    model = VecSetVAE(vae_config("tiny", SMALL | {"sharp_branch": True, "sharp_latents": 4}))
+    points, normals = cloud(1, 128)
+    sharp, sharp_normals = cloud(1, 64, seed=1)
+    queries = torch.rand(1, 10, 3)
+    model.eval()
+    with torch.no_grad():
+        a = model(points, normals, queries, sharp, sharp_normals, sample_posterior=False)[0]
+        b = model(points, normals, queries, sharp * 0.5, sharp_normals, sample_posterior=False)[0]
+        with pytest.raises(ValueError, match="sharp_points are required"):
+            model(points, normals, queries)
+    assert not torch.allclose(a, b)
+
+
+def test_presets_have_the_published_size_for_base():
+    base = PRESETS["base"]
+    assert 512 <= base.num_latents <= 2048 and 32 <= base.latent_channels <= 64
+    assert 512 <= base.width <= 768 and (base.enc_layers, base.dec_layers) == (8, 16)
+
+
+def test_unknown_preset_or_field_is_refused_by_name():
+    with pytest.raises(ValueError, match="unknown VAE preset 'huge'"):
+        vae_config("huge")
+    with pytest.raises(ValueError, match=r"unknown VAE config key\(s\) \['widht'\]"):
+        vae_config("tiny", {"widht": 64})
+    with pytest.raises(ValueError, match="multiple of heads"):
+        vae_config("tiny", {"width": 30, "heads": 4})
+
+
+def test_farthest_points_spread_over_the_cloud():
+    # Two tight clusters far apart: the second pick must come from the other cluster.
+    a = torch.randn(1, 50, 3) * 0.01
+    points = torch.cat([a, a + 1.0], dim=1)
+    idx = farthest_point_indices(points, 2)
+    assert idx[0, 0] == 0 and idx[0, 1] >= 50
+    assert len(set(farthest_point_indices(points, 20)[0].tolist())) == 20
+
+
+def test_fourier_features_size_and_values():
+    emb = FourierEmbedder(num_freqs=4)
+    x = torch.tensor([[0.25, -0.5, 1.0]])
+    out = emb(x)
+    assert out.shape == (1, emb.out_dim) == (1, 27)
+    assert torch.allclose(out[0, :3], x[0])
+    assert torch.allclose(out[0, 3], torch.sin(torch.tensor(torch.pi * 0.25)))
+
+
+def test_kl_is_zero_for_the_prior_and_positive_otherwise():
+    prior = DiagonalGaussian(torch.zeros(1, 4, 6))
+    assert torch.allclose(prior.kl(), torch.zeros(1))
+    assert (DiagonalGaussian(torch.ones(1, 4, 6)).kl() > 0).all()
+    shifted = DiagonalGaussian(torch.cat([torch.full((1, 4, 3), 2.0), torch.zeros(1, 4, 3)], -1))
+    assert torch.allclose(shifted.kl(), torch.tensor([2.0]))  # 0.5 * mean^2
+
+
+@pytest.mark.parametrize("kind", ["l1", "mse", "bce"])
+def test_loss_pushes_a_wrong_sign_towards_the_right_one(kind):
+    sdf = torch.tensor([-0.5, 0.5])  # far inside, far outside
+    pred = torch.tensor([0.8, -0.8], requires_grad=True)  # both wrong, beyond the truncation
+    field_loss(pred, sdf, kind, truncation=0.1).sum().backward()
+    assert pred.grad[0] > 0 and pred.grad[1] < 0  # gradient descent moves each towards its sign
+
+
+def test_truncated_regression_ignores_distance_beyond_the_truncation():
+    sdf = torch.tensor([0.3, 0.9])
+    pred = torch.tensor([0.1, 0.1])
+    assert torch.allclose(field_loss(pred, sdf, "l1", 0.1), torch.zeros(2))
+
+
+def test_save_and_load_give_the_same_field(tmp_path):
+    model = VecSetVAE(vae_config("tiny", SMALL)).eval()
+    save_pretrained(model, tmp_path / "vae", {"steps": 3})
+    loaded = load_pretrained(tmp_path / "vae")
+    points, normals = cloud(1, 64)
+    queries = torch.rand(1, 20, 3)
+    with torch.no_grad():
+        a = model(points, normals, queries, sample_posterior=False)[0]
+        b = loaded(points, normals, queries, sample_posterior=False)[0]
+    assert torch.equal(a, b)
+    assert loaded.config == model.config
+
+
+def test_loading_a_missing_model_says_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dvc repro train_vae"):
+        load_pretrained(tmp_path / "nothing")
