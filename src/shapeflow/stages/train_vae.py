@@ -179,6 +179,10 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
 
     train_objects = list_objects(paths.samples, "train")
     val_objects = list_objects(paths.samples, val_split)
+    if not train_objects:
+        raise mf.ManifestError(f"{paths.samples / mf.MANIFEST}: no objects with status ok in the train split")
+    if not val_objects:
+        log.warning("no objects in the %r split of %s: validation is skipped", val_split, paths.samples)
     if p.val_objects:
         val_objects = val_objects[: p.val_objects]
     manifest_sha = mf.file_sha256(paths.samples / mf.MANIFEST)

@@ -1,0 +1,167 @@
+"""The train_vae stage run as users run it: a real process (or two), real checkpoints, real MLflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import subset
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {
+    "model": {"num_latents": 16, "width": 64},
+    "data": {"input_points": 256, "sharp_points": 64, "volume_points": 128, "near_points": 128, "sharp_near_points": 64},
+    "batch_size": 2,
+    "log_every": 2,
+    "val_objects": 2,
+    "val_resolution": 32,
+}
+
+
+def write_params(folder: Path, **train_vae) -> Path:
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump({"seed": 0, "train_vae": SMALL | train_vae}))
+    return path
+
+
+def stage_args(work: Path, samples: Path, params: Path, *extra: str) -> list[str]:
+    return [
+        "-m", "shapeflow.cli", "--params", str(params), "train-vae", str(samples), str(work / "vae"),
+        "--meshes", str(samples.parent / "watertight"), "--checkpoints", str(work / "ck"),
+        "--metrics", str(work / "reports" / "metrics.json"), "--plots", str(work / "reports"), *extra,
+    ]  # fmt: skip
+
+
+def env_for(work: Path) -> dict[str, str]:
+    return dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", OMP_NUM_THREADS="1")
+
+
+def train(work: Path, samples: Path, params: Path, *extra: str, launcher: tuple[str, ...] = (sys.executable,)):
+    return subprocess.run(
+        [*launcher, *stage_args(work, samples, params, *extra)],
+        cwd=work, env=env_for(work), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def runs(work: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("shapeflow-train_vae")
+    return client, client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def test_stage_writes_weights_metrics_curves_and_one_tracked_run(builtin_samples, tmp_path):
+    params = write_params(tmp_path, steps=6, checkpoint_every=3)
+    proc = train(tmp_path, builtin_samples, params, "--val-split", "train")
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in (tmp_path / "vae").iterdir()} == {"model.safetensors", "config.json"}
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert config["config"]["num_latents"] == 16 and config["meta"]["steps"] == 6
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["world_size"] == 1 and metrics["val_objects"] == 2
+    assert 0.0 <= metrics["val_f@0.02"] <= 1.0
+    with open(tmp_path / "reports" / "loss.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert {"loss", "volume", "near", "sharp", "kl", "lr", "grad_norm", "samples_per_s"} <= set(rows[0])
+    assert not (tmp_path / "ck").exists()  # checkpoints go once the weights are out
+
+    client, found = runs(tmp_path)
+    assert len(found) == 1
+    run = found[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["stage"] == "train_vae" and run.data.tags["world_size"] == "1"
+    assert {"git_commit", "dvc_data_hash", "data_manifest_sha256"} <= set(run.data.tags)
+    assert run.data.params["train_vae.lr"] == "0.0005" and run.data.params["model_config.num_latents"] == "16"
+    assert {"loss", "volume", "near", "sharp", "kl", "lr", "grad_norm", "samples_per_s", "val_cd", "val_f_0.02"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 3
+    assert "model/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(builtin_samples, tmp_path):
+    params = write_params(tmp_path, steps=40, checkpoint_every=4, val_every=0, val_objects=1)
+    proc = subprocess.Popen(
+        [sys.executable, *stage_args(tmp_path, builtin_samples, params, "--val-split", "train")],
+        cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    try:
+        while not list((tmp_path / "ck").glob("step_*/trainer.json")):
+            assert proc.poll() is None, "training ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "vae").exists()
+    saved = max(int(p.parent.name.split("_")[1]) for p in (tmp_path / "ck").glob("step_*/trainer.json"))
+    assert 4 <= saved < 40
+
+    rerun = train(tmp_path, builtin_samples, params, "--val-split", "train")
+    assert rerun.returncode == 0, rerun.stderr
+    resumed = [line for line in rerun.stderr.splitlines() if "resuming from step" in line]
+    assert resumed and int(resumed[0].split("resuming from step ")[1].split()[0]) >= saved
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["steps"] == 40
+    with open(tmp_path / "reports" / "loss.csv", newline="") as fh:
+        steps = [int(r["step"]) for r in csv.DictReader(fh)]
+    assert steps == list(range(2, 41, 2))  # no step logged twice, none missing
+    _, found = runs(tmp_path)
+    assert len(found) == 1 and found[0].info.status == "FINISHED"  # the resumed run is the same run
+
+
+def test_changed_params_do_not_resume_an_incompatible_checkpoint(builtin_samples, tmp_path):
+    params = write_params(tmp_path, steps=4, checkpoint_every=2, val_every=0, val_objects=1)
+    first = train(tmp_path, builtin_samples, params, "--val-split", "train")
+    assert first.returncode == 0, first.stderr
+    # Leave a checkpoint behind as a killed run would, then change a param.
+    (tmp_path / "ck" / "step_00000002").mkdir(parents=True)
+    (tmp_path / "ck" / "step_00000002" / "trainer.json").write_text(json.dumps({"step": 2, "fingerprint": "other"}))
+    params = write_params(tmp_path, steps=4, checkpoint_every=2, val_every=0, val_objects=1, lr=1e-3)
+    second = train(tmp_path, builtin_samples, params, "--val-split", "train")
+    assert second.returncode == 0, second.stderr
+    assert "other params or data: starting over" in second.stderr and "resuming" not in second.stderr
+
+
+def test_two_ranks_on_cpu_end_with_identical_weights_and_one_run(builtin_samples, tmp_path):
+    params = write_params(tmp_path, steps=4, checkpoint_every=2, val_objects=1)
+    launcher = (
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "configs" / "accelerate" / "multi_cpu.yaml"),
+    )  # fmt: skip
+    proc = train(tmp_path, builtin_samples, params, "--val-split", "train", launcher=launcher)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    checksums = metrics["rank_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    _, found = runs(tmp_path)
+    assert len(found) == 1 and found[0].data.tags["world_size"] == "2"
+
+
+def test_missing_samples_and_bad_model_params_fail_with_a_clear_message(builtin_samples, tmp_path):
+    params = write_params(tmp_path, steps=2)
+    missing = train(tmp_path, tmp_path / "nowhere", params)
+    assert missing.returncode == 2 and "nowhere" in missing.stderr and "manifest.csv" in missing.stderr
+    params = write_params(tmp_path, steps=2, model={"widht": 64})
+    bad = train(tmp_path, builtin_samples, params)
+    assert bad.returncode == 2 and "train_vae.preset/model" in bad.stderr and "widht" in bad.stderr
+    assert not (tmp_path / "vae").exists()
+
+
+def test_an_empty_split_is_named(builtin_samples, tmp_path):
+    only_train = subset(builtin_samples, tmp_path / "samples", lambda row: row["split"] == "train")
+    (tmp_path / "watertight").symlink_to(builtin_samples.parent / "watertight")
+    params = write_params(tmp_path, steps=2)
+    proc = train(tmp_path, only_train, params, "--val-split", "test")
+    assert proc.returncode == 0, proc.stderr
+    assert "no objects in the 'test' split" in proc.stderr
