@@ -94,23 +94,22 @@ class CrossBlock(nn.Module):
 
 @torch.no_grad()
 def farthest_point_indices(points: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices (B, n) of `n` farthest points of each cloud in `points` (B, N, 3), starting at index 0.
+    """Indices (B, n) of `n` farthest points of each cloud in `points` (B, N, 3).
 
-    Iterative and batched; runs on whatever device the points are on. The first index is fixed so
-    the choice is deterministic; inputs are random surface samples anyway.
+    Iterative and batched, on the points' device. The first pick is the point farthest from the
+    cloud's centroid, so the chosen set depends on the points, not on their order.
     """
     batch, count, _ = points.shape
     if n > count:
         raise ValueError(f"cannot pick {n} farthest points out of {count}")
-    chosen = torch.zeros(batch, n, dtype=torch.long, device=points.device)
-    nearest = torch.full((batch, count), float("inf"), device=points.device, dtype=points.dtype)
     rows = torch.arange(batch, device=points.device)
-    last = torch.zeros(batch, dtype=torch.long, device=points.device)
-    for i in range(1, n):
-        step = ((points - points[rows, last][:, None]) ** 2).sum(-1)  # (B, N)
-        nearest = torch.minimum(nearest, step)
-        last = nearest.argmax(dim=1)
+    nearest = ((points - points.mean(dim=1, keepdim=True)) ** 2).sum(-1)  # (B, N)
+    chosen = torch.zeros(batch, n, dtype=torch.long, device=points.device)
+    for i in range(n):
+        last = nearest.argmax(dim=1)  # (B,)
         chosen[:, i] = last
+        nearest = torch.minimum(nearest, ((points - points[rows, last][:, None]) ** 2).sum(-1))
+        nearest[rows, last] = -1.0  # never picked twice, even among duplicate points
     return chosen
 
 
