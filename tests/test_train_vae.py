@@ -165,3 +165,37 @@ def test_an_empty_split_is_named(builtin_samples, tmp_path):
     proc = train(tmp_path, only_train, params, "--val-split", "test")
     assert proc.returncode == 0, proc.stderr
     assert "no objects in the 'test' split" in proc.stderr
+
+
+OVERFIT = {
+    "steps": 1000,
+    "batch_size": 1,
+    "lr": 3e-3,
+    "warmup_steps": 20,
+    "min_lr_ratio": 0.02,
+    "log_every": 250,
+    "checkpoint_every": 5000,
+    "val_resolution": 128,
+    "loss": {"kl_weight": 0.0},
+    "data": {"input_points": 1024, "sharp_points": 64, "volume_points": 256, "near_points": 1536, "sharp_near_points": 256},
+}
+
+
+@pytest.mark.slow
+def test_tiny_preset_overfits_one_builtin_shape(builtin_samples, tmp_path):
+    chair = subset(builtin_samples, tmp_path / "samples", lambda row: row["category"] == "chair")
+    (tmp_path / "watertight").symlink_to(builtin_samples.parent / "watertight")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"seed": 0, "train_vae": {"preset": "tiny", **OVERFIT}}))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, *stage_args(tmp_path, chair, params, "--val-split", "train")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    print(f"overfit one chair: F@0.02 {metrics['val_f@0.02']:.4f}, CD {metrics['val_cd']:.4f}, {seconds:.0f} s")
+    assert metrics["train_objects"] == 1 and metrics["val_objects"] == 1
+    assert metrics["val_f@0.02"] >= 0.99

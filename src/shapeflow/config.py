@@ -180,10 +180,10 @@ class TrainVAEParams:
     model: dict[str, Any] = field(default_factory=dict)
     loss: VAELossParams = field(default_factory=VAELossParams)
     data: VAEDataParams = field(default_factory=VAEDataParams)
-    steps: int = 3000  # optimizer steps
+    steps: int = 2000  # optimizer steps
     batch_size: int = 8  # shapes per process and micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
@@ -192,7 +192,7 @@ class TrainVAEParams:
     log_every: int = 10
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
-    val_every: int = 1000  # 0: validate only at the end
+    val_every: int = 500  # 0: validate only at the end
     val_objects: int = 0  # val-split objects checked during training; 0 = all of them
     val_resolution: int = 128  # decode grid points per axis
     accelerate_config: str = "configs/accelerate/default.yaml"
