@@ -26,6 +26,7 @@ bench: setup
 	CPATH=/usr/include/eigen3 $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(BIN)/python bench/bench_watertight.py
 	$(BIN)/python bench/bench_salient.py
+	$(BIN)/python bench/bench_vae.py
 
 clean-venv:
 	rm -rf $(VENV)
