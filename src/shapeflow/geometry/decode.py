@@ -2,7 +2,7 @@
 
 One helper for every stage that decodes: validation in train_vae, evaluate, sample export. The field
 is any callable mapping query points (Q, 3) in normalised space to signed distances (Q,), negative
-inside. Decoding is coarse to fine: the field is evaluated on a grid 4x coarser than asked, and only
+inside. Decoding is coarse to fine: the field is evaluated on a grid 2x coarser than asked, and only
 the coarse cells that come near the surface are evaluated at full resolution; the rest of the fine
 grid takes the coarse values, whose sign is all marching cubes needs away from the surface.
 """
@@ -23,10 +23,12 @@ from shapeflow.geometry.sampling import sample_surface
 FieldFn = Callable[[torch.Tensor], torch.Tensor]
 
 BOUND = 1.0  # the grid covers [-BOUND, BOUND]^3
-COARSE_FACTOR = 4  # fine cells per coarse cell along an axis
-# A coarse cell is refined when some corner's |sdf| is below this many coarse-cell diagonals: the
-# learned field is only roughly a distance, so the margin is generous.
-BAND_DIAGONALS = 1.5
+COARSE_FACTOR = 2  # fine cells per coarse cell along an axis
+# A coarse cell is refined when its corners change sign or one of them has |sdf| below this many
+# coarse-cell diagonals. It must stay well under the truncation the VAE is trained with (0.1 by
+# default: far from the surface a learned field reads about +-truncation), or every cell would
+# qualify; at 128^3 half a coarse diagonal is 0.027.
+BAND_DIAGONALS = 0.5
 F_TAUS = (0.01, 0.02)
 # Points a side for reconstruction CD and F-score. The 10,000 of the Chamfer convention are too few
 # for F@0.02 on these shapes: two perfect samplings of one built-in mug (area ~15) agree to only

@@ -95,11 +95,13 @@ def losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], p: config.VAE
 
 class References:
     """Reference surface points per object: METRIC_POINTS on its watertight mesh when a watertight
-    output is given, else the surface points stored in its npz (fewer, so a higher sampling floor)."""
+    output is given, else the surface points stored in its npz (fewer, so a higher sampling floor).
+    Sampled once per object and kept, as float32, for the validations that follow."""
 
     def __init__(self, meshes: Path | None, seed: int):
         self.seed = seed
         self.paths: dict[str, Path] = {}
+        self._cache: dict[str, np.ndarray] = {}
         if meshes is not None:
             rows = mf.read_manifest(meshes / mf.MANIFEST, required=("key", "path", "status"))
             self.paths = {r["key"]: meshes / r["path"] for r in rows if r["status"] == mf.OK}
@@ -107,7 +109,10 @@ class References:
     def points(self, key: str, arrays: dict[str, np.ndarray]) -> np.ndarray:
         if key not in self.paths:
             return arrays["surface_points"]
-        return sample_surface(load_mesh(self.paths[key]), METRIC_POINTS, np.random.default_rng(self.seed))[0]
+        if key not in self._cache:
+            mesh = load_mesh(self.paths[key])
+            self._cache[key] = sample_surface(mesh, METRIC_POINTS, np.random.default_rng(self.seed))[0].astype(np.float32)
+        return self._cache[key]
 
 
 @torch.no_grad()
