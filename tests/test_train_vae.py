@@ -60,14 +60,14 @@ def runs(work: Path):
 
 
 def test_stage_writes_weights_metrics_curves_and_one_tracked_run(builtin_samples, tmp_path):
-    params = write_params(tmp_path, steps=6, checkpoint_every=3)
+    params = write_params(tmp_path, steps=6, checkpoint_every=3, lr=7e-4)
     proc = train(tmp_path, builtin_samples, params, "--val-split", "train")
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in (tmp_path / "vae").iterdir()} == {"model.safetensors", "config.json"}
     config = json.loads((tmp_path / "vae" / "config.json").read_text())
     assert config["config"]["num_latents"] == 16 and config["meta"]["steps"] == 6
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
-    assert metrics["steps"] == 6 and metrics["world_size"] == 1 and metrics["val_objects"] == 2
+    assert metrics["steps"] == 6 and metrics["world_size"] == 1 and metrics["val_objects"] == 8  # the last validation: all
     assert 0.0 <= metrics["val_f@0.02"] <= 1.0
     with open(tmp_path / "reports" / "loss.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -81,7 +81,7 @@ def test_stage_writes_weights_metrics_curves_and_one_tracked_run(builtin_samples
     assert run.info.status == "FINISHED"
     assert run.data.tags["stage"] == "train_vae" and run.data.tags["world_size"] == "1"
     assert {"git_commit", "dvc_data_hash", "data_manifest_sha256"} <= set(run.data.tags)
-    assert run.data.params["train_vae.lr"] == "0.0005" and run.data.params["model_config.num_latents"] == "16"
+    assert run.data.params["train_vae.lr"] == "0.0007" and run.data.params["model_config.num_latents"] == "16"
     assert {"loss", "volume", "near", "sharp", "kl", "lr", "grad_norm", "samples_per_s", "val_cd", "val_f_0.02"} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 3
     assert "model/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}

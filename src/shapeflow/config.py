@@ -193,7 +193,7 @@ class TrainVAEParams:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     val_every: int = 500  # 0: validate only at the end
-    val_objects: int = 0  # val-split objects checked during training; 0 = all of them
+    val_objects: int = 8  # val objects scored by the periodic validations (0 = all); the last one scores all
     val_resolution: int = 128  # decode grid points per axis
     accelerate_config: str = "configs/accelerate/default.yaml"
 

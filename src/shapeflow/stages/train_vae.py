@@ -57,10 +57,17 @@ def model_config(p: config.TrainVAEParams) -> VAEConfig:
         raise config.ParamsError(f"train_vae.preset/model: {exc}") from exc
 
 
+# Settings that change what is logged or checked, not the weights: a checkpoint resumes across them.
+NOT_IN_FINGERPRINT = (
+    "log_every", "checkpoint_every", "keep_checkpoints", "val_every", "val_objects", "val_resolution", "accelerate_config",
+)  # fmt: skip
+
+
 def fingerprint(params: config.Params, data_id: str, world_size: int) -> str:
-    """What a checkpoint must match to be resumed: the section, the seed, the data, the world size."""
+    """What a checkpoint must match to be resumed: the training settings, the seed, the data, the world size."""
+    section = {k: v for k, v in dataclasses.asdict(params.train_vae).items() if k not in NOT_IN_FINGERPRINT}
     blob = json.dumps(
-        {"train_vae": dataclasses.asdict(params.train_vae), "seed": params.seed, "data": data_id, "world": world_size},
+        {"train_vae": section, "seed": params.seed, "data": data_id, "world": world_size},
         sort_keys=True,
         default=list,
     )
@@ -188,8 +195,8 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
         raise mf.ManifestError(f"{paths.samples / mf.MANIFEST}: no objects with status ok in the train split")
     if not val_objects:
         log.warning("no objects in the %r split of %s: validation is skipped", val_split, paths.samples)
-    if p.val_objects:
-        val_objects = val_objects[: p.val_objects]
+    # Periodic validations score the first val_objects objects; the last one scores the whole split.
+    val_during = val_objects[: p.val_objects] if p.val_objects else val_objects
     manifest_sha = mf.file_sha256(paths.samples / mf.MANIFEST)
     data_hash = training.dvc_hash(paths.samples)
     ckpts = training.Checkpoints(paths.checkpoints, p.keep_checkpoints)
@@ -298,7 +305,7 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
                     window, tic = 0, time.perf_counter()
                 if val_objects and ((p.val_every and step % p.val_every == 0) or step == p.steps):
                     val_summary = _validate_on_main(
-                        accelerator, model, val_objects, references, p, params.seed, step, tracker,
+                        accelerator, model, val_objects if step == p.steps else val_during, references, p, params.seed, step, tracker,
                         val_log if accelerator.is_main_process else None,
                     )  # fmt: skip
                     tic = time.perf_counter()
