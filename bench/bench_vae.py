@@ -23,16 +23,10 @@ import os
 import time
 from pathlib import Path
 
+from _memory import peak_memory_mb
+
 # Dense bf16 peak of the GPUs this project is run on, FLOP/s (no sparsity).
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def measure(preset: str, batch: int, steps: int, warmup: int, device: str) -> dict:
@@ -92,7 +86,7 @@ def measure(preset: str, batch: int, steps: int, warmup: int, device: str) -> di
         "tokens_per_s": batch * config.num_latents / seconds,
         "flops_per_step": flops,
         "achieved_tflops": flops / seconds / 1e12,
-        "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _peak_rss_mb(),
+        "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_memory_mb(),
     }
     if device == "cuda":
         peak = next((v for k, v in BF16_PEAK.items() if k in row["device"]), None)

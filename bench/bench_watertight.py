@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _memory import peak_memory_mb, reset_peak_memory
+
 HERE = Path(__file__).resolve().parent
 SHARED_MESHES = HERE.parent.parent / "shared" / "meshes"
 
@@ -100,7 +102,7 @@ def _measure(method: str, source: bytes | str, resolution: int, quality_points: 
     # Touch as much as a dense R^3 grid of float32 coordinates once, for both methods alike; on
     # this VM the first touch of fresh memory is otherwise several times slower than later ones.
     np.ones(3 * resolution**3, np.float64).sum()
-    _reset_peak_memory()
+    reset_peak_memory()
     warm = trimesh.creation.icosphere(subdivisions=2)
     if method == "narrow_band":
         watertight(warm.vertices * 0.9, warm.faces, resolution=32, backend="cpu")
@@ -119,7 +121,7 @@ def _measure(method: str, source: bytes | str, resolution: int, quality_points: 
         verts, faces = seed_method(mesh.vertices, mesh.faces, resolution, lambda p: np.abs(sdf(p.astype(np.float32))))
         seconds = time.perf_counter() - start
         closed_input = fallback = None
-    peak_mb = _peak_memory_mb()
+    peak_mb = peak_memory_mb()
     out = trimesh.Trimesh(verts, faces)  # processed on load, as a user loads it
     rng = np.random.default_rng(0)
     cd = {}
@@ -195,21 +197,6 @@ def _outside(mesh, points: np.ndarray, normals: np.ndarray) -> np.ndarray:
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     faces = np.asarray(mesh.faces, dtype=np.int64)
     return igl.fast_winding_number(vertices, faces, probes) < VISIBLE_WINDING
-
-
-def _reset_peak_memory() -> None:
-    """Start the peak-RSS count afresh (Linux: writing 5 to clear_refs resets VmHWM)."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
-def _peak_memory_mb() -> float:
-    """Peak resident memory of this process since the last reset, in MB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
 def _run_isolated(method, source, resolution, quality_points) -> dict:

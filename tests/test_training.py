@@ -25,7 +25,7 @@ def accelerator() -> Accelerator:
     return Accelerator(cpu=True)
 
 
-def state_of(accelerator: Accelerator, model: torch.nn.Module) -> torch.Tensor:
+def state_of(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
@@ -37,14 +37,14 @@ def test_checkpoints_restore_the_model_and_keep_only_the_newest(tmp_path, accele
         with torch.no_grad():
             model.weight.add_(1.0)
         ckpts.save(accelerator, step, {"run": "abc"})
-        saved[step] = state_of(accelerator, model).clone()
+        saved[step] = state_of(model).clone()
     assert [c.step for c in ckpts.complete()] == [10, 15]
     latest = ckpts.latest()
     assert latest.state == {"step": 15, "run": "abc"}
     with torch.no_grad():
         model.weight.zero_()
     accelerator.load_state(str(latest.path))
-    assert torch.equal(state_of(accelerator, model), saved[15])
+    assert torch.equal(state_of(model), saved[15])
 
 
 def test_a_checkpoint_cut_off_while_writing_is_never_picked(tmp_path, accelerator):

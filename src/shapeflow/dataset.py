@@ -18,6 +18,7 @@ from shapeflow import manifest as mf
 from shapeflow.config import VAEDataParams
 
 SUPERVISION = ("vol", "near", "sharp_near")  # npz prefixes: <kind>_points, <kind>_sdf
+ENCODER_ARRAYS = ("surface_points", "surface_normals", "sharp_points", "sharp_normals")
 
 
 @dataclass(frozen=True)
@@ -67,15 +68,9 @@ class ShapeSamples(Dataset):
 
 
 def draw(arrays: dict[str, np.ndarray], counts: VAEDataParams, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-    """One random training view of an object's arrays (shapes in the module docstring)."""
+    """One random training view of an object's arrays: the encoder view and the supervision."""
     t = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
-    pick = _subset(len(t["surface_points"]), counts.input_points, generator)
-    out = {"points": t["surface_points"][pick].float(), "normals": t["surface_normals"][pick].float()}
-    # Objects sampled with sharp: 0 fall back to surface points, so every batch has the same keys.
-    sharp_src = "sharp" if len(t["sharp_points"]) else "surface"
-    pick = _subset(len(t[f"{sharp_src}_points"]), counts.sharp_points, generator)
-    out["sharp_points"] = t[f"{sharp_src}_points"][pick].float()
-    out["sharp_normals"] = t[f"{sharp_src}_normals"][pick].float()
+    out = _encoder_view(t, counts, generator)
     wanted = {"vol": counts.volume_points, "near": counts.near_points, "sharp_near": counts.sharp_near_points}
     for kind in SUPERVISION:
         src = kind if len(t[f"{kind}_points"]) else "near"
@@ -85,8 +80,20 @@ def draw(arrays: dict[str, np.ndarray], counts: VAEDataParams, generator: torch.
     return out
 
 
+def _encoder_view(t: dict[str, torch.Tensor], counts: VAEDataParams, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """Surface points with normals and salient points with normals, as the encoder reads them."""
+    pick = _subset(len(t["surface_points"]), counts.input_points, generator)
+    out = {"points": t["surface_points"][pick].float(), "normals": t["surface_normals"][pick].float()}
+    # Objects sampled with sharp: 0 fall back to surface points, so every batch has the same keys.
+    sharp_src = "sharp" if len(t["sharp_points"]) else "surface"
+    pick = _subset(len(t[f"{sharp_src}_points"]), counts.sharp_points, generator)
+    out["sharp_points"] = t[f"{sharp_src}_points"][pick].float()
+    out["sharp_normals"] = t[f"{sharp_src}_normals"][pick].float()
+    return out
+
+
 def encoder_inputs(arrays: dict[str, np.ndarray], counts: VAEDataParams, seed: int) -> dict[str, torch.Tensor]:
     """A fixed (seeded) encoder view of one object, batched (1, ...): for validation and encoding."""
-    generator = torch.Generator().manual_seed(seed)
-    view = draw(arrays, counts, generator)
-    return {name: view[name][None] for name in ("points", "normals", "sharp_points", "sharp_normals")}
+    t = {name: torch.from_numpy(np.ascontiguousarray(arrays[name])) for name in ENCODER_ARRAYS}
+    view = _encoder_view(t, counts, torch.Generator().manual_seed(seed))
+    return {name: tensor[None] for name, tensor in view.items()}

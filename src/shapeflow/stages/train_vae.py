@@ -131,8 +131,9 @@ def validate(
     resolution: int,
     seed: int,
     accelerator: Accelerator,
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Encode each object (posterior mean), decode to a mesh, score it against its reference surface."""
+) -> dict[str, float]:
+    """Encode each object (posterior mean), decode to a mesh, score it against its reference surface;
+    the mean scores, and how many decoded to no surface at all."""
     model.eval()
     rows = []
     for i, obj in enumerate(objects):
@@ -154,7 +155,7 @@ def validate(
         "f@0.02": float(np.mean([r["f@0.02"] for r in rows])),
         "empty": float(len(rows) - len(cds)),
     }
-    return summary, rows
+    return summary
 
 
 class CsvLog:
@@ -353,7 +354,7 @@ def _validate_on_main(accelerator, model, val_objects, references, p, seed, step
     summary: dict[str, float] = {}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        summary, _ = validate(accelerator.unwrap_model(model), val_objects, references, p.data, p.val_resolution, seed, accelerator)
+        summary = validate(accelerator.unwrap_model(model), val_objects, references, p.data, p.val_resolution, seed, accelerator)
         tracker.log_metrics({f"val_{k}": v for k, v in summary.items()}, step)
         val_log.append({"step": step, **summary})
         log.info("step %d val: CD %.4f F@0.01 %.3f F@0.02 %.3f (%d objects)", step, summary["cd"], summary["f@0.01"], summary["f@0.02"], len(val_objects))
