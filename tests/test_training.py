@@ -85,3 +85,21 @@ def test_precision_auto_is_full_precision_without_cuda():
 
 def test_git_commit_outside_a_repository_is_unknown(tmp_path):
     assert training.git_commit(tmp_path) == "unknown"
+
+
+def test_cpu_training_shares_the_cores_among_the_processes_of_a_machine(monkeypatch):
+    monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert [training.cpu_threads(n) for n in (1, 2, 3, 8)] == [4, 2, 1, 1]
+
+
+def test_one_cpu_process_uses_every_core_even_when_the_launcher_set_one_thread(monkeypatch):
+    # `accelerate launch` exports OMP_NUM_THREADS=1 for a config without use_cpu.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        training.make_accelerator("auto", 1, seed=0)
+        assert torch.get_num_threads() == training.cpu_threads(1)
+    finally:
+        torch.set_num_threads(before)

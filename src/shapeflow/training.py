@@ -40,12 +40,23 @@ def pick_precision(requested: str) -> str:
 
 def make_accelerator(precision: str, grad_accum: int, seed: int) -> Accelerator:
     """One process per device as `accelerate launch` / torchrun started it; CPU (gloo) without CUDA."""
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=pick_precision(precision),
         gradient_accumulation_steps=grad_accum,
         cpu=not torch.cuda.is_available(),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
     )
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))))
+    return accelerator
+
+
+def cpu_threads(local_processes: int) -> int:
+    """Threads per training process on the CPU: the cores this process may use, shared among the
+    processes of this machine. `accelerate launch` sets OMP_NUM_THREADS=1 unless its config says
+    use_cpu, which would leave all but one core idle in the one-process default."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, local_processes))
 
 
 def cosine_schedule(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:

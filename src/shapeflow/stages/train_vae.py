@@ -256,9 +256,9 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
         loss_log = CsvLog(paths.checkpoints / "loss.csv", LOSS_COLUMNS, step)
         val_log = CsvLog(paths.checkpoints / "val.csv", VAL_COLUMNS, step)
         log.info(
-            "training %s VAE (%.2fM parameters) on %d objects, %d process(es), %s, precision %s, steps %d",
+            "training %s VAE (%.2fM parameters) on %d objects, %d process(es), %s (%d threads), precision %s, steps %d",
             p.preset, sum(t.numel() for t in model.parameters()) / 1e6, len(train_objects), world,
-            accelerator.device, accelerator.mixed_precision, p.steps,
+            accelerator.device, torch.get_num_threads(), accelerator.mixed_precision, p.steps,
         )  # fmt: skip
 
     per_step = p.batch_size * p.grad_accum * world
