@@ -92,26 +92,6 @@ class CrossBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def init_attention_blocks(model: nn.Module) -> None:
-    """Initialise the attention and MLP branches of `model` so that set-to-set attention can learn.
-
-    Every branch's output projection starts at zero, so each residual block is the identity at
-    first. Otherwise the branches' shared output (uniform attention returns the same mean to every
-    token) swamps the per-token part: the decoded tokens come out nearly equal, and attention from
-    the query points has nothing to tell apart. Query and key projections get Xavier scale rather
-    than the small default: with both tiny, attention logits and their gradients start near zero
-    and attention stays uniform for hundreds of steps. Measured on the built-in set (tiny VAE, 300
-    steps): query-decoder attention entropy 3.63 nats (uniform: 4.16) with this, 4.16 without.
-    """
-    for module in model.modules():
-        if isinstance(module, Attention):
-            nn.init.xavier_uniform_(module.to_q.weight)
-            nn.init.xavier_uniform_(module.to_kv.weight)
-        if isinstance(module, (Attention, MLP)):
-            nn.init.zeros_(module.proj.weight)
-            nn.init.zeros_(module.proj.bias)
-
-
 @torch.no_grad()
 def farthest_point_indices(points: torch.Tensor, n: int) -> torch.Tensor:
     """Indices (B, n) of `n` farthest points of each cloud in `points` (B, N, 3).
