@@ -215,6 +215,76 @@ class TrainVAEParams:
 
 
 @dataclass(frozen=True)
+class FlowParams:
+    t_mean: float = 0.0  # logit-normal training times: t = sigmoid(t_mean + t_std * N(0, 1))
+    t_std: float = 1.0
+    t_shift: float = 1.0  # > 1 moves training and sampling times towards the noise end
+
+    def check(self, where: str) -> None:
+        if self.t_std <= 0 or self.t_shift <= 0:
+            raise ParamsError(f"{where}: t_std and t_shift must be positive, got {self.t_std}, {self.t_shift}")
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    steps: int = 50  # Euler steps from noise to data
+    guidance: float = 3.0  # classifier-free guidance scale; 1 = plain conditional
+    resolution: int = 128  # decode grid points per axis
+
+    def check(self, where: str) -> None:
+        if self.steps < 1:
+            raise ParamsError(f"{where}.steps: at least 1, got {self.steps}")
+        if self.guidance < 0:
+            raise ParamsError(f"{where}.guidance: 0 or more, got {self.guidance}")
+        if not 16 <= self.resolution <= 1024:
+            raise ParamsError(f"{where}.resolution: between 16 and 1024, got {self.resolution}")
+
+
+@dataclass(frozen=True)
+class TrainDiTParams:
+    preset: str = "tiny"  # a preset of shapeflow.models.dit.PRESETS
+    model: dict[str, Any] = field(default_factory=dict)  # DiTConfig fields to replace
+    conditional: bool = True  # condition on the manifest's category (with guidance); false: unconditional
+    cond_dropout: float = 0.1  # share of training labels replaced by the null label (for guidance)
+    flow: FlowParams = field(default_factory=FlowParams)
+    steps: int = 4000
+    batch_size: int = 32  # latent sets per process and micro-batch
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # EMA of the weights, saved beside the raw ones; 0 turns it off
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    log_every: int = 20
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    val_every: int = 500  # flow loss on the val latents (fixed times and noise); 0: at the end only
+    final_samples: int = 16  # shapes generated and scored at the end (watertight share, category match)
+    generate: GenerateParams = field(default_factory=GenerateParams)
+    accelerate_config: str = "configs/accelerate/default.yaml"
+
+    def check(self, where: str) -> None:
+        if not all(isinstance(k, str) for k in self.model):
+            raise ParamsError(f"{where}.model: a mapping of DiT config fields, got {self.model!r}")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ParamsError(f"{where}.{name}: at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "val_every", "final_samples"):
+            if getattr(self, name) < 0:
+                raise ParamsError(f"{where}.{name}: 0 or more, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ParamsError(f"{where}: lr must be positive, weight_decay and grad_clip 0 or more")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ParamsError(f"{where}.min_lr_ratio: in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ParamsError(f"{where}.cond_dropout: in [0, 1), got {self.cond_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ParamsError(f"{where}.ema_decay: in [0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     fetch: FetchParams = field(default_factory=FetchParams)
@@ -222,6 +292,7 @@ class Params:
     sample: SampleParams = field(default_factory=SampleParams)
     compute: ComputeParams = field(default_factory=ComputeParams)
     train_vae: TrainVAEParams = field(default_factory=TrainVAEParams)
+    train_dit: TrainDiTParams = field(default_factory=TrainDiTParams)
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:

@@ -71,6 +71,42 @@ def cosine_schedule(warmup: int, total: int, min_ratio: float) -> Callable[[int]
     return factor
 
 
+class EMA:
+    """Exponential moving average of a model's floating-point weights, kept in float32.
+
+    `update` after each optimizer step; `copy_to` writes the averages into a model of the same
+    architecture. It has `state_dict`/`load_state_dict`, so `accelerator.register_for_checkpointing`
+    saves and restores it with the rest of the training state.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, value in model.state_dict().items():
+            if name in self.shadow:
+                self.shadow[name].lerp_(value.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        state = model.state_dict()
+        for name, value in self.shadow.items():
+            state[name].copy_(value.to(state[name].dtype))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if set(state["shadow"]) != set(self.shadow):
+            raise ValueError("EMA state from another architecture: the weight names differ")
+        self.decay = float(state["decay"])
+        self.shadow = {k: v.float().clone() for k, v in state["shadow"].items()}
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path

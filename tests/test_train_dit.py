@@ -1,0 +1,200 @@
+"""The train_dit stage and `shapeflow generate` run as users run them: real processes, real MLflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+import yaml
+from mlflow.tracking import MlflowClient
+
+from shapeflow.models.vae import VecSetVAE, save_pretrained, vae_config
+
+VAE_DATA = {"input_points": 256, "sharp_points": 64}
+SMALL = {
+    "model": {"width": 64, "depth": 2},
+    "batch_size": 4,
+    "log_every": 2,
+    "val_every": 0,
+    "warmup_steps": 2,
+    "final_samples": 2,
+    "generate": {"steps": 2, "resolution": 32, "guidance": 2.0},
+}
+
+
+@pytest.fixture(scope="module")
+def small_vae(tmp_path_factory) -> Path:
+    """An untrained small VAE: the stage's mechanics do not depend on how good it is."""
+    import torch
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("vae")
+    save_pretrained(VecSetVAE(vae_config("tiny", {"num_latents": 16, "width": 64})), folder, {"steps": 0})
+    return folder
+
+
+def write_params(folder: Path, **train_dit) -> Path:
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump({"seed": 0, "train_vae": {"data": VAE_DATA}, "train_dit": SMALL | train_dit}))
+    return path
+
+
+def stage_args(work: Path, vae: Path, samples: Path, params: Path) -> list[str]:
+    return [
+        "-m", "shapeflow.cli", "--params", str(params), "train-dit", str(vae), str(samples), str(work / "dit"),
+        "--checkpoints", str(work / "ck"), "--metrics", str(work / "reports" / "metrics.json"),
+        "--plots", str(work / "reports"), "--cache", str(work / "cache"),
+    ]  # fmt: skip
+
+
+def env_for(work: Path) -> dict[str, str]:
+    return dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", OMP_NUM_THREADS="1")
+
+
+def train(work: Path, vae: Path, samples: Path, params: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *stage_args(work, vae, samples, params)],
+        cwd=work, env=env_for(work), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def runs(work: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("shapeflow-train_dit")
+    return client, client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def test_stage_writes_raw_and_ema_weights_scores_and_one_tracked_run(builtin_samples, small_vae, tmp_path):
+    params = write_params(tmp_path, steps=6, checkpoint_every=3)
+    proc = train(tmp_path, small_vae, builtin_samples, params)
+    assert proc.returncode == 0, proc.stderr
+    dit = tmp_path / "dit"
+    assert {p.name for p in dit.iterdir()} == {"raw", "ema", "generator.json"}
+    raw = (dit / "raw" / "model.safetensors").read_bytes()
+    assert raw != (dit / "ema" / "model.safetensors").read_bytes()  # the EMA lags the raw weights
+    info = json.loads((dit / "generator.json").read_text())
+    categories = {row["category"] for row in csv.DictReader(open(builtin_samples / "manifest.csv")) if row["split"] == "train"}
+    assert info["classes"] == sorted(categories)
+    assert len(info["latent_stats"]["mean"]) == 16 + 3 * int(vae_config("tiny").anchored)
+
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["gen_samples"] == 2
+    assert 0.0 <= metrics["gen_watertight_share"] <= 1.0
+    assert "no objects in the val split" in proc.stderr and "val_loss" not in metrics  # this fixture has no val split
+    with open(tmp_path / "reports" / "loss.csv", newline="") as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == [2, 4, 6]
+    assert not (tmp_path / "ck").exists()
+
+    client, found = runs(tmp_path)
+    assert len(found) == 1
+    run = found[0]
+    assert run.data.tags["stage"] == "train_dit" and run.data.tags["world_size"] == "1"
+    assert {"git_commit", "dvc_data_hash", "dvc_vae_hash", "latent_cache_key"} <= set(run.data.tags)
+    assert run.data.params["train_dit.batch_size"] == "4" and run.data.params["model_config.num_classes"] == str(len(categories))
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 3
+    assert "model/ema/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "model/ema")}
+
+    # Another DiT setting retrains, but reads the latents from the cache instead of re-encoding.
+    params = write_params(tmp_path, steps=4, lr=1e-4, final_samples=0)
+    again = train(tmp_path, small_vae, builtin_samples, params)
+    assert again.returncode == 0, again.stderr
+    assert "latents from the cache" in again.stderr and "encoded" not in again.stderr
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(builtin_samples, small_vae, tmp_path):
+    params = write_params(tmp_path, steps=400, checkpoint_every=5, final_samples=0, log_every=5)
+    proc = subprocess.Popen(
+        [sys.executable, *stage_args(tmp_path, small_vae, builtin_samples, params)],
+        cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    try:
+        while not list((tmp_path / "ck").glob("step_*/trainer.json")):
+            assert proc.poll() is None, "training ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "dit").exists()
+    saved = max(int(p.parent.name.split("_")[1]) for p in (tmp_path / "ck").glob("step_*/trainer.json"))
+    assert 5 <= saved < 400
+
+    rerun = train(tmp_path, small_vae, builtin_samples, params)
+    assert rerun.returncode == 0, rerun.stderr
+    resumed = [line for line in rerun.stderr.splitlines() if "resuming from step" in line]
+    assert resumed and int(resumed[0].split("resuming from step ")[1].split()[0]) >= saved
+    with open(tmp_path / "reports" / "loss.csv", newline="") as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == list(range(5, 401, 5))
+    _, found = runs(tmp_path)
+    assert len(found) == 1 and found[0].info.status == "FINISHED"
+
+
+def test_params_the_vae_fixes_and_a_missing_vae_are_refused_with_a_clear_message(builtin_samples, small_vae, tmp_path):
+    bad = train(tmp_path, small_vae, builtin_samples, write_params(tmp_path, steps=2, model={"latent_dim": 8}))
+    assert bad.returncode == 2 and "latent_dim" in bad.stderr and "follow from the VAE" in bad.stderr
+    missing = train(tmp_path, tmp_path / "novae", builtin_samples, write_params(tmp_path, steps=2))
+    assert missing.returncode == 2 and "novae" in missing.stderr
+    assert not (tmp_path / "dit").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_dit(builtin_samples, small_vae, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("dit")
+    proc = train(work, small_vae, builtin_samples, write_params(work, steps=4, final_samples=0))
+    assert proc.returncode == 0, proc.stderr
+    return work
+
+
+def generate(work: Path, vae: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "shapeflow.cli", "--params", str(work / "params.yaml"), "generate", str(out),
+           "--dit", str(work / "dit"), "--vae", str(vae), *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=work, env=env_for(work), capture_output=True, text=True, timeout=600)
+
+
+def test_generate_writes_meshes_and_a_preview_and_repeats_itself_for_a_seed(trained_dit, small_vae, tmp_path):
+    from PIL import Image
+
+    args = ("--n", "3", "--category", "chair", "--steps", "3", "--resolution", "32", "--seed", "7")
+    first = generate(trained_dit, small_vae, tmp_path / "a", *args)
+    assert first.returncode == 0, first.stderr
+    rows = json.loads((tmp_path / "a" / "samples.json").read_text())
+    assert [r["category"] for r in rows] == ["chair"] * 3
+    for i in range(3):
+        for ext in ("glb", "obj"):
+            assert (tmp_path / "a" / f"sample_{i:03d}.{ext}").stat().st_size > 0
+    image = Image.open(tmp_path / "a" / "preview.png")
+    assert image.size == (4 * 256, 256)
+    second = generate(trained_dit, small_vae, tmp_path / "b", *args)
+    assert second.returncode == 0, second.stderr
+    for i in range(3):
+        a = trimesh.load(tmp_path / "a" / f"sample_{i:03d}.obj", force="mesh", process=False)
+        b = trimesh.load(tmp_path / "b" / f"sample_{i:03d}.obj", force="mesh", process=False)
+        assert np.array_equal(a.vertices, b.vertices) and np.array_equal(a.faces, b.faces)
+
+
+def test_generate_names_an_unknown_category_and_writes_nothing(trained_dit, small_vae, tmp_path):
+    proc = generate(trained_dit, small_vae, tmp_path / "out", "--n", "1", "--category", "spaceship")
+    assert proc.returncode == 2 and "spaceship" in proc.stderr and "chair" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_preview_render_shows_the_shape_and_is_blank_without_one():
+    from shapeflow.generate import render
+
+    sphere = render(trimesh.creation.icosphere(subdivisions=3, radius=0.5), size=64)
+    empty = render(trimesh.Trimesh(), size=64)
+    assert (empty == 255).all()
+    painted = (sphere != 255).any(axis=-1)
+    assert 0.15 < painted.mean() < 0.6 and painted[32, 32] and not painted[0, 0]
