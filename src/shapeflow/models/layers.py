@@ -50,11 +50,14 @@ class Attention(nn.Module):
         self.to_kv = nn.Linear(context_width or width, 2 * width, bias=qkv_bias)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """bias: added to the attention logits, (B, H, N, M) or broadcastable to it."""
         context = x if context is None else context
         q = self._split(self.to_q(x))  # (B, H, N, D)
         k, v = (self._split(t) for t in self.to_kv(context).chunk(2, dim=-1))  # (B, H, M, D)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         return self.proj(out.transpose(1, 2).flatten(2))  # (B, N, C)
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, H, N, C / H)
@@ -87,8 +90,8 @@ class CrossBlock(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = MLP(width)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm_q(x), self.norm_ctx(context))
+    def forward(self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm_q(x), self.norm_ctx(context), bias)
         return x + self.mlp(self.norm2(x))
 
 

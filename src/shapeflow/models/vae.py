@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,11 @@ class VAEConfig:
     sharp_branch: bool = False  # Dora: a second cross-attention over the salient-edge points
     sharp_latents: int = 0  # of num_latents, how many queries are picked from the salient points
     qkv_bias: bool = False
+    # Anchored latents: each latent token also carries the xyz of the surface point it was picked at,
+    # and attention in the encoder and in the query decoder is biased towards near anchors (a
+    # Gaussian of the distance, one learnt width per head, starting between the two radii below).
+    anchored: bool = False
+    locality: tuple[float, float] = (0.05, 0.4)
 
     def check(self) -> None:
         if self.width % self.heads:
@@ -58,6 +64,13 @@ class VAEConfig:
             raise ValueError(f"sharp_latents must be in [0, num_latents), got {self.sharp_latents}")
         if self.sharp_latents and not self.sharp_branch:
             raise ValueError("sharp_latents needs sharp_branch: true")
+        if len(self.locality) != 2 or not 0 < self.locality[0] <= self.locality[1]:
+            raise ValueError(f"locality must be two radii 0 < r0 <= r1, got {self.locality}")
+
+    @property
+    def latent_dim(self) -> int:
+        """Channels per latent token as the DiT sees them: the anchor's xyz first when anchored."""
+        return self.latent_channels + 3 * int(self.anchored)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -68,6 +81,8 @@ class VAEConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"unknown VAE config key(s) {unknown}; known: {sorted(known)}")
+        if "locality" in raw:
+            raw = {**raw, "locality": tuple(float(r) for r in raw["locality"])}
         config = cls(**raw)
         config.check()
         return config
@@ -95,18 +110,23 @@ INITIAL_LOGVAR = -6.0
 
 
 class DiagonalGaussian:
-    """Posterior N(mean, exp(logvar)) per latent channel."""
+    """Posterior N(mean, exp(logvar)) per latent channel. With `anchors` (B, M, 3), the latents that
+    `sample` and `mode` return carry them as their first three channels (exact, not sampled)."""
 
-    def __init__(self, moments: torch.Tensor):  # (B, M, 2C)
+    def __init__(self, moments: torch.Tensor, anchors: torch.Tensor | None = None):  # (B, M, 2C)
         self.mean, logvar = moments.float().chunk(2, dim=-1)
         self.logvar = logvar.clamp(-30.0, 20.0)
+        self.anchors = anchors
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + (0.5 * self.logvar).exp() * noise
+        return self._with_anchors(self.mean + (0.5 * self.logvar).exp() * noise)
 
     def mode(self) -> torch.Tensor:
-        return self.mean
+        return self._with_anchors(self.mean)
+
+    def _with_anchors(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self.anchors is None else torch.cat([self.anchors.to(z.dtype), z], dim=-1)
 
     def kl(self) -> torch.Tensor:
         """KL to N(0, I) per shape, averaged over latent tokens and channels. (B,)"""
@@ -129,6 +149,19 @@ class PointEmbed(nn.Module):
         return self.proj(feats)  # (B, N, C)
 
 
+class LocalityBias(nn.Module):
+    """-||x - a||^2 / (2 r_h^2) per head h: attention logits that favour near anchors, r_h learnt."""
+
+    def __init__(self, heads: int, radii: tuple[float, float]):
+        super().__init__()
+        r = torch.logspace(math.log10(radii[0]), math.log10(radii[1]), heads)
+        self.log_scale = nn.Parameter(-torch.log(2.0 * r**2))  # (H,)
+
+    def forward(self, x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:  # (B, N, 3), (B, M, 3)
+        d2 = torch.cdist(x.float(), anchors.float()).square()  # (B, N, M)
+        return -self.log_scale.exp()[:, None, None] * d2[:, None]  # (B, H, N, M)
+
+
 class PointEncoder(nn.Module):
     """FPS queries cross-attend to the point tokens (and, with the sharp branch, to the salient ones)."""
 
@@ -145,6 +178,7 @@ class PointEncoder(nn.Module):
             self.sharp_attn = Attention(c.width, c.heads, c.width, c.qkv_bias)
         self.norm_mlp = nn.LayerNorm(c.width)
         self.mlp = MLP(c.width)
+        self.locality = LocalityBias(c.heads, c.locality) if c.anchored else None
 
     def forward(
         self,
@@ -152,11 +186,13 @@ class PointEncoder(nn.Module):
         normals: torch.Tensor | None,
         sharp_points: torch.Tensor | None = None,  # (B, S, 3)
         sharp_normals: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> tokens (B, M, C) and the points they were picked at (B, M, 3)."""
         c = self.config
         tokens = self.embed(points, normals)  # (B, N, C)
         idx = farthest_point_indices(points, c.num_latents - c.sharp_latents)
         queries = gather_points(tokens, idx)  # (B, M, C)
+        anchors = gather_points(points, idx)  # (B, M, 3)
         if c.sharp_branch:
             if sharp_points is None:
                 raise ValueError("this VAE has a sharp-edge branch: sharp_points are required")
@@ -164,11 +200,24 @@ class PointEncoder(nn.Module):
             if c.sharp_latents:
                 sharp_idx = farthest_point_indices(sharp_points, c.sharp_latents)
                 queries = torch.cat([queries, gather_points(sharp_tokens, sharp_idx)], dim=1)
+                anchors = torch.cat([anchors, gather_points(sharp_points, sharp_idx)], dim=1)
+        bias = sharp_bias = None
+        if self.locality is not None:
+            bias = self.locality(anchors, points)  # (B, H, M, N)
+            if c.sharp_branch:
+                sharp_bias = self.locality(anchors, sharp_points)
         q = self.norm_q(queries)
-        x = queries + self.attn(q, self.norm_ctx(tokens))
+        x = queries + self.attn(q, self.norm_ctx(tokens), bias)
         if c.sharp_branch:
-            x = x + self.sharp_attn(q, self.norm_sharp(sharp_tokens))
-        return x + self.mlp(self.norm_mlp(x))  # (B, M, C)
+            x = x + self.sharp_attn(q, self.norm_sharp(sharp_tokens), sharp_bias)
+        return x + self.mlp(self.norm_mlp(x)), anchors  # (B, M, C), (B, M, 3)
+
+
+class Decoded(NamedTuple):
+    """What the query decoder reads: the decoded tokens, and their anchors when the VAE has them."""
+
+    tokens: torch.Tensor  # (B, M, C)
+    anchors: torch.Tensor | None  # (B, M, 3)
 
 
 class QueryDecoder(nn.Module):
@@ -181,10 +230,12 @@ class QueryDecoder(nn.Module):
         self.cross = CrossBlock(c.width, c.heads, c.width, c.qkv_bias)
         self.norm = nn.LayerNorm(c.width)
         self.out = nn.Linear(c.width, 1)
+        self.locality = LocalityBias(c.heads, c.locality) if c.anchored else None
 
-    def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:  # (B, Q, 3), (B, M, C)
-        x = self.cross(self.embed(queries), tokens)  # (B, Q, C)
-        return self.out(self.norm(x)).squeeze(-1)  # (B, Q)
+    def forward(self, queries: torch.Tensor, decoded: Decoded) -> torch.Tensor:  # (B, Q, 3) -> (B, Q)
+        bias = None if self.locality is None else self.locality(queries, decoded.anchors)  # (B, H, Q, M)
+        x = self.cross(self.embed(queries), decoded.tokens, bias)  # (B, Q, C)
+        return self.out(self.norm(x)).squeeze(-1)
 
 
 class VecSetVAE(nn.Module):
@@ -197,6 +248,7 @@ class VecSetVAE(nn.Module):
         self.enc_blocks = nn.ModuleList(SelfBlock(c.width, c.heads, c.qkv_bias) for _ in range(c.enc_layers))
         self.to_moments = nn.Linear(c.width, 2 * c.latent_channels)
         self.from_latents = nn.Linear(c.latent_channels, c.width)
+        self.anchor_embed = PointEmbed(c.num_freqs, c.width, use_normals=False) if c.anchored else None
         self.dec_blocks = nn.ModuleList(SelfBlock(c.width, c.heads, c.qkv_bias) for _ in range(c.dec_layers))
         self.query_decoder = QueryDecoder(c)
         self.apply(_init_weights)
@@ -212,19 +264,26 @@ class VecSetVAE(nn.Module):
         sharp_points: torch.Tensor | None = None,
         sharp_normals: torch.Tensor | None = None,
     ) -> DiagonalGaussian:
-        x = self.encoder(points, normals, sharp_points, sharp_normals)  # (B, M, C)
+        x, anchors = self.encoder(points, normals, sharp_points, sharp_normals)  # (B, M, C), (B, M, 3)
         for block in self.enc_blocks:
             x = block(x)
-        return DiagonalGaussian(self.to_moments(x))  # over (B, M, latent_channels)
+        # over (B, M, latent_channels); latents (B, M, latent_dim)
+        return DiagonalGaussian(self.to_moments(x), anchors if self.config.anchored else None)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:  # (B, M, latent_channels) -> (B, M, C)
-        x = self.from_latents(latents.to(self.from_latents.weight.dtype))
+    def decode(self, latents: torch.Tensor) -> Decoded:  # (B, M, latent_dim)
+        latents = latents.to(self.from_latents.weight.dtype)
+        anchors = None
+        if self.config.anchored:
+            anchors, latents = latents[..., :3], latents[..., 3:]
+        x = self.from_latents(latents)  # (B, M, C)
+        if anchors is not None:
+            x = x + self.anchor_embed(anchors)
         for block in self.dec_blocks:
             x = block(x)
-        return x
+        return Decoded(x, anchors)
 
-    def query(self, tokens: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:  # -> (B, Q) signed distances
-        return self.query_decoder(queries, tokens)
+    def query(self, decoded: Decoded, queries: torch.Tensor) -> torch.Tensor:  # -> (B, Q) signed distances
+        return self.query_decoder(queries, decoded)
 
     def forward(
         self,
