@@ -141,6 +141,21 @@ def test_killed_training_resumes_from_its_last_checkpoint(builtin_samples, small
     assert len(found) == 1 and found[0].info.status == "FINISHED"
 
 
+def test_two_ranks_on_cpu_end_with_identical_weights_and_one_run(builtin_samples, small_vae, tmp_path):
+    params = write_params(tmp_path, steps=4, checkpoint_every=2, final_samples=0)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch",
+                "--config_file", str(Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "multi_cpu.yaml")]  # fmt: skip
+    proc = subprocess.run(
+        [*launcher, *stage_args(tmp_path, small_vae, builtin_samples, params)],
+        cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and len(set(metrics["rank_checksums"])) == 1
+    _, found = runs(tmp_path)
+    assert len(found) == 1 and found[0].data.tags["world_size"] == "2"
+
+
 def test_params_the_vae_fixes_and_a_missing_vae_are_refused_with_a_clear_message(builtin_samples, small_vae, tmp_path):
     bad = train(tmp_path, small_vae, builtin_samples, write_params(tmp_path, steps=2, model={"latent_dim": 8}))
     assert bad.returncode == 2 and "latent_dim" in bad.stderr and "follow from the VAE" in bad.stderr

@@ -49,6 +49,35 @@ def test_sharp_branch_reads_the_salient_points_and_needs_them():
     assert not torch.allclose(a, b)
 
 
+def test_anchored_latents_start_with_the_surface_points_they_were_picked_at():
+    model = VecSetVAE(vae_config("tiny", SMALL | {"anchored": True}))
+    points, normals = cloud(2, 256)
+    latents = model.encode(points, normals).mode()
+    assert latents.shape == (2, 16, 8 + 3) and model.config.latent_dim == 11
+    anchors = latents[..., :3]
+    # Every anchor is one of the input points (an FPS pick), and they spread over the sphere.
+    assert (anchors[:, :, None] - points[:, None]).norm(dim=-1).amin(dim=-1).max() < 1e-6
+    assert torch.pdist(anchors[0]).min() > 0.1
+
+
+def test_anchored_query_decoder_reads_only_the_tokens_near_a_query():
+    torch.manual_seed(0)
+    # No decoder self-attention, so that a token's code reaches the field only through the query decoder.
+    model = VecSetVAE(vae_config("tiny", SMALL | {"anchored": True, "dec_layers": 0, "neighbours": 4})).eval()
+    points, normals = cloud(1, 256)
+    with torch.no_grad():
+        latents = model.encode(points, normals).mode()
+        near = latents[0, 0, :3] * 1.02  # just outside the first anchor
+        far = -near  # the other side of the sphere
+        queries = torch.stack([near, far])[None]
+        before = model.query(model.decode(latents), queries)
+        changed = latents.clone()
+        changed[0, 0, 3:] += 5.0  # a different code for the first token only
+        after = model.query(model.decode(changed), queries)
+    shift = (after - before).abs()[0]
+    assert shift[0] > 1e-3 and shift[1] == 0.0
+
+
 def test_presets_have_the_published_size_for_base():
     base = PRESETS["base"]
     assert 512 <= base.num_latents <= 2048 and 32 <= base.latent_channels <= 64

@@ -247,7 +247,7 @@ class TrainDiTParams:
     conditional: bool = True  # condition on the manifest's category (with guidance); false: unconditional
     cond_dropout: float = 0.1  # share of training labels replaced by the null label (for guidance)
     flow: FlowParams = field(default_factory=FlowParams)
-    steps: int = 4000
+    steps: int = 3000
     batch_size: int = 32  # latent sets per process and micro-batch
     grad_accum: int = 1
     lr: float = 3e-4

@@ -79,22 +79,6 @@ class SelfBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class CrossBlock(nn.Module):
-    """Pre-norm block whose attention reads a second token set (Perceiver-style)."""
-
-    def __init__(self, width: int, heads: int, context_width: int, qkv_bias: bool = False):
-        super().__init__()
-        self.norm_q = nn.LayerNorm(width)
-        self.norm_ctx = nn.LayerNorm(context_width)
-        self.attn = Attention(width, heads, context_width=context_width, qkv_bias=qkv_bias)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = MLP(width)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm_q(x), self.norm_ctx(context), bias)
-        return x + self.mlp(self.norm2(x))
-
-
 @torch.no_grad()
 def farthest_point_indices(points: torch.Tensor, n: int) -> torch.Tensor:
     """Indices (B, n) of `n` farthest points of each cloud in `points` (B, N, 3).

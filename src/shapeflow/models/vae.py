@@ -25,7 +25,6 @@ from shapeflow.manifest import atomic_path, atomic_write_text
 from shapeflow.models.layers import (
     MLP,
     Attention,
-    CrossBlock,
     FourierEmbedder,
     SelfBlock,
     farthest_point_indices,
@@ -46,16 +45,18 @@ class VAEConfig:
     sharp_branch: bool = False  # Dora: a second cross-attention over the salient-edge points
     sharp_latents: int = 0  # of num_latents, how many queries are picked from the salient points
     qkv_bias: bool = False
-    # Anchored latents: each latent token also carries the xyz of the surface point it was picked at,
-    # and attention in the encoder and in the query decoder is biased towards near anchors (a
-    # Gaussian of the distance, one learnt width per head, starting between the two radii below).
+    # Anchored latents: each latent token also carries the xyz of the surface point it was picked at;
+    # the encoder's attention is biased towards near points (a Gaussian of the distance, one learnt
+    # width per head, starting between the two `locality` radii), and each query reads only its
+    # `neighbours` nearest tokens, seen from its offset to their anchors (LocalQueryDecoder).
     anchored: bool = False
+    neighbours: int = 8
     locality: tuple[float, float] = (0.05, 0.4)
 
     def check(self) -> None:
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must be a multiple of heads {self.heads}")
-        for name in ("num_latents", "latent_channels", "width", "heads", "num_freqs"):
+        for name in ("num_latents", "latent_channels", "width", "heads", "num_freqs", "neighbours"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.enc_layers < 0 or self.dec_layers < 0:
@@ -227,14 +228,56 @@ class QueryDecoder(nn.Module):
         super().__init__()
         c = config
         self.embed = PointEmbed(c.num_freqs, c.width, use_normals=False)
-        self.cross = CrossBlock(c.width, c.heads, c.width, c.qkv_bias)
+        self.norm_q = nn.LayerNorm(c.width)
+        self.norm_ctx = nn.LayerNorm(c.width)
+        self.attn = Attention(c.width, c.heads, c.width, c.qkv_bias)
+        self.norm_mlp = nn.LayerNorm(c.width)
+        self.mlp = MLP(c.width)
         self.norm = nn.LayerNorm(c.width)
         self.out = nn.Linear(c.width, 1)
-        self.locality = LocalityBias(c.heads, c.locality) if c.anchored else None
 
     def forward(self, queries: torch.Tensor, decoded: Decoded) -> torch.Tensor:  # (B, Q, 3) -> (B, Q)
-        bias = None if self.locality is None else self.locality(queries, decoded.anchors)  # (B, H, Q, M)
-        x = self.cross(self.embed(queries), decoded.tokens, bias)  # (B, Q, C)
+        q = self.embed(queries)  # (B, Q, C)
+        # The query's own embedding stays in the residual stream: without it (3DShape2VecSet's
+        # decoder) the tiny preset collapsed to one constant field within 300 steps on the built-in set.
+        x = q + self.attn(self.norm_q(q), self.norm_ctx(decoded.tokens))  # (B, Q, C)
+        x = x + self.mlp(self.norm_mlp(x))
+        return self.out(self.norm(x)).squeeze(-1)
+
+
+class LocalQueryDecoder(nn.Module):
+    """Anchored latents: each query reads its `neighbours` nearest tokens, each seen from the query's
+    offset to the token's anchor (as POCO does with point features), and attends over them.
+
+    Per (query, token) pair: hidden = gelu(U LN(token) + R fourier(query - anchor)), one Linear from
+    it to a value and a logit per head; softmax over the neighbours; MLP; signed distance.
+    """
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        c = config
+        self.k, self.heads = c.neighbours, c.heads
+        self.norm_tok = nn.LayerNorm(c.width)
+        self.from_token = nn.Linear(c.width, c.width)
+        self.rel = PointEmbed(c.num_freqs, c.width, use_normals=False)
+        self.to_value_logit = nn.Linear(c.width, c.width + c.heads)
+        self.norm_mlp = nn.LayerNorm(c.width)
+        self.mlp = MLP(c.width)
+        self.norm = nn.LayerNorm(c.width)
+        self.out = nn.Linear(c.width, 1)
+
+    def forward(self, queries: torch.Tensor, decoded: Decoded) -> torch.Tensor:  # (B, Q, 3) -> (B, Q)
+        anchors, tokens = decoded.anchors, decoded.tokens  # (B, M, 3), (B, M, C)
+        k = min(self.k, anchors.shape[1])
+        idx = torch.cdist(queries.float(), anchors.float()).topk(k, dim=-1, largest=False).indices  # (B, Q, k)
+        flat = idx.flatten(1)  # (B, Q * k)
+        near_anchor = gather_points(anchors, flat).unflatten(1, idx.shape[1:])  # (B, Q, k, 3)
+        near_token = gather_points(self.from_token(self.norm_tok(tokens)), flat).unflatten(1, idx.shape[1:])  # (B, Q, k, C)
+        hidden = F.gelu(near_token + self.rel(queries[:, :, None] - near_anchor.to(queries.dtype)))  # (B, Q, k, C)
+        value, logit = self.to_value_logit(hidden).split([tokens.shape[-1], self.heads], dim=-1)
+        weight = logit.softmax(dim=2)  # (B, Q, k, H) over the neighbours
+        x = (weight[..., None] * value.unflatten(-1, (self.heads, -1))).sum(dim=2).flatten(-2)  # (B, Q, C)
+        x = x + self.mlp(self.norm_mlp(x))
         return self.out(self.norm(x)).squeeze(-1)
 
 
@@ -250,7 +293,7 @@ class VecSetVAE(nn.Module):
         self.from_latents = nn.Linear(c.latent_channels, c.width)
         self.anchor_embed = PointEmbed(c.num_freqs, c.width, use_normals=False) if c.anchored else None
         self.dec_blocks = nn.ModuleList(SelfBlock(c.width, c.heads, c.qkv_bias) for _ in range(c.dec_layers))
-        self.query_decoder = QueryDecoder(c)
+        self.query_decoder = LocalQueryDecoder(c) if c.anchored else QueryDecoder(c)
         self.apply(_init_weights)
         # Start with a narrow posterior (std e^-3 = 0.05) instead of N(., 1): with unit noise the
         # latents carry almost nothing at first and the decoder learns to ignore them; the KL term
