@@ -27,6 +27,7 @@ bench: setup
 	$(BIN)/python bench/bench_watertight.py
 	$(BIN)/python bench/bench_salient.py
 	$(BIN)/python bench/bench_vae.py
+	$(BIN)/python bench/bench_dit.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -25,15 +25,11 @@ import os
 import time
 from pathlib import Path
 
-from _memory import peak_memory_mb
-
-BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+from _training import time_steps
 
 
 def measure_training(preset: str, batch: int, steps: int, warmup: int, device: str) -> dict:
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     from shapeflow import flow
     from shapeflow.models.dit import DiT, dit_config
 
@@ -53,40 +49,17 @@ def measure_training(preset: str, batch: int, steps: int, warmup: int, device: s
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
-    for _ in range(warmup):
-        step()
-    sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    seconds = (time.perf_counter() - start) / steps
-    row = {
+    timing = time_steps(step, steps, warmup, device)
+    seconds = timing["step_s"]
+    return {
         "preset": preset,
-        "device": device if device == "cpu" else torch.cuda.get_device_name(),
-        "threads": torch.get_num_threads(),
         "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "batch": batch,
         "tokens": config.num_tokens,
-        "step_s": seconds,
         "samples_per_s": batch / seconds,
         "tokens_per_s": batch * config.num_tokens / seconds,
-        "achieved_tflops": flops / seconds / 1e12,
-        "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_memory_mb(),
+        **timing,
     }
-    if device == "cuda":
-        peak = next((v for k, v in BF16_PEAK.items() if k in row["device"]), None)
-        row["mfu"] = flops / seconds / peak if peak else None
-    return row
 
 
 def measure_sampling(shapes: int, flow_steps: int, resolution: int, device: str) -> dict:

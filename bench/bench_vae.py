@@ -20,20 +20,14 @@ import concurrent.futures as cf
 import json
 import multiprocessing as mp
 import os
-import time
 from pathlib import Path
 
-from _memory import peak_memory_mb
-
-# Dense bf16 peak of the GPUs this project is run on, FLOP/s (no sparsity).
-BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+from _training import time_steps
 
 
 def measure(preset: str, batch: int, steps: int, warmup: int, device: str) -> dict:
     """Runs in a fresh process: time `steps` training steps after `warmup` ones."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     from shapeflow.config import VAELossParams
     from shapeflow.models.vae import VecSetVAE, field_loss, vae_config
 
@@ -57,41 +51,17 @@ def measure(preset: str, batch: int, steps: int, warmup: int, device: str) -> di
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
-    for _ in range(warmup):
-        step()
-    sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    seconds = (time.perf_counter() - start) / steps
-    row = {
+    timing = time_steps(step, steps, warmup, device)
+    seconds = timing["step_s"]
+    return {
         "preset": preset,
-        "device": device if device == "cpu" else torch.cuda.get_device_name(),
-        "threads": torch.get_num_threads(),
         "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "batch": batch,
-        "step_s": seconds,
         "samples_per_s": batch / seconds,
         "query_points_per_s": batch * n_queries / seconds,
         "tokens_per_s": batch * config.num_latents / seconds,
-        "flops_per_step": flops,
-        "achieved_tflops": flops / seconds / 1e12,
-        "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_memory_mb(),
+        **timing,
     }
-    if device == "cuda":
-        peak = next((v for k, v in BF16_PEAK.items() if k in row["device"]), None)
-        row["mfu"] = flops / seconds / peak if peak else None
-    return row
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +44,34 @@ def subset(samples: Path, dst: Path, keep) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return dst
+
+
+def kill_at_first_checkpoint(cmd: list[str], cwd: Path, env: dict[str, str], checkpoints: Path) -> int:
+    """Start a training, kill -9 its process group as soon as a complete checkpoint is on disk,
+    and return the newest checkpoint's step."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while not list(checkpoints.glob("step_*/trainer.json")):
+            assert proc.poll() is None, "training ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return max(int(p.parent.name.split("_")[1]) for p in checkpoints.glob("step_*/trainer.json"))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on tiny tensors it is the fastest, and on a busy 2-core
+    machine a second thread that waits for a core makes every op spin (measured: ~40x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -12,13 +12,7 @@ from shapeflow.models.dit import PRESETS, DiT, DiTConfig, dit_config, load_pretr
 SMALL = {"latent_dim": 6, "num_tokens": 8, "width": 32, "depth": 2, "heads": 2, "num_classes": 3, "cond_tokens": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: one thread is fastest, and on a busy 2-core machine a second thread spins.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturbed(model: DiT, seed: int = 0) -> DiT:

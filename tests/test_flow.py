@@ -11,15 +11,7 @@ from torch import nn
 
 from shapeflow import flow
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tensors are tiny: one thread is fastest, and on a busy 2-core machine a second thread
-    # that has to wait for a core makes every op spin (measured: ~40x slower per training step).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_interpolation_is_noise_at_t0_and_data_at_t1_per_sample():

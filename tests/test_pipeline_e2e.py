@@ -1,4 +1,4 @@
-"""End to end: the real `dvc repro` of this repo's dvc.yaml (accelerate launch included) on a tiny preset, in a scratch git repo."""
+"""End to end: the real `dvc repro` of this repo's dvc.yaml (accelerate launch included) on tiny presets, in a scratch git repo."""
 
 from __future__ import annotations
 
@@ -26,8 +26,12 @@ TINY = {
         "steps": 4, "batch_size": 2, "log_every": 2, "checkpoint_every": 2, "val_resolution": 32,
         "accelerate_config": "configs/accelerate/default.yaml",
     },
+    "train_dit": {
+        "model": {"width": 64, "depth": 2}, "steps": 4, "batch_size": 2, "log_every": 2, "checkpoint_every": 2,
+        "val_every": 0, "final_samples": 2, "generate": {"steps": 2, "resolution": 32},
+    },
 }
-STAGES = ("fetch", "watertight", "sample", "train_vae")
+STAGES = ("fetch", "watertight", "sample", "train_vae", "train_dit")
 
 
 def dvc(repo: Path, *args: str) -> str:
@@ -74,6 +78,9 @@ def test_repro_builds_all_data_stages_then_does_nothing_then_only_what_changed(r
     assert (repo / "models" / "vae" / "model.safetensors").is_file()
     metrics = yaml.safe_load((repo / "reports" / "train_vae" / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["world_size"] == 1
+    assert (repo / "models" / "dit" / "ema" / "model.safetensors").is_file()
+    dit_metrics = yaml.safe_load((repo / "reports" / "train_dit" / "metrics.json").read_text())
+    assert dit_metrics["steps"] == 4 and dit_metrics["gen_samples"] == 2
 
     assert ran(dvc(repo, "repro")) == set()
     assert "up to date" in dvc(repo, "status")
@@ -81,4 +88,4 @@ def test_repro_builds_all_data_stages_then_does_nothing_then_only_what_changed(r
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["watertight"]["resolution"] = 40
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran(dvc(repo, "repro")) == {"watertight", "sample", "train_vae"}
+    assert ran(dvc(repo, "repro")) == {"watertight", "sample", "train_vae", "train_dit"}

@@ -5,10 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import trimesh
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import kill_at_first_checkpoint
 from shapeflow.models.vae import VecSetVAE, save_pretrained, vae_config
 
 VAE_DATA = {"input_points": 256, "sharp_points": 64}
@@ -103,32 +102,22 @@ def test_stage_writes_raw_and_ema_weights_scores_and_one_tracked_run(builtin_sam
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 3
     assert "model/ema/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "model/ema")}
 
-    # Another DiT setting retrains, but reads the latents from the cache instead of re-encoding.
-    params = write_params(tmp_path, steps=4, lr=1e-4, final_samples=0)
+    # Other DiT settings (here: unconditional) retrain, but read the latents from the cache.
+    params = write_params(tmp_path, steps=4, lr=1e-4, final_samples=1, conditional=False)
     again = train(tmp_path, small_vae, builtin_samples, params)
     assert again.returncode == 0, again.stderr
     assert "latents from the cache" in again.stderr and "encoded" not in again.stderr
     assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert json.loads((dit / "generator.json").read_text())["classes"] == []
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics["gen_samples"] == 1 and "gen_category_match" not in metrics
 
 
 def test_killed_training_resumes_from_its_last_checkpoint(builtin_samples, small_vae, tmp_path):
     params = write_params(tmp_path, steps=400, checkpoint_every=5, final_samples=0, log_every=5)
-    proc = subprocess.Popen(
-        [sys.executable, *stage_args(tmp_path, small_vae, builtin_samples, params)],
-        cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    try:
-        while not list((tmp_path / "ck").glob("step_*/trainer.json")):
-            assert proc.poll() is None, "training ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.1)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    cmd = [sys.executable, *stage_args(tmp_path, small_vae, builtin_samples, params)]
+    saved = kill_at_first_checkpoint(cmd, tmp_path, env_for(tmp_path), tmp_path / "ck")
     assert not (tmp_path / "dit").exists()
-    saved = max(int(p.parent.name.split("_")[1]) for p in (tmp_path / "ck").glob("step_*/trainer.json"))
     assert 5 <= saved < 400
 
     rerun = train(tmp_path, small_vae, builtin_samples, params)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import subset
+from conftest import kill_at_first_checkpoint, subset
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
@@ -89,22 +88,9 @@ def test_stage_writes_weights_metrics_curves_and_one_tracked_run(builtin_samples
 
 def test_killed_training_resumes_from_its_last_checkpoint(builtin_samples, tmp_path):
     params = write_params(tmp_path, steps=40, checkpoint_every=4, val_every=0, val_objects=1)
-    proc = subprocess.Popen(
-        [sys.executable, *stage_args(tmp_path, builtin_samples, params, "--val-split", "train")],
-        cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    try:
-        while not list((tmp_path / "ck").glob("step_*/trainer.json")):
-            assert proc.poll() is None, "training ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    cmd = [sys.executable, *stage_args(tmp_path, builtin_samples, params, "--val-split", "train")]
+    saved = kill_at_first_checkpoint(cmd, tmp_path, env_for(tmp_path), tmp_path / "ck")
     assert not (tmp_path / "vae").exists()
-    saved = max(int(p.parent.name.split("_")[1]) for p in (tmp_path / "ck").glob("step_*/trainer.json"))
     assert 4 <= saved < 40
 
     rerun = train(tmp_path, builtin_samples, params, "--val-split", "train")

@@ -173,6 +173,22 @@ class VAEDataParams:
                 raise ParamsError(f"{where}.{name}: 0 or more, got {getattr(self, name)}")
 
 
+def _check_training(section: Any, where: str, model: str, non_negative: tuple[str, ...]) -> None:
+    """The checks every training section shares (steps, batch, schedule, optimizer, model overrides)."""
+    if not all(isinstance(k, str) for k in section.model):
+        raise ParamsError(f"{where}.model: a mapping of {model} config fields, got {section.model!r}")
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if getattr(section, name) < 1:
+            raise ParamsError(f"{where}.{name}: at least 1, got {getattr(section, name)}")
+    for name in ("warmup_steps", *non_negative):
+        if getattr(section, name) < 0:
+            raise ParamsError(f"{where}.{name}: 0 or more, got {getattr(section, name)}")
+    if section.lr <= 0 or section.weight_decay < 0 or section.grad_clip < 0:
+        raise ParamsError(f"{where}: lr must be positive, weight_decay and grad_clip 0 or more")
+    if not 0.0 <= section.min_lr_ratio <= 1.0:
+        raise ParamsError(f"{where}.min_lr_ratio: in [0, 1], got {section.min_lr_ratio}")
+
+
 @dataclass(frozen=True)
 class TrainVAEParams:
     preset: str = "tiny"  # a preset of shapeflow.models.vae.PRESETS
@@ -198,18 +214,7 @@ class TrainVAEParams:
     accelerate_config: str = "configs/accelerate/default.yaml"
 
     def check(self, where: str) -> None:
-        if not all(isinstance(k, str) for k in self.model):
-            raise ParamsError(f"{where}.model: a mapping of VAE config fields, got {self.model!r}")
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ParamsError(f"{where}.{name}: at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "val_every", "val_objects"):
-            if getattr(self, name) < 0:
-                raise ParamsError(f"{where}.{name}: 0 or more, got {getattr(self, name)}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ParamsError(f"{where}: lr must be positive, weight_decay and grad_clip 0 or more")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ParamsError(f"{where}.min_lr_ratio: in [0, 1], got {self.min_lr_ratio}")
+        _check_training(self, where, "VAE", ("val_every", "val_objects"))
         if not 16 <= self.val_resolution <= 1024:
             raise ParamsError(f"{where}.val_resolution: between 16 and 1024, got {self.val_resolution}")
 
@@ -247,8 +252,8 @@ class TrainDiTParams:
     conditional: bool = True  # condition on the manifest's category (with guidance); false: unconditional
     cond_dropout: float = 0.1  # share of training labels replaced by the null label (for guidance)
     flow: FlowParams = field(default_factory=FlowParams)
-    steps: int = 3000
-    batch_size: int = 32  # latent sets per process and micro-batch
+    steps: int = 2000
+    batch_size: int = 16  # latent sets per process and micro-batch
     grad_accum: int = 1
     lr: float = 3e-4
     weight_decay: float = 0.0
@@ -266,18 +271,7 @@ class TrainDiTParams:
     accelerate_config: str = "configs/accelerate/default.yaml"
 
     def check(self, where: str) -> None:
-        if not all(isinstance(k, str) for k in self.model):
-            raise ParamsError(f"{where}.model: a mapping of DiT config fields, got {self.model!r}")
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ParamsError(f"{where}.{name}: at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "val_every", "final_samples"):
-            if getattr(self, name) < 0:
-                raise ParamsError(f"{where}.{name}: 0 or more, got {getattr(self, name)}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ParamsError(f"{where}: lr must be positive, weight_decay and grad_clip 0 or more")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ParamsError(f"{where}.min_lr_ratio: in [0, 1], got {self.min_lr_ratio}")
+        _check_training(self, where, "DiT", ("val_every", "final_samples"))
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ParamsError(f"{where}.cond_dropout: in [0, 1), got {self.cond_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -5,6 +5,7 @@ Stages build their loop from these; nothing here knows about a particular model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -163,6 +164,60 @@ class Checkpoints:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def resume(accelerator: Accelerator, ckpts: Checkpoints, fingerprint: str, total_steps: int) -> tuple[int, str | None]:
+    """(step, MLflow run id) to go on from: the newest complete checkpoint made with this
+    fingerprint, loaded into the accelerator's objects; (0, None) when there is none. Checkpoints
+    made with another fingerprint (other params, data or world size) are removed, with a warning."""
+    latest = ckpts.latest()
+    if latest is not None and latest.state.get("fingerprint") != fingerprint:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            log.warning("checkpoints in %s were made with other params or data: starting over", ckpts.root)
+            ckpts.clear()
+        accelerator.wait_for_everyone()
+        return 0, None
+    if latest is None:
+        return 0, None
+    accelerator.load_state(str(latest.path))
+    if accelerator.is_main_process:
+        log.info("resuming from step %d of %d (%s)", latest.step, total_steps, latest.path)
+    return latest.step, latest.state.get("mlflow_run_id")
+
+
+def epoch_batches(accelerator: Accelerator, loader, step: int, grad_accum: int):
+    """The loader's batches for the epoch that optimizer step `step` falls in, past the ones a
+    resumed run has already seen, with the sampler's epoch set so every rank shuffles alike."""
+    micro = step * grad_accum
+    loader.set_epoch(micro // len(loader))
+    return accelerator.skip_first_batches(loader, micro % len(loader)) if micro % len(loader) else loader
+
+
+def rank_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[str]:
+    """A sha256 of every rank's weights, gathered to all ranks; raises when they differ (DDP fell out of sync)."""
+    import hashlib
+
+    blob = b"".join(t.detach().float().cpu().numpy().tobytes() for t in accelerator.unwrap_model(model).state_dict().values())
+    digest = torch.tensor(list(hashlib.sha256(blob).digest()), dtype=torch.uint8, device=accelerator.device)
+    gathered = accelerator.gather(digest[None]).cpu().numpy()  # (world, 32)
+    checksums = [bytes(row).hex()[:16] for row in gathered]
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"the ranks' weights differ after training (checksums {checksums}): DDP fell out of sync")
+    return checksums
+
+
+def write_reports(metrics: Mapping[str, Any], metrics_path: Path, plots: Path, checkpoints: Path, curves: tuple[str, ...]) -> None:
+    """The final metrics JSON (DVC metrics), and the CSV curves kept beside the checkpoints copied to
+    the plots folder (DVC plots); each written atomically."""
+    from shapeflow.manifest import atomic_write_text
+
+    atomic_write_text(metrics_path, json.dumps(dict(metrics), indent=2) + "\n")
+    plots.mkdir(parents=True, exist_ok=True)
+    for name in curves:
+        src = checkpoints / name
+        if src.is_file():
+            atomic_write_text(plots / name, src.read_text())
+
+
 def git_commit(cwd: str | Path = ".") -> str:
     """HEAD's commit, with '-dirty' when tracked files differ from it; 'unknown' outside git."""
     try:
@@ -251,6 +306,18 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         if self.active and self.run_id is not None:
             self._client.set_terminated(self.run_id, status=status)
+
+    @contextlib.contextmanager
+    def ends_on_error(self):
+        """Around a training loop: an interrupt ends the run as KILLED, an error as FAILED (re-raised)."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.end("KILLED")
+            raise
+        except Exception:
+            self.end("FAILED")
+            raise
 
 
 def _metric_name(name: str) -> str:

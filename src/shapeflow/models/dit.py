@@ -11,7 +11,6 @@ rectified-flow velocity; the flow itself (t, interpolation, target, sampler, CFG
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +18,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from shapeflow.manifest import atomic_path, atomic_write_text
+from shapeflow.models import io
 from shapeflow.models.layers import MLP
 
 
@@ -251,31 +249,17 @@ class DiT(nn.Module):
         return self.final(h, c)  # (B, M, latent_dim)
 
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 FORMAT = "shapeflow.dit/1"
 
 
 def save_pretrained(model: DiT, folder: str | Path, meta: dict[str, Any] | None = None) -> None:
     """model.safetensors and config.json ({format, config, meta}) in `folder`, each written atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(folder / WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT})
-    body = {"format": FORMAT, "config": model.config.to_dict(), "meta": dict(meta or {})}
-    atomic_write_text(folder / CONFIG, json.dumps(body, indent=2) + "\n")
+    io.save(model, folder, FORMAT, model.config.to_dict(), meta)
 
 
 def load_pretrained(folder: str | Path, device: torch.device | str = "cpu") -> DiT:
     """The DiT saved by `save_pretrained` in `folder`, in eval mode."""
-    folder = Path(folder)
-    for name in (WEIGHTS, CONFIG):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name}: missing; train the DiT first (dvc repro train_dit)")
-    body = json.loads((folder / CONFIG).read_text())
-    if body.get("format") != FORMAT:
-        raise ValueError(f"{folder / CONFIG}: format {body.get('format')!r}, expected {FORMAT!r}")
-    model = DiT(DiTConfig.from_dict(body["config"]))
-    model.load_state_dict(load_file(str(folder / WEIGHTS), device=str(device)))
+    config, state = io.load(folder, FORMAT, "train the DiT first (dvc repro train_dit)")
+    model = DiT(DiTConfig.from_dict(config))
+    model.load_state_dict(state)
     return model.to(device).eval()

@@ -39,7 +39,7 @@ from shapeflow.generate import EMA_DIR, GENERATOR_FILE, RAW_DIR, Generator, Late
 from shapeflow.geometry.sampling import sample_surface
 from shapeflow.models.dit import DiT, DiTConfig, dit_config, save_pretrained
 from shapeflow.models.vae import VecSetVAE, load_pretrained as load_vae
-from shapeflow.stages.train_vae import CsvLog, rank_checksums
+from shapeflow.stages.train_vae import CsvLog
 
 log = logging.getLogger("shapeflow.train_dit")
 
@@ -254,20 +254,7 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
     latent_key = cache_key(paths.vae, paths.samples, params.train_vae.data, params.seed)
     fp = fingerprint(params, latent_key, world)
     ckpts = training.Checkpoints(paths.checkpoints, p.keep_checkpoints)
-    step, run_id = 0, None
-    latest = ckpts.latest()
-    if latest is not None and latest.state.get("fingerprint") != fp:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            log.warning("checkpoints in %s were made with other params, VAE or data: starting over", paths.checkpoints)
-            ckpts.clear()
-        accelerator.wait_for_everyone()
-        latest = None
-    if latest is not None:
-        accelerator.load_state(str(latest.path))
-        step, run_id = latest.step, latest.state.get("mlflow_run_id")
-        if accelerator.is_main_process:
-            log.info("resuming from step %d of %d (%s)", step, p.steps, latest.path)
+    step, run_id = training.resume(accelerator, ckpts, fp, p.steps)
 
     tracker = training.Tracker(accelerator.is_main_process)
     vae_meta = json.loads((paths.vae / "config.json").read_text()).get("meta", {})
@@ -321,12 +308,9 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
     loss_sum = torch.zeros((), device=accelerator.device)
     window, grad_norm, tic = 0, torch.zeros((), device=accelerator.device), time.perf_counter()
     last_val: dict[str, float] = {}
-    try:
+    with tracker.ends_on_error():
         while step < p.steps:
-            micro = step * p.grad_accum
-            loader.set_epoch(micro // len(loader))
-            batches = accelerator.skip_first_batches(loader, micro % len(loader)) if micro % len(loader) else loader
-            for z, y in batches:
+            for z, y in training.epoch_batches(accelerator, loader, step, p.grad_accum):
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss = flow_loss(model, z, y if classes else None, p, null_label)
@@ -365,16 +349,8 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
                     tic = time.perf_counter()
                 if step >= p.steps:
                     break
-    except KeyboardInterrupt:
-        tracker.end("KILLED")
-        raise
-    except Exception:
-        tracker.end("FAILED")
-        raise
 
-    checksums = rank_checksums(accelerator, model)
-    if len(set(checksums)) != 1:
-        raise RuntimeError(f"the ranks' weights differ after training (checksums {checksums}): DDP fell out of sync")
+    checksums = training.rank_checksums(accelerator, model)
     metrics: dict[str, Any] = {"steps": step, "world_size": world, "train_objects": len(z_train), "classes": classes,
                                "rank_checksums": checksums, **last_val}  # fmt: skip
     accelerator.wait_for_everyone()
@@ -397,7 +373,7 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
             scores["seconds_per_sample"] = (time.perf_counter() - tic) / max(1, p.final_samples)
             metrics |= {f"gen_{k}": v for k, v in scores.items()}
             log.info("final samples: %s", scores)
-        _write_outputs(paths, metrics)
+        training.write_reports(metrics, paths.metrics, paths.plots, paths.checkpoints, ("loss.csv", "val.csv"))
         tracker.log_artifacts(paths.out, "model")
         tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, float)}, step)
         tracker.end("FINISHED")
@@ -405,15 +381,6 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
-
-
-def _write_outputs(paths: Paths, metrics: dict[str, Any]) -> None:
-    mf.atomic_write_text(paths.metrics, json.dumps(metrics, indent=2) + "\n")
-    paths.plots.mkdir(parents=True, exist_ok=True)
-    for name in ("loss.csv", "val.csv"):
-        src = paths.checkpoints / name
-        if src.is_file():
-            mf.atomic_write_text(paths.plots / name, src.read_text())
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

@@ -219,20 +219,7 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
 
-    step, run_id = 0, None
-    latest = ckpts.latest()
-    if latest is not None and latest.state.get("fingerprint") != fp:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            log.warning("checkpoints in %s were made with other params or data: starting over", paths.checkpoints)
-            ckpts.clear()
-        accelerator.wait_for_everyone()
-        latest = None
-    if latest is not None:
-        accelerator.load_state(str(latest.path))
-        step, run_id = latest.step, latest.state.get("mlflow_run_id")
-        if accelerator.is_main_process:
-            log.info("resuming from step %d of %d (%s)", step, p.steps, latest.path)
+    step, run_id = training.resume(accelerator, ckpts, fp, p.steps)
 
     tracker = training.Tracker(accelerator.is_main_process)
     tags = {
@@ -266,12 +253,9 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
     sums = torch.zeros(len(TERMS), device=accelerator.device)
     window, grad_norm, tic = 0, torch.zeros((), device=accelerator.device), time.perf_counter()
     val_summary: dict[str, float] = {}
-    try:
+    with tracker.ends_on_error():
         while step < p.steps:
-            micro = step * p.grad_accum
-            loader.set_epoch(micro // len(loader))
-            batches = accelerator.skip_first_batches(loader, micro % len(loader)) if micro % len(loader) else loader
-            for batch in batches:
+            for batch in training.epoch_batches(accelerator, loader, step, p.grad_accum):
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         terms = losses(model, batch, p.loss)
@@ -315,23 +299,15 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
                     tic = time.perf_counter()
                 if step >= p.steps:
                     break
-    except KeyboardInterrupt:
-        tracker.end("KILLED")
-        raise
-    except Exception:
-        tracker.end("FAILED")
-        raise
 
-    checksums = rank_checksums(accelerator, model)
-    if len(set(checksums)) != 1:
-        raise RuntimeError(f"the ranks' weights differ after training (checksums {checksums}): DDP fell out of sync")
+    checksums = training.rank_checksums(accelerator, model)
     metrics = {"steps": step, "world_size": world, "train_objects": len(train_objects), "val_split": val_split,
                "val_objects": len(val_objects), "rank_checksums": checksums,
                **{f"val_{k}": v for k, v in val_summary.items()}}  # fmt: skip
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_pretrained(accelerator.unwrap_model(model), paths.out, {"steps": step, "seed": params.seed, "preset": p.preset})
-        _write_outputs(paths, metrics)
+        training.write_reports(metrics, paths.metrics, paths.plots, paths.checkpoints, ("loss.csv", "val.csv"))
         tracker.log_artifacts(paths.out, "model")
         tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, float)}, step)
         tracker.end("FINISHED")
@@ -339,14 +315,6 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
-
-
-def rank_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[str]:
-    """A sha256 of every rank's weights, gathered to all ranks: equal when DDP kept them in sync."""
-    blob = b"".join(t.detach().float().cpu().numpy().tobytes() for t in accelerator.unwrap_model(model).state_dict().values())
-    digest = torch.tensor(list(hashlib.sha256(blob).digest()), dtype=torch.uint8, device=accelerator.device)
-    gathered = accelerator.gather(digest[None]).cpu().numpy()  # (world, 32)
-    return [bytes(row).hex()[:16] for row in gathered]
 
 
 def _validate_on_main(accelerator, model, val_objects, references, p, seed, step, tracker, val_log) -> dict[str, float]:
@@ -360,15 +328,6 @@ def _validate_on_main(accelerator, model, val_objects, references, p, seed, step
         log.info("step %d val: CD %.4f F@0.01 %.3f F@0.02 %.3f (%d objects)", step, summary["cd"], summary["f@0.01"], summary["f@0.02"], len(val_objects))
     accelerator.wait_for_everyone()
     return summary
-
-
-def _write_outputs(paths: Paths, metrics: dict[str, Any]) -> None:
-    mf.atomic_write_text(paths.metrics, json.dumps(metrics, indent=2) + "\n")
-    paths.plots.mkdir(parents=True, exist_ok=True)
-    for name in ("loss.csv", "val.csv"):
-        src = paths.checkpoints / name
-        if src.is_file():
-            mf.atomic_write_text(paths.plots / name, src.read_text())
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
