@@ -74,11 +74,22 @@ def collect_tasks(src_dir: str | Path, split_val: float = 0.1, split_test: float
     return sorted(seen.values(), key=lambda t: t.key)
 
 
+def _input_sha256(task: Task) -> str:
+    """The input file's sha256 ('' when it cannot be read): an object whose input changed under the
+    same key (a watertight mesh remade at another resolution) is redone, not skipped."""
+    try:
+        return mf.file_sha256(task.src)
+    except OSError:
+        return ""
+
+
 def _done(out_dir: Path, task: Task, params_hash: str) -> dict[str, Any] | None:
     record = mf.read_record(out_dir, task.key)
     if record is None or record.get("status") != mf.OK or record.get("params_hash") != params_hash:
         return None
     if not (out_dir / record.get("path", "")).is_file():
+        return None
+    if record.get("input_sha256") != _input_sha256(task):
         return None
     return record
 
@@ -86,7 +97,7 @@ def _done(out_dir: Path, task: Task, params_hash: str) -> dict[str, Any] | None:
 def _run_one(fn: ObjectFn, task: Task, out_dir: Path, params_hash: str) -> dict[str, Any]:
     """Run `fn` on one task and write its record; never raises for a bad object."""
     start = time.perf_counter()
-    record: dict[str, Any] = {"key": task.key, **task.meta, "params_hash": params_hash}
+    record: dict[str, Any] = {"key": task.key, **task.meta, "params_hash": params_hash, "input_sha256": _input_sha256(task)}
     try:
         fields = fn(task, out_dir)
     except Exception as exc:  # a per-object failure is recorded, never allowed to stop the others
