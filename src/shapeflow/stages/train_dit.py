@@ -103,10 +103,9 @@ def encode_objects(vae: VecSetVAE, objects: list[SampleObject], data: config.VAE
 
 def cached_latents(
     paths: Paths, split_objects: dict[str, list[SampleObject]], data: config.VAEDataParams, seed: int,
-    accelerator: Accelerator,
+    key: str, accelerator: Accelerator,
 ) -> dict[str, Latents]:  # fmt: skip
-    """Latents per split, from the cache when its key matches, else encoded (rank 0) and cached."""
-    key = cache_key(paths.vae, paths.samples, data, seed)
+    """Latents per split, from the cache file of `key` (see cache_key), else encoded (rank 0) and cached."""
     file = paths.cache / f"latents-{key}.npz"
     if accelerator.is_main_process and not file.is_file():
         vae = load_vae(paths.vae, accelerator.device)
@@ -225,7 +224,8 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
     objects = {"train": list_objects(paths.samples, "train"), "val": list_objects(paths.samples, "val")}
     if not objects["train"]:
         raise mf.ManifestError(f"{paths.samples / mf.MANIFEST}: no objects with status ok in the train split")
-    latents = cached_latents(paths, objects, params.train_vae.data, params.seed, accelerator)
+    latent_key = cache_key(paths.vae, paths.samples, params.train_vae.data, params.seed)
+    latents = cached_latents(paths, objects, params.train_vae.data, params.seed, latent_key, accelerator)
     train, val = latents["train"], latents["val"]
     stats = LatentStats.of(train.latents)
     classes = sorted(set(train.categories)) if p.conditional else []
@@ -251,7 +251,6 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    latent_key = cache_key(paths.vae, paths.samples, params.train_vae.data, params.seed)
     fp = fingerprint(params, latent_key, world)
     ckpts = training.Checkpoints(paths.checkpoints, p.keep_checkpoints)
     step, run_id = training.resume(accelerator, ckpts, fp, p.steps)
