@@ -14,7 +14,7 @@ from shapeflow import __version__
 from shapeflow.config import ParamsError
 from shapeflow.manifest import ManifestError
 from shapeflow import generate
-from shapeflow.stages import fetch, sample, train_dit, train_vae, watertight
+from shapeflow.stages import evaluate, fetch, sample, train_dit, train_vae, watertight
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage in (fetch, watertight, sample, train_vae, train_dit, generate):
+    for stage in (fetch, watertight, sample, train_vae, train_dit, evaluate, generate):
         stage.add_parser(commands)
     return parser
 

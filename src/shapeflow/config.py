@@ -279,6 +279,27 @@ class TrainDiTParams:
 
 
 @dataclass(frozen=True)
+class EvaluateParams:
+    split: Literal["train", "val", "test"] = "test"  # the split reconstructed and generated against
+    resolution: int = 128  # decode grid points per axis, reconstructions and samples alike
+    recon_objects: int = 0  # objects of the split reconstructed (the first by key); 0: all
+    recon_points: int = 100_000  # surface points a side for reconstruction CD, F-score, normal consistency
+    gen_per_category: int = 0  # samples per category; 0: as many as the split holds of that category
+    gen_points: int = 2048  # points per cloud for MMD, COV and 1-NNA (PointFlow)
+    previews: int = 8  # objects and samples drawn in the preview images
+
+    def check(self, where: str) -> None:
+        if not 16 <= self.resolution <= 1024:
+            raise ParamsError(f"{where}.resolution: between 16 and 1024, got {self.resolution}")
+        for name in ("recon_objects", "gen_per_category", "previews"):
+            if getattr(self, name) < 0:
+                raise ParamsError(f"{where}.{name}: 0 or more, got {getattr(self, name)}")
+        for name in ("recon_points", "gen_points"):
+            if getattr(self, name) < 100:
+                raise ParamsError(f"{where}.{name}: at least 100, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     fetch: FetchParams = field(default_factory=FetchParams)
@@ -287,6 +308,7 @@ class Params:
     compute: ComputeParams = field(default_factory=ComputeParams)
     train_vae: TrainVAEParams = field(default_factory=TrainVAEParams)
     train_dit: TrainDiTParams = field(default_factory=TrainDiTParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:

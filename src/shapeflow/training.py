@@ -218,6 +218,20 @@ def write_reports(metrics: Mapping[str, Any], metrics_path: Path, plots: Path, c
             atomic_write_text(plots / name, src.read_text())
 
 
+def run_name(stage: str) -> str:
+    """The MLflow run name of a stage: the DVC experiment's name when `dvc exp run` started it, so
+    the train_vae, train_dit and evaluate runs of one experiment share a name (and the compare view
+    lines them up by it); otherwise the stage and the start time."""
+    experiment = os.environ.get("DVC_EXP_NAME")
+    return experiment if experiment else f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def pipeline_tags() -> dict[str, str]:
+    """Tags every stage's run carries: the DVC experiment it ran in, when it ran in one."""
+    experiment = os.environ.get("DVC_EXP_NAME")
+    return {"dvc_exp": experiment} if experiment else {}
+
+
 def git_commit(cwd: str | Path = ".") -> str:
     """HEAD's commit, with '-dirty' when tracked files differ from it; 'unknown' outside git."""
     try:

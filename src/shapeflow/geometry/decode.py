@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import trimesh
 
-from shapeflow.metrics import chamfer_distance, fscore
+from shapeflow.metrics import chamfer_distance, fscore, normal_consistency
 from shapeflow.geometry.sampling import sample_surface
 
 FieldFn = Callable[[torch.Tensor], torch.Tensor]
@@ -105,14 +105,28 @@ def decode_mesh(field: FieldFn, resolution: int, chunk: int = 65536, device: tor
     return grid_to_mesh(decode_grid(field, resolution, chunk, device))
 
 
-def surface_metrics(mesh: trimesh.Trimesh, reference: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """Chamfer distance and F-scores of `mesh` against uniform reference surface points.
+def surface_metrics(
+    mesh: trimesh.Trimesh, reference: np.ndarray, seed: int = 0, reference_normals: np.ndarray | None = None
+) -> dict[str, float]:
+    """Chamfer distance and F-scores of `mesh` against uniform reference surface points, and normal
+    consistency ('nc') when the reference normals are given.
 
     As many points are sampled on `mesh` as `reference` holds. An empty mesh scores F = 0 and
-    CD = NaN.
+    CD = NaN (and nc = NaN).
     """
     ref = np.asarray(reference, dtype=np.float64)
     if len(mesh.faces) == 0:
-        return {"cd": float("nan"), **{f"f@{tau}": 0.0 for tau in F_TAUS}}
-    pred, _ = sample_surface(mesh, len(ref), np.random.default_rng(seed))
-    return {"cd": chamfer_distance(pred, ref), **{f"f@{tau}": fscore(pred, ref, tau) for tau in F_TAUS}}
+        empty = {"cd": float("nan"), **{f"f@{tau}": 0.0 for tau in F_TAUS}}
+        return empty if reference_normals is None else empty | {"nc": float("nan")}
+    pred, pred_normals = sample_surface(mesh, len(ref), np.random.default_rng(seed))
+    return point_metrics(pred, ref, pred_normals, reference_normals)
+
+
+def point_metrics(
+    pred: np.ndarray, ref: np.ndarray, pred_normals: np.ndarray | None = None, ref_normals: np.ndarray | None = None
+) -> dict[str, float]:
+    """CD and F-scores between two surface samplings, and normal consistency when both have normals."""
+    scores = {"cd": chamfer_distance(pred, ref), **{f"f@{tau}": fscore(pred, ref, tau) for tau in F_TAUS}}
+    if pred_normals is not None and ref_normals is not None:
+        scores["nc"] = normal_consistency(pred, pred_normals, ref, ref_normals)
+    return scores

@@ -257,7 +257,7 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
 
     tracker = training.Tracker(accelerator.is_main_process)
     vae_meta = json.loads((paths.vae / "config.json").read_text()).get("meta", {})
-    tags = {
+    tags = training.pipeline_tags() | {
         "stage": STAGE,
         "git_commit": training.git_commit(),
         "dvc_data_hash": training.dvc_hash(paths.samples) or "untracked",
@@ -270,7 +270,7 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
     }
     run_id = tracker.start(
         "shapeflow-train_dit",
-        f"train_dit-{time.strftime('%Y%m%d-%H%M%S')}",
+        training.run_name(STAGE),
         run_id,
         tags,
         {"seed": params.seed, STAGE: dataclasses.asdict(p), "model_config": cfg.to_dict(), "classes": classes,

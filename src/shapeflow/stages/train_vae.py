@@ -10,6 +10,7 @@ from the newest complete one. One MLflow run per training, written by rank 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -21,13 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import trimesh
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from shapeflow import config, manifest as mf, training
 from shapeflow.dataset import ShapeSamples, encoder_inputs, list_objects, load_arrays
-from shapeflow.geometry.decode import METRIC_POINTS, decode_mesh, surface_metrics
+from shapeflow.geometry.decode import METRIC_POINTS, FieldFn, decode_mesh, surface_metrics
 from shapeflow.geometry.mesh import load_mesh
 from shapeflow.geometry.sampling import sample_surface
 from shapeflow.models.vae import VAEConfig, VecSetVAE, field_loss, save_pretrained, vae_config
@@ -123,6 +125,24 @@ class References:
 
 
 @torch.no_grad()
+def reconstruct(
+    model: VecSetVAE, arrays: dict[str, np.ndarray], data: config.VAEDataParams, seed: int, resolution: int,
+    device: torch.device, autocast=contextlib.nullcontext,
+) -> tuple[FieldFn, trimesh.Trimesh]:  # fmt: skip
+    """An object's reconstruction: the posterior mean of its seeded encoder view, decoded to latent
+    tokens; the field (query points (Q, 3) -> signed distances (Q,)) they define, and its mesh."""
+    inputs = {k: v.to(device) for k, v in encoder_inputs(arrays, data, seed).items()}
+    with autocast():
+        tokens = model.decode(model.encode(**inputs).mode())
+
+    def field(q: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            return model.query(tokens, q[None])[0]
+
+    return field, decode_mesh(field, resolution, device=device)
+
+
+@torch.no_grad()
 def validate(
     model: VecSetVAE,
     objects: list,
@@ -138,14 +158,7 @@ def validate(
     rows = []
     for i, obj in enumerate(objects):
         arrays = load_arrays(obj.path)
-        inputs = {k: v.to(accelerator.device) for k, v in encoder_inputs(arrays, data, seed + i).items()}
-        with accelerator.autocast():
-            tokens = model.decode(model.encode(**inputs).mode())
-
-            def field(q: torch.Tensor) -> torch.Tensor:
-                return model.query(tokens, q[None])[0]
-
-            mesh = decode_mesh(field, resolution, device=accelerator.device)
+        _, mesh = reconstruct(model, arrays, data, seed + i, resolution, accelerator.device, accelerator.autocast)
         rows.append({"key": obj.key, **surface_metrics(mesh, references.points(obj.key, arrays), seed=seed)})
     model.train()
     cds = [r["cd"] for r in rows if np.isfinite(r["cd"])]
@@ -222,7 +235,7 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
     step, run_id = training.resume(accelerator, ckpts, fp, p.steps)
 
     tracker = training.Tracker(accelerator.is_main_process)
-    tags = {
+    tags = training.pipeline_tags() | {
         "stage": STAGE,
         "git_commit": training.git_commit(),
         "dvc_data_hash": data_hash or "untracked",
@@ -233,7 +246,7 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
     }
     run_id = tracker.start(
         "shapeflow-train_vae",
-        f"train_vae-{time.strftime('%Y%m%d-%H%M%S')}",
+        training.run_name(STAGE),
         run_id,
         tags,
         {"seed": params.seed, STAGE: dataclasses.asdict(p), "model_config": cfg.to_dict(),
@@ -306,7 +319,7 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
                **{f"val_{k}": v for k, v in val_summary.items()}}  # fmt: skip
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_pretrained(accelerator.unwrap_model(model), paths.out, {"steps": step, "seed": params.seed, "preset": p.preset})
+        save_pretrained(accelerator.unwrap_model(model), paths.out, {"steps": step, "seed": params.seed, "preset": p.preset, "mlflow_run_id": run_id})
         training.write_reports(metrics, paths.metrics, paths.plots, paths.checkpoints, ("loss.csv", "val.csv"))
         tracker.log_artifacts(paths.out, "model")
         tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, float)}, step)

@@ -1,0 +1,463 @@
+"""evaluate stage: the figures runs are compared by, on one split (test by default).
+
+1. Reconstruction: every object of the split is encoded by the VAE (posterior mean of a seeded
+   encoder view), decoded to a mesh, and scored against its watertight mesh: Chamfer distance,
+   F-score@0.01/0.02 and normal consistency on `recon_points` surface points a side, volume IoU on the
+   object's uniform supervision points and near-surface IoU on its near-surface points (both from the
+   decoded field itself, not the mesh). Per object, per category, and the mean.
+2. Generation: the DiT samples shapes (each category of the split in turn, as many as the split holds
+   of it unless `gen_per_category` says otherwise); MMD-CD, COV-CD and 1-NNA-CD against the split's
+   surfaces on `gen_points`-point clouds, per category and overall.
+3. The noise floor of both: the same metrics between two independent samplings of the reference
+   surfaces, the best figure a model could reach at these point counts.
+
+OUT gets metrics.json (the headline figures, DVC metrics), plots/*.csv (per object, per sample, per
+category), samples/ (meshes and preview.png of the generated shapes) and recon/ (reference beside
+reconstruction for the first objects). One MLflow run in `shapeflow-evaluate`, tagged with the runs
+of the VAE and DiT it scored. `evaluate_recon` (`shapeflow evaluate-recon`) runs any folder of meshes
+through watertight and sample and scores the VAE on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import trimesh
+
+from shapeflow import config, manifest as mf, training
+from shapeflow.dataset import SampleObject, list_objects, load_arrays
+from shapeflow.generate import GENERATOR_FILE, Generator, is_watertight_shape, preview_grid, write_outputs
+from shapeflow.geometry.decode import F_TAUS, evaluate_points, point_metrics, surface_metrics
+from shapeflow.geometry.mesh import load_mesh
+from shapeflow.geometry.sampling import sample_surface
+from shapeflow.metrics import generation_metrics, pairwise_chamfer, volume_iou
+from shapeflow.models.vae import VecSetVAE, load_pretrained as load_vae
+from shapeflow.stages.train_vae import reconstruct
+
+log = logging.getLogger("shapeflow.evaluate")
+
+STAGE = "evaluate"
+SURFACE_KEYS = ("cd", *(f"f@{tau}" for tau in F_TAUS), "nc")
+RECON_KEYS = (*SURFACE_KEYS, "iou_volume", "iou_near")
+GEN_KEYS = ("mmd_cd", "cov_cd", "1nna_cd")
+RECON_COLUMNS = ("key", "category", "status", "reason", *RECON_KEYS, "faces", "watertight", *(f"floor_{k}" for k in SURFACE_KEYS))
+SAMPLE_COLUMNS = ("sample", "category", "faces", "watertight", "nearest_cd", "nearest_key", "nearest_category")
+GEN_CATEGORY_COLUMNS = ("category", "samples", "references", "empty", *GEN_KEYS, *(f"floor_{k}" for k in GEN_KEYS))
+FIELD_CHUNK = 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    vae: Path
+    dit: Path | None  # None: reconstruction only
+    samples: Path
+    meshes: Path  # watertight-stage output: the reference surfaces
+    out: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / "metrics.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.out / "plots"
+
+
+class Reference:
+    """One object's watertight surface, sampled on demand with a seed (the same seed, the same points)."""
+
+    def __init__(self, path: Path):
+        self.mesh = load_mesh(path)
+
+    def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        return sample_surface(self.mesh, n, np.random.default_rng(seed))
+
+
+def reference_paths(meshes: Path) -> dict[str, Path]:
+    rows = mf.read_manifest(meshes / mf.MANIFEST, required=("key", "path", "status"))
+    return {r["key"]: meshes / r["path"] for r in rows if r["status"] == mf.OK}
+
+
+# -- reconstruction -----------------------------------------------------------------------------------
+
+
+def recon_object(
+    vae: VecSetVAE, obj: SampleObject, ref_path: Path | None, p: config.EvaluateParams, data: config.VAEDataParams,
+    seed: int, device: torch.device,
+) -> tuple[dict[str, Any], trimesh.Trimesh | None, trimesh.Trimesh | None]:  # fmt: skip
+    """(record, reconstruction, reference mesh) of one object; the record says why when it failed."""
+    record: dict[str, Any] = {"key": obj.key, "category": obj.category, "status": mf.OK, "reason": ""}
+    try:
+        if ref_path is None:
+            raise FileNotFoundError(f"no watertight mesh with status ok for object {obj.key}")
+        reference = Reference(ref_path)
+        arrays = load_arrays(obj.path)
+        field, mesh = reconstruct(vae, arrays, data, seed, p.resolution, device)
+    except (OSError, ValueError, KeyError) as exc:  # a missing or corrupt file, an object with no surface
+        reason = f"{obj.path}: {type(exc).__name__}: {exc}"
+        log.error("evaluate: object %s failed: %s", obj.key, reason)
+        return record | {"status": mf.FAILED, "reason": reason}, None, None
+    ref_points, ref_normals = reference.sample(p.recon_points, seed)
+    record |= surface_metrics(mesh, ref_points, seed=seed + 1, reference_normals=ref_normals)
+    for name, prefix in (("iou_volume", "vol"), ("iou_near", "near")):
+        points = torch.from_numpy(np.ascontiguousarray(arrays[f"{prefix}_points"], dtype=np.float32)).to(device)
+        pred = evaluate_points(field, points, FIELD_CHUNK).cpu().numpy()
+        record[name] = volume_iou(pred, arrays[f"{prefix}_sdf"])
+    floor_points, floor_normals = reference.sample(p.recon_points, seed + 2)
+    floor = point_metrics(floor_points, ref_points, floor_normals, ref_normals)
+    record |= {f"floor_{k}": v for k, v in floor.items()}
+    record |= {"faces": len(mesh.faces), "watertight": is_watertight_shape(mesh)}
+    return record, mesh, reference.mesh
+
+
+def summarise(records: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:
+    """Mean of each key over the records where it is finite (an empty reconstruction has no CD)."""
+    out = {}
+    for key in keys:
+        values = [r[key] for r in records if key in r and isinstance(r[key], (int, float)) and math.isfinite(r[key])]
+        out[key] = float(np.mean(values)) if values else float("nan")
+    return out
+
+
+def by_category(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[r.get("category") or "-"].append(r)
+    return dict(sorted(groups.items()))
+
+
+def recon_summary(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the mean over the objects that were scored, one row per category)."""
+    ok = [r for r in records if r["status"] == mf.OK]
+    floor_keys = tuple(f"floor_{k}" for k in SURFACE_KEYS)
+    summary: dict[str, Any] = {"objects": len(ok), "failed": len(records) - len(ok), **summarise(ok, RECON_KEYS)}
+    summary["empty"] = sum(1 for r in ok if r["faces"] == 0)
+    summary["watertight_share"] = float(np.mean([r["watertight"] for r in ok])) if ok else float("nan")
+    summary["floor"] = {k.removeprefix("floor_"): v for k, v in summarise(ok, floor_keys).items()}
+    rows = [
+        {"category": category, "objects": len(group), **summarise(group, RECON_KEYS + floor_keys)}
+        for category, group in by_category(ok).items()
+    ]
+    return summary, rows
+
+
+# -- generation ----------------------------------------------------------------------------------------
+
+
+def sample_plan(generator: Generator, objects: list[SampleObject], per_category: int) -> list[tuple[str | None, int]]:
+    """(category, how many) to generate: per category of the split the DiT knows, or all at once
+    when it is unconditional."""
+    if not generator.classes:
+        return [(None, per_category or len(objects))]
+    counts: dict[str, int] = defaultdict(int)
+    for obj in objects:
+        counts[obj.category] += 1
+    unknown = sorted(c for c in counts if c not in generator.classes)
+    if unknown:
+        log.warning("evaluate: the DiT was not trained on categories %s of the split; they are not generated", unknown)
+    return [(c, per_category or n) for c, n in sorted(counts.items()) if c in generator.classes]
+
+
+def cloud_metrics(gen: list[np.ndarray], ref: list[np.ndarray]) -> dict[str, float]:
+    if not gen or not ref:
+        return dict.fromkeys(GEN_KEYS, float("nan"))
+    return generation_metrics(gen, ref)
+
+
+def evaluate_generation(
+    generator: Generator, objects: list[SampleObject], refs: dict[str, Reference], p: config.EvaluateParams,
+    g: config.GenerateParams, seed: int,
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], list[tuple[str, trimesh.Trimesh]]]:  # fmt: skip
+    """(overall figures, one row per sample, one row per category, the samples)."""
+    scored = [o for o in objects if o.key in refs]
+    ref_clouds = {o.key: refs[o.key].sample(p.gen_points, seed)[0] for o in scored}
+    floor_clouds = {o.key: refs[o.key].sample(p.gen_points, seed + 1)[0] for o in scored}
+    results: list[tuple[str, trimesh.Trimesh]] = []
+    offset = 0
+    for category, n in sample_plan(generator, scored, p.gen_per_category):
+        tic = time.perf_counter()
+        results += generator.generate(n, category, g.steps, g.guidance, seed + offset, p.resolution)
+        offset += n
+        log.info("evaluate: %d samples of %s in %.1f s", n, category or "all categories", time.perf_counter() - tic)
+
+    rng = np.random.default_rng(seed)
+    clouds = [sample_surface(mesh, p.gen_points, rng)[0] if len(mesh.faces) else None for _, mesh in results]
+    keys = [o.key for o in scored]
+    category_of = {o.key: o.category for o in scored}
+    dist = pairwise_chamfer([c for c in clouds if c is not None], [ref_clouds[k] for k in keys]) if keys else None
+    sample_rows, j = [], 0
+    for i, ((category, mesh), cloud) in enumerate(zip(results, clouds)):
+        row = {"sample": i, "category": category, "faces": len(mesh.faces), "watertight": is_watertight_shape(mesh),
+               "nearest_cd": float("nan"), "nearest_key": "", "nearest_category": ""}  # fmt: skip
+        if cloud is not None and dist is not None:
+            nearest = int(np.argmin(dist[j]))
+            row |= {"nearest_cd": float(dist[j, nearest]), "nearest_key": keys[nearest], "nearest_category": category_of[keys[nearest]]}
+            j += 1
+        sample_rows.append(row)
+
+    def figures(gen_idx: list[int], ref_keys: list[str]) -> dict[str, Any]:
+        gen = [clouds[i] for i in gen_idx if clouds[i] is not None]
+        out = {"samples": len(gen_idx), "references": len(ref_keys), "empty": len(gen_idx) - len(gen)}
+        out |= cloud_metrics(gen, [ref_clouds[k] for k in ref_keys])
+        floor = cloud_metrics([floor_clouds[k] for k in ref_keys], [ref_clouds[k] for k in ref_keys])
+        return out | {f"floor_{k}": v for k, v in floor.items()}
+
+    overall = figures(list(range(len(results))), keys)
+    category_rows = []
+    if generator.classes:
+        for category in sorted({c for c, _ in results}):
+            idx = [i for i, (c, _) in enumerate(results) if c == category]
+            category_rows.append({"category": category, **figures(idx, [k for k in keys if category_of[k] == category])})
+    summary: dict[str, Any] = {k: overall[k] for k in ("samples", "references", "empty", *GEN_KEYS)}
+    summary["watertight_share"] = float(np.mean([r["watertight"] for r in sample_rows])) if sample_rows else float("nan")
+    if generator.classes:
+        matched = [r["nearest_category"] == r["category"] for r in sample_rows if r["nearest_key"]]
+        summary["category_match"] = float(np.mean(matched)) if matched else float("nan")
+    summary["floor"] = {k: overall[f"floor_{k}"] for k in GEN_KEYS}
+    return summary, sample_rows, category_rows, results
+
+
+# -- outputs -------------------------------------------------------------------------------------------
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON has no NaN: a figure that could not be computed is written as null."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with mf.atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items() if k in columns})
+
+
+def write_recon_preview(pairs: list[tuple[str, trimesh.Trimesh, trimesh.Trimesh]], folder: Path) -> None:
+    """recon/preview.png: each reference beside its reconstruction; the reconstructions as glb."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    meshes, titles = [], []
+    for name, reference, recon in pairs:
+        meshes += [reference, recon]
+        titles += [f"{name} reference", f"{name} reconstruction"]
+        with mf.atomic_path(folder / f"{name}.glb") as tmp:
+            recon.export(tmp, file_type="glb")
+    with mf.atomic_path(folder / "preview.png") as tmp:
+        Image.fromarray(preview_grid(meshes, titles, columns=4)).save(tmp, format="PNG")
+
+
+def flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested figures as MLflow metric names, 'recon.floor.cd'; only finite numbers."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= flat_metrics(value, f"{name}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[name] = float(value)
+    return out
+
+
+def model_run_id(folder: Path, file: str) -> str:
+    """The MLflow run that trained the model in `folder` (recorded by its training stage)."""
+    try:
+        body = json.loads((folder / file).read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    return str(body.get("meta", body).get("mlflow_run_id") or "unknown")
+
+
+# -- the stage -----------------------------------------------------------------------------------------
+
+
+def open_models(paths: Paths, device: torch.device) -> tuple[VecSetVAE, Generator | None]:
+    vae = load_vae(paths.vae, device)
+    return vae, Generator.load(paths.dit, paths.vae, device) if paths.dit is not None else None
+
+
+def run(params: config.Params, paths: Paths) -> dict[str, Any]:
+    """Score the VAE (and the DiT, when given) on the split; write OUT; returns metrics.json's content."""
+    p = params.evaluate
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae, generator = open_models(paths, device)
+    objects = list_objects(paths.samples, p.split)
+    if not objects:
+        raise mf.ManifestError(f"{paths.samples / mf.MANIFEST}: no objects with status ok in the {p.split!r} split")
+    ref_paths = reference_paths(paths.meshes)
+
+    tracker = training.Tracker(True)
+    tags = training.pipeline_tags() | {
+        "stage": STAGE,
+        "git_commit": training.git_commit(),
+        "vae_run_id": model_run_id(paths.vae, "config.json"),
+        "dvc_vae_hash": training.dvc_hash(paths.vae) or "untracked",
+        "dvc_samples_hash": training.dvc_hash(paths.samples) or "untracked",
+        "dvc_watertight_hash": training.dvc_hash(paths.meshes) or "untracked",
+        "data_manifest_sha256": mf.file_sha256(paths.samples / mf.MANIFEST),
+        "device": device.type,
+    }
+    if paths.dit is not None:
+        tags |= {"dit_run_id": model_run_id(paths.dit, GENERATOR_FILE), "dvc_dit_hash": training.dvc_hash(paths.dit) or "untracked"}
+    # The sections that made the models go in too, so runs line up by them in MLflow's compare view.
+    logged = {"seed": params.seed, STAGE: dataclasses.asdict(p), "train_vae": dataclasses.asdict(params.train_vae)}
+    if paths.dit is not None:
+        logged["train_dit"] = dataclasses.asdict(params.train_dit)
+    tracker.start("shapeflow-evaluate", training.run_name(STAGE), None, tags, logged)
+
+    with tracker.ends_on_error():
+        chosen = objects[: p.recon_objects] if p.recon_objects else objects
+        records, pairs, refs = [], [], {}
+        tic = time.perf_counter()
+        for i, obj in enumerate(chosen):
+            record, mesh, reference = recon_object(vae, obj, ref_paths.get(obj.key), p, params.train_vae.data, params.seed + i, device)
+            records.append(record)
+            if reference is not None and len(pairs) < p.previews:
+                pairs.append((obj.key[:12], reference, mesh))
+            if record["status"] == mf.OK:
+                log.info("evaluate: %d/%d %s %s: CD %.4f F@0.02 %.3f IoU %.3f", i + 1, len(chosen), obj.key[:12],
+                         obj.category, record["cd"], record["f@0.02"], record["iou_volume"])  # fmt: skip
+        recon, recon_rows = recon_summary(records)
+        log.info("evaluate: %d reconstructions in %.1f s", len(records), time.perf_counter() - tic)
+        metrics: dict[str, Any] = {"split": p.split, "recon": recon}
+        write_csv(paths.plots / "recon.csv", RECON_COLUMNS, records)
+        write_csv(paths.plots / "recon_categories.csv", ("category", "objects", *RECON_KEYS, *(f"floor_{k}" for k in SURFACE_KEYS)), recon_rows)
+        write_recon_preview(pairs, paths.out / "recon")
+
+        if generator is not None:
+            for obj in objects:
+                if obj.key in ref_paths and obj.key not in refs:
+                    try:
+                        refs[obj.key] = Reference(ref_paths[obj.key])
+                    except (OSError, ValueError) as exc:
+                        log.error("evaluate: %s: reference mesh unusable for generation metrics: %s", obj.key, exc)
+            tic = time.perf_counter()
+            gen, sample_rows, gen_rows, results = evaluate_generation(generator, objects, refs, p, params.train_dit.generate, params.seed)
+            log.info("evaluate: %d samples generated and scored in %.1f s", len(results), time.perf_counter() - tic)
+            metrics["generation"] = gen
+            write_csv(paths.plots / "generation.csv", SAMPLE_COLUMNS, sample_rows)
+            write_csv(paths.plots / "generation_categories.csv", GEN_CATEGORY_COLUMNS, gen_rows)
+            write_outputs(results[: p.previews], paths.out / "samples", params.seed)
+
+        per_category = {"recon": {r["category"]: r for r in recon_rows}}
+        if generator is not None:
+            per_category["generation"] = {r["category"]: r for r in gen_rows}
+        tracker.log_metrics(flat_metrics(metrics) | flat_metrics(per_category, "category."), 0)
+        for folder in ("recon", "samples", "plots"):
+            if (paths.out / folder).is_dir():
+                tracker.log_artifacts(paths.out / folder, folder)
+        mf.atomic_write_text(paths.metrics, json.dumps(finite_or_none(metrics), indent=2) + "\n")  # last: marks a complete run
+    tracker.end("FINISHED")
+    return metrics
+
+
+# -- any folder of meshes --------------------------------------------------------------------------------
+
+
+def evaluate_recon(params: config.Params, mesh_dir: Path, vae_dir: Path, work: Path) -> dict[str, Any]:
+    """Every mesh file under `mesh_dir` through fetch (local source), watertight and sample into
+    `work` (resumable: a rerun redoes only what changed), then the VAE's reconstruction metrics per
+    mesh and their mean. Each record's `source` is the file's path under `mesh_dir`; meshes that
+    failed on the way are listed with the stage and the reason."""
+    from shapeflow.stages import fetch, sample, watertight
+
+    if not mesh_dir.is_dir():
+        raise NotADirectoryError(f"{mesh_dir}: not a folder of meshes")
+    local = config.replace(params.fetch.local, path=str(mesh_dir.resolve()))
+    params = dataclasses.replace(params, fetch=dataclasses.replace(params.fetch, source="local", local=local))
+    fetch.run(params, work / "raw")
+    watertight.run(params, work / "raw", work / "watertight")
+    sample.run(params, work / "watertight", work / "samples")
+
+    source = {}
+    failed = []
+    for stage in ("raw", "watertight", "samples"):
+        for row in mf.read_manifest(work / stage / mf.MANIFEST, required=("key", "status")):
+            source.setdefault(row["key"], row.get("source", row["key"]).removeprefix("local:"))
+            if row["status"] != mf.OK and all(f["key"] != row["key"] for f in failed):
+                failed.append({"key": row["key"], "source": source[row["key"]], "status": mf.FAILED,
+                               "reason": f"{stage}: {row.get('reason', '')}"})  # fmt: skip
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae = load_vae(vae_dir, device)
+    ref_paths = reference_paths(work / "watertight")
+    p = params.evaluate
+    records = []
+    for i, obj in enumerate(list_objects(work / "samples")):
+        record, _, _ = recon_object(vae, obj, ref_paths.get(obj.key), p, params.train_vae.data, params.seed + i, device)
+        records.append({"source": source.get(obj.key, obj.key)} | record)
+    summary, _ = recon_summary(records + failed)
+    report = {"mesh_dir": str(mesh_dir), "vae": str(vae_dir), "mean": summary, "objects": records + failed}
+    mf.atomic_write_text(work / "report.json", json.dumps(finite_or_none(report), indent=2) + "\n")
+    return report
+
+
+def format_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """A plain-text table of per-object reconstruction figures and their mean."""
+    header = f"{'mesh':<32} {'CD':>8} {'F@0.01':>7} {'F@0.02':>7} {'NC':>6} {'IoU':>6} {'IoU near':>8}"
+    lines = [header, "-" * len(header)]
+
+    def fmt(r: dict[str, Any]) -> str:
+        cells = [r.get(k, float("nan")) for k in ("cd", "f@0.01", "f@0.02", "nc", "iou_volume", "iou_near")]
+        return " ".join(f"{v:>{w}.{d}f}" for v, w, d in zip(cells, (8, 7, 7, 6, 6, 8), (4, 3, 3, 3, 3, 3)))
+
+    for r in records:
+        name = str(r.get("source", r["key"]))[-32:]
+        lines.append(f"{name:<32} {fmt(r)}" if r["status"] == mf.OK else f"{name:<32} failed: {r['reason']}")
+    lines.append("-" * len(header))
+    lines.append(f"{'mean of ' + str(summary['objects']) + ' meshes':<32} {fmt(summary)}")
+    return "\n".join(lines)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("evaluate", help="reconstruction and generation metrics on a split (evaluate section of params)")
+    p.add_argument("vae", type=Path, help="train_vae output (model.safetensors + config.json)")
+    p.add_argument("dit", type=Path, help="train_dit output (raw/, ema/, generator.json); 'none' skips generation")
+    p.add_argument("samples", type=Path, help="sample-stage output")
+    p.add_argument("meshes", type=Path, help="watertight-stage output: the reference surfaces")
+    p.add_argument("out", type=Path, help="output folder: metrics.json, plots/, samples/, recon/")
+    p.set_defaults(func=main)
+
+    r = commands.add_parser("evaluate-recon", help="run a folder of meshes through watertight and sample and score the VAE on them")
+    r.add_argument("mesh_dir", type=Path, help="folder of obj/ply/stl/off/glb/gltf files")
+    r.add_argument("--vae", type=Path, default=Path("models/vae"), help="train_vae output (default: %(default)s)")
+    r.add_argument("--work", type=Path, help="folder for the intermediate stages and report.json (default: cache/evaluate-recon/<folder name>)")
+    r.set_defaults(func=main_recon)
+
+
+def main(args: argparse.Namespace) -> int:
+    params = config.load_params(args.params)
+    dit = None if str(args.dit).lower() == "none" else args.dit
+    metrics = run(params, Paths(args.vae, dit, args.samples, args.meshes, args.out))
+    recon = metrics["recon"]
+    line = f"evaluate: {recon['objects']} reconstructions, CD {recon['cd']:.4f}, F@0.02 {recon['f@0.02']:.3f}, IoU {recon['iou_volume']:.3f}"
+    if "generation" in metrics:
+        gen = metrics["generation"]
+        line += f"; {gen['samples']} samples, MMD-CD {gen['mmd_cd']:.4f}, COV {gen['cov_cd']:.2f}, 1-NNA {gen['1nna_cd']:.2f}"
+    print(line)
+    return 0 if recon["objects"] else 1
+
+
+def main_recon(args: argparse.Namespace) -> int:
+    params = config.load_params(args.params)
+    work = args.work or Path("cache/evaluate-recon") / args.mesh_dir.resolve().name
+    report = evaluate_recon(params, args.mesh_dir, args.vae, work)
+    print(format_table(report["objects"], report["mean"]))
+    print(f"report: {work / 'report.json'}")
+    return 0 if report["mean"]["objects"] else 1

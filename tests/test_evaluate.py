@@ -1,0 +1,178 @@
+"""The evaluate stage and `shapeflow evaluate-recon`: what they write, what they log, how they fail."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import subset
+from shapeflow import cli, config
+from shapeflow.models.vae import VecSetVAE, save_pretrained, vae_config
+from shapeflow.stages import evaluate, train_dit
+
+VAE_DATA = config.VAEDataParams(input_points=256, sharp_points=64)
+EVAL = config.EvaluateParams(split="train", resolution=32, recon_points=2000, gen_points=256, previews=2)
+GENERATE = config.GenerateParams(steps=2, resolution=32)
+
+
+def params(**evaluate_fields) -> config.Params:
+    return config.Params(
+        train_vae=config.TrainVAEParams(data=VAE_DATA),
+        train_dit=config.TrainDiTParams(
+            model={"width": 64, "depth": 2}, steps=4, batch_size=4, log_every=2, warmup_steps=2, val_every=0,
+            final_samples=0, generate=GENERATE,
+        ),
+        evaluate=config.replace(EVAL, **evaluate_fields),
+    )  # fmt: skip
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def models(builtin_samples, tmp_path_factory, one_thread_module) -> tuple[Path, Path]:
+    """A small untrained VAE (with the run id its training would have recorded) and a DiT trained a few
+    steps on its latents: the stage's mechanics do not depend on how good they are."""
+    import torch
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("models")
+    save_pretrained(VecSetVAE(vae_config("tiny", {"num_latents": 16, "width": 64})), root / "vae", {"steps": 0, "mlflow_run_id": "vae-run-1"})
+    paths = train_dit.Paths(root / "vae", builtin_samples, root / "dit", root / "ck", root / "r" / "metrics.json", root / "r", root / "cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'train.db'}")
+        train_dit.run(params(), paths)
+    return root / "vae", root / "dit"
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def evaluated(models, builtin_samples, tmp_path_factory) -> tuple[Path, dict, Path]:
+    vae, dit = models
+    work = tmp_path_factory.mktemp("eval")
+    db = work / "mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+        metrics = evaluate.run(params(), evaluate.Paths(vae, dit, builtin_samples, builtin_samples.parent / "watertight", work / "eval"))
+    return work / "eval", metrics, db
+
+
+def test_stage_writes_metrics_per_object_and_per_category_rows_and_previews(evaluated):
+    out, metrics, _ = evaluated
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["split"] == "train"
+    recon, gen = written["recon"], written["generation"]
+    assert recon["objects"] == 8 and recon["failed"] == 0
+    rows = read_csv(out / "plots" / "recon.csv")
+    assert len(rows) == 8 and {r["status"] for r in rows} == {"ok"}
+    # The headline is the mean of the per-object rows.
+    assert recon["iou_volume"] == pytest.approx(np.mean([float(r["iou_volume"]) for r in rows]), rel=1e-4)
+    assert recon["nc"] == pytest.approx(np.mean([float(r["nc"]) for r in rows]), rel=1e-4)
+    categories = read_csv(out / "plots" / "recon_categories.csv")
+    assert sorted(r["category"] for r in categories) == sorted(r["category"] for r in rows)
+    # Two samplings of one surface with 2,000 points: close, but not perfect (the noise floor).
+    assert 0.0 < recon["floor"]["cd"] < 0.06 and recon["floor"]["nc"] > 0.9
+    # One sample per category of the split (one object each), scored against the 8 references.
+    assert gen["samples"] == 8 and gen["references"] == 8
+    assert len(read_csv(out / "plots" / "generation.csv")) == 8
+    assert len(read_csv(out / "plots" / "generation_categories.csv")) == 8
+    # The floor's "samples" are the references resampled: every reference covered, each its twin's nearest.
+    assert gen["floor"]["cov_cd"] == 1.0 and gen["floor"]["1nna_cd"] == 0.0
+    assert gen["floor"]["mmd_cd"] < gen["mmd_cd"]
+    for folder in ("samples", "recon"):
+        assert (out / folder / "preview.png").stat().st_size > 1000
+    assert len(list((out / "samples").glob("*.glb"))) == 2 and len(list((out / "recon").glob("*.glb"))) == 2
+    assert metrics["recon"]["objects"] == 8
+
+
+def test_stage_logs_one_run_tagged_with_the_model_runs_and_all_sections(evaluated, models):
+    _, metrics, db = evaluated
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("shapeflow-evaluate")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    dit_run = json.loads((models[1] / "generator.json").read_text())["mlflow_run_id"]
+    assert run.data.tags["vae_run_id"] == "vae-run-1" and run.data.tags["dit_run_id"] == dit_run
+    assert run.data.tags["stage"] == "evaluate" and run.data.tags["git_commit"]
+    assert run.data.params["evaluate.resolution"] == "32" and run.data.params["train_dit.steps"] == "4"
+    assert run.data.metrics["recon.cd"] == pytest.approx(metrics["recon"]["cd"])
+    assert run.data.metrics["generation.mmd_cd"] == pytest.approx(metrics["generation"]["mmd_cd"])
+    assert any(name.startswith("category.recon.") and name.endswith("f_0.02") for name in run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"recon", "samples", "plots"} <= artifacts
+
+
+def test_a_corrupt_sample_file_fails_that_object_and_the_others_are_scored(models, builtin_samples, tmp_path, monkeypatch):
+    copy = subset(builtin_samples, tmp_path / "samples", lambda row: True)
+    rows = read_csv(copy / "manifest.csv")
+    broken = copy / rows[0]["path"]
+    broken.write_bytes(b"not an npz")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    metrics = evaluate.run(params(), evaluate.Paths(models[0], None, copy, builtin_samples.parent / "watertight", tmp_path / "eval"))
+    assert metrics["recon"]["objects"] == 7 and metrics["recon"]["failed"] == 1
+    assert "generation" not in metrics
+    failed = [r for r in read_csv(tmp_path / "eval" / "plots" / "recon.csv") if r["status"] == "failed"]
+    assert [r["key"] for r in failed] == [rows[0]["key"]] and str(broken) in failed[0]["reason"]
+    assert np.isfinite(metrics["recon"]["iou_volume"])
+
+
+def test_evaluate_recon_scores_a_folder_of_meshes_and_lists_the_ones_that_failed(models, tmp_path, capsys):
+    meshes = tmp_path / "meshes"
+    meshes.mkdir()
+    trimesh.creation.box((1.0, 0.6, 0.4)).export(meshes / "box.obj")
+    trimesh.creation.icosphere(3, 0.5).export(meshes / "ball.ply")
+    (meshes / "broken.obj").write_text("v 0 0 0\nv 1 0 0\n")  # vertices, no faces
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({
+        "watertight": {"resolution": 48},
+        "sample": {"surface": 2048, "sharp": 256, "volume": 2048, "near": 1024, "sharp_near": 256},
+        "compute": {"workers": 1},
+        "train_vae": {"data": {"input_points": 256, "sharp_points": 64}},
+        "evaluate": {"resolution": 32, "recon_points": 2000},
+    }))  # fmt: skip
+    argv = ["--params", str(params_file), "evaluate-recon", str(meshes), "--vae", str(models[0]), "--work", str(tmp_path / "work")]
+    assert cli.main(argv) == 0
+    table = capsys.readouterr().out
+    report = json.loads((tmp_path / "work" / "report.json").read_text())
+    by_name = {Path(r["source"]).name: r for r in report["objects"]}
+    assert set(by_name) == {"box.obj", "ball.ply", "broken.obj"}
+    assert by_name["box.obj"]["status"] == "ok" and by_name["ball.ply"]["status"] == "ok"
+    assert by_name["broken.obj"]["status"] == "failed" and by_name["broken.obj"]["reason"].startswith("raw: ")
+    assert report["mean"]["objects"] == 2 and report["mean"]["failed"] == 1
+    assert "box.obj" in table and "ball.ply" in table and "broken.obj" in table and "mean of 2 meshes" in table
+    # A rerun picks up the finished preprocessing and scores the same.
+    assert cli.main(argv) == 0
+    again = json.loads((tmp_path / "work" / "report.json").read_text())
+    assert again["mean"] == report["mean"]
+
+
+def test_bad_evaluate_params_name_the_key(tmp_path):
+    path = tmp_path / "params.yaml"
+    for section, key in (({"resolution": 8}, "evaluate.resolution"), ({"split": "dev"}, "evaluate.split"), ({"gen_points": 10}, "evaluate.gen_points")):
+        path.write_text(yaml.safe_dump({"evaluate": section}))
+        with pytest.raises(config.ParamsError, match=key):
+            config.load_params(path)
+
+
+def test_missing_models_are_a_clear_error(builtin_samples, tmp_path, capsys):
+    argv = ["evaluate", str(tmp_path / "no-vae"), "none", str(builtin_samples), str(builtin_samples.parent / "watertight"), str(tmp_path / "eval")]
+    assert cli.main(argv) == 2
+    assert "no-vae/model.safetensors: missing" in capsys.readouterr().err
