@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -31,8 +32,10 @@ TINY = {
         "val_every": 0, "final_samples": 2, "generate": {"steps": 2, "resolution": 32},
         "accelerate_config": "configs/accelerate/default.yaml",
     },
+    # The 8 objects may leave the test split empty: score the train split.
+    "evaluate": {"split": "train", "resolution": 32, "recon_points": 500, "gen_points": 128, "previews": 2},
 }
-STAGES = ("fetch", "watertight", "sample", "train_vae", "train_dit")
+STAGES = ("fetch", "watertight", "sample", "train_vae", "train_dit", "evaluate")
 
 
 def dvc(repo: Path, *args: str) -> str:
@@ -82,6 +85,11 @@ def test_repro_builds_all_data_stages_then_does_nothing_then_only_what_changed(r
     assert (repo / "models" / "dit" / "ema" / "model.safetensors").is_file()
     dit_metrics = yaml.safe_load((repo / "reports" / "train_dit" / "metrics.json").read_text())
     assert dit_metrics["steps"] == 4 and dit_metrics["gen_samples"] == 2
+    evaluated = json.loads((repo / "eval" / "metrics.json").read_text())
+    with open(repo / "data" / "samples" / "manifest.csv", newline="") as fh:
+        train = [r for r in csv.DictReader(fh) if r["split"] == "train"]
+    # Every train object reconstructed; one sample per train object (as many per category as it has).
+    assert evaluated["recon"]["objects"] == len(train) and evaluated["generation"]["samples"] == len(train)
 
     assert ran(dvc(repo, "repro")) == set()
     assert "up to date" in dvc(repo, "status")
@@ -90,4 +98,48 @@ def test_repro_builds_all_data_stages_then_does_nothing_then_only_what_changed(r
     params["watertight"]["resolution"] = 40
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     third = dvc(repo, "repro")
-    assert ran(third) == {"watertight", "sample", "train_vae", "train_dit"}, third[-3000:]
+    assert ran(third) == {"watertight", "sample", "train_vae", "train_dit", "evaluate"}, third[-3000:]
+
+
+@pytest.mark.slow
+def test_two_experiments_line_up_in_dvc_exp_show_metrics_diff_and_mlflow(repo):
+    git = ["git", "-c", "user.name=shapeflow-test", "-c", "user.email=test@localhost"]
+    if not (repo / "dvc.lock").is_file():
+        dvc(repo, "repro")
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True)
+    for name, points in (("coarse", 300), ("fine", 600)):
+        out = dvc(repo, "exp", "run", "-n", name, "-S", f"evaluate.recon_points={points}")
+        assert ran(out) == {"evaluate"}, out[-3000:]
+
+    shown = _json_of(dvc(repo, "exp", "show", "--json"))
+    exps = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            newest = experiment["revs"][0]
+            exps[newest["name"]] = newest
+    assert {"coarse", "fine"} <= set(exps)
+    for name, points in (("coarse", 300), ("fine", 600)):
+        data = exps[name]["data"]
+        assert data["params"]["params.yaml"]["data"]["evaluate"]["recon_points"] == points
+        assert "cd" in data["metrics"]["eval/metrics.json"]["data"]["recon"]
+    diff = _json_of(dvc(repo, "metrics", "diff", exps["coarse"]["rev"], exps["fine"]["rev"], "--json"))
+    assert "recon.floor.cd" in diff["eval/metrics.json"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("shapeflow-evaluate")
+    named = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert {"coarse", "fine"} <= set(named)
+    assert named["coarse"].data.tags["dvc_exp"] == "coarse"
+    assert named["coarse"].data.params["evaluate.recon_points"] == "300" and named["fine"].data.params["evaluate.recon_points"] == "600"
+    # The same param keys and metric names, so MLflow's compare view lines the two runs up.
+    assert set(named["coarse"].data.params) == set(named["fine"].data.params)
+    assert set(named["coarse"].data.metrics) == set(named["fine"].data.metrics)
+
+
+def _json_of(output: str):
+    """The JSON document in a command's output (dvc may print notices around it)."""
+    start = min(i for i in (output.find("{"), output.find("[")) if i >= 0)
+    return json.JSONDecoder().raw_decode(output[start:])[0]
