@@ -176,3 +176,41 @@ def test_missing_models_are_a_clear_error(builtin_samples, tmp_path, capsys):
     argv = ["evaluate", str(tmp_path / "no-vae"), "none", str(builtin_samples), str(builtin_samples.parent / "watertight"), str(tmp_path / "eval")]
     assert cli.main(argv) == 2
     assert "no-vae/model.safetensors: missing" in capsys.readouterr().err
+
+
+def test_a_perfect_reconstruction_scores_iou_one_and_the_noise_floor(models, builtin_samples, tmp_path, monkeypatch):
+    """With the reference's exact signed distance in place of the VAE, every figure is at its best:
+    the sign plumbing, the point sets and the floor are what the stage says they are."""
+    import torch
+
+    from shapeflow.stages.sample import sampled_frame
+    from shapeflow.geometry.sdf import signed_distance
+
+    meshes = builtin_samples.parent / "watertight"
+    paths = evaluate.reference_paths(meshes)
+    current = {}
+
+    def exact(vae, arrays, data, seed, resolution, device, autocast=None):
+        mesh = sampled_frame(paths[current["key"]])[0]
+
+        def field(q: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(signed_distance(mesh.vertices, mesh.faces, q.numpy().astype(np.float64)).astype(np.float32))
+
+        return field, mesh
+
+    original = evaluate.recon_object
+
+    def recon_object(vae, obj, *args, **kwargs):
+        current["key"] = obj.key
+        return original(vae, obj, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "reconstruct", exact)
+    monkeypatch.setattr(evaluate, "recon_object", recon_object)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    metrics = evaluate.run(params(recon_objects=3), evaluate.Paths(models[0], None, builtin_samples, meshes, tmp_path / "eval"))
+    recon = metrics["recon"]
+    assert recon["objects"] == 3 and recon["iou_volume"] == 1.0 and recon["iou_near"] == 1.0
+    assert recon["nc"] == pytest.approx(recon["floor"]["nc"], abs=0.02)
+    assert recon["cd"] == pytest.approx(recon["floor"]["cd"], rel=0.1)
+    assert recon["f@0.02"] == pytest.approx(recon["floor"]["f@0.02"], abs=0.05)
+    assert recon["watertight_share"] == 1.0

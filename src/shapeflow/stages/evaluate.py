@@ -39,10 +39,10 @@ from shapeflow import config, manifest as mf, training
 from shapeflow.dataset import SampleObject, list_objects, load_arrays
 from shapeflow.generate import GENERATOR_FILE, Generator, is_watertight_shape, preview_grid, write_outputs
 from shapeflow.geometry.decode import F_TAUS, evaluate_points, point_metrics, surface_metrics
-from shapeflow.geometry.mesh import load_mesh
 from shapeflow.geometry.sampling import sample_surface
 from shapeflow.metrics import generation_metrics, pairwise_chamfer, volume_iou
 from shapeflow.models.vae import VecSetVAE, load_pretrained as load_vae
+from shapeflow.stages.sample import sampled_frame
 from shapeflow.stages.train_vae import reconstruct
 
 log = logging.getLogger("shapeflow.evaluate")
@@ -75,10 +75,11 @@ class Paths:
 
 
 class Reference:
-    """One object's watertight surface, sampled on demand with a seed (the same seed, the same points)."""
+    """One object's watertight surface in the frame its samples were drawn in, sampled on demand with
+    a seed (the same seed, the same points)."""
 
     def __init__(self, path: Path):
-        self.mesh = load_mesh(path)
+        self.mesh = sampled_frame(path)[0]
 
     def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         return sample_surface(self.mesh, n, np.random.default_rng(seed))
@@ -335,7 +336,8 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
                 log.info("evaluate: %d/%d %s %s: CD %.4f F@0.02 %.3f IoU %.3f", i + 1, len(chosen), obj.key[:12],
                          obj.category, record["cd"], record["f@0.02"], record["iou_volume"])  # fmt: skip
         recon, recon_rows = recon_summary(records)
-        log.info("evaluate: %d reconstructions in %.1f s", len(records), time.perf_counter() - tic)
+        timings = {"recon_objects": len(records), "recon_s": time.perf_counter() - tic}
+        log.info("evaluate: %d reconstructions in %.1f s", len(records), timings["recon_s"])
         metrics: dict[str, Any] = {"split": p.split, "recon": recon}
         write_csv(paths.plots / "recon.csv", RECON_COLUMNS, records)
         write_csv(paths.plots / "recon_categories.csv", ("category", "objects", *RECON_KEYS, *(f"floor_{k}" for k in SURFACE_KEYS)), recon_rows)
@@ -350,7 +352,8 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
                         log.error("evaluate: %s: reference mesh unusable for generation metrics: %s", obj.key, exc)
             tic = time.perf_counter()
             gen, sample_rows, gen_rows, results = evaluate_generation(generator, objects, refs, p, params.train_dit.generate, params.seed)
-            log.info("evaluate: %d samples generated and scored in %.1f s", len(results), time.perf_counter() - tic)
+            timings |= {"samples": len(results), "generation_s": time.perf_counter() - tic}
+            log.info("evaluate: %d samples generated and scored in %.1f s", len(results), timings["generation_s"])
             metrics["generation"] = gen
             write_csv(paths.plots / "generation.csv", SAMPLE_COLUMNS, sample_rows)
             write_csv(paths.plots / "generation_categories.csv", GEN_CATEGORY_COLUMNS, gen_rows)
@@ -363,6 +366,8 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
         for folder in ("recon", "samples", "plots"):
             if (paths.out / folder).is_dir():
                 tracker.log_artifacts(paths.out / folder, folder)
+        # Wall times beside the outputs (not in the metrics: those are a function of models, data and params).
+        mf.atomic_write_text(paths.out / "timings.json", json.dumps(timings | {"device": device.type}, indent=2) + "\n")
         mf.atomic_write_text(paths.metrics, json.dumps(finite_or_none(metrics), indent=2) + "\n")  # last: marks a complete run
     tracker.end("FINISHED")
     return metrics

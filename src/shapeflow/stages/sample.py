@@ -77,11 +77,19 @@ def signed_volume(mesh: trimesh.Trimesh) -> float:
     return float(np.einsum("ij,ij->", corners[:, 0], np.cross(corners[:, 1], corners[:, 2]))) / 6.0
 
 
+def sampled_frame(path: str | Path) -> tuple[trimesh.Trimesh, bool, float, np.ndarray]:
+    """(mesh, inverted, scale, offset): the mesh at `path` exactly as this stage samples it, closed,
+    outward and normalised. Watertight-stage output is normalised already, but the marching-cubes
+    surface's box is not the source's (the shell adds up to eps on every side), so normalising again
+    rescales it by up to 1 + eps: stages that compare against these surfaces load them through here."""
+    mesh, inverted = closed_mesh(str(path))
+    mesh, scale, offset = normalise(mesh)
+    return mesh, inverted, scale, offset
+
+
 def process_object(task: runner.Task, out_dir: Path, params: config.Params) -> dict[str, Any]:
     """One object: load, check it is closed, normalise, sample, write `objects/<key>.npz`."""
-    mesh, inverted = closed_mesh(task.src)
-    # Watertight-stage output is normalised already; this is then the identity up to rounding.
-    mesh, scale, offset = normalise(mesh)
+    mesh, inverted, scale, offset = sampled_frame(task.src)
     # Compose with the upstream transform, so scale and offset lead back to the source file's frame.
     up_scale = float(task.meta.get("scale", 1.0))
     up_offset = np.array([float(task.meta.get(f"offset_{a}", 0.0)) for a in "xyz"])

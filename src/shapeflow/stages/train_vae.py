@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader
 from shapeflow import config, manifest as mf, training
 from shapeflow.dataset import ShapeSamples, encoder_inputs, list_objects, load_arrays
 from shapeflow.geometry.decode import METRIC_POINTS, FieldFn, decode_mesh, surface_metrics
-from shapeflow.geometry.mesh import load_mesh
 from shapeflow.geometry.sampling import sample_surface
+from shapeflow.stages.sample import sampled_frame
 from shapeflow.models.vae import VAEConfig, VecSetVAE, field_loss, save_pretrained, vae_config
 
 log = logging.getLogger("shapeflow.train_vae")
@@ -119,7 +119,7 @@ class References:
         if key not in self.paths:
             return arrays["surface_points"]
         if key not in self._cache:
-            mesh = load_mesh(self.paths[key])
+            mesh = sampled_frame(self.paths[key])[0]  # the frame the samples were drawn in
             self._cache[key] = sample_surface(mesh, METRIC_POINTS, np.random.default_rng(self.seed))[0].astype(np.float32)
         return self._cache[key]
 
