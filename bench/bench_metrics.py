@@ -131,7 +131,7 @@ def stage_timing(params_file: Path, vae: Path, dit: Path, samples: Path, meshes:
         start = time.perf_counter()
         metrics = evaluate.run(params, evaluate.Paths(vae, dit, samples, meshes, Path(scratch) / "eval"))
         total = time.perf_counter() - start
-        phases = json.loads((Path(scratch) / "eval" / "timings.json").read_text())
+        phases = json.loads((Path(scratch) / "eval" / evaluate.RUN_FILE).read_text())["timings"]
     return {"split": params.evaluate.split, "resolution": params.evaluate.resolution, "total_s": total, **phases, "metrics": metrics}
 
 

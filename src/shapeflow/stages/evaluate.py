@@ -55,6 +55,7 @@ RECON_COLUMNS = ("key", "category", "status", "reason", *RECON_KEYS, "faces", "w
 SAMPLE_COLUMNS = ("sample", "category", "faces", "watertight", "nearest_cd", "nearest_key", "nearest_category")
 GEN_CATEGORY_COLUMNS = ("category", "samples", "references", "empty", *GEN_KEYS, *(f"floor_{k}" for k in GEN_KEYS))
 FIELD_CHUNK = 65536
+RUN_FILE = "run.json"  # beside metrics.json: the MLflow run id and wall times
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,8 +367,10 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
         for folder in ("recon", "samples", "plots"):
             if (paths.out / folder).is_dir():
                 tracker.log_artifacts(paths.out / folder, folder)
-        # Wall times beside the outputs (not in the metrics: those are a function of models, data and params).
-        mf.atomic_write_text(paths.out / "timings.json", json.dumps(timings | {"device": device.type}, indent=2) + "\n")
+        # The run id and wall times beside the outputs (not in the metrics: those are a function of
+        # models, data and params).
+        run_info = {"mlflow_run_id": tracker.run_id, "device": device.type, "timings": timings}
+        mf.atomic_write_text(paths.out / RUN_FILE, json.dumps(run_info, indent=2) + "\n")
         mf.atomic_write_text(paths.metrics, json.dumps(finite_or_none(metrics), indent=2) + "\n")  # last: marks a complete run
     tracker.end("FINISHED")
     return metrics
