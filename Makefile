@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup pipeline test bench clean-venv
+.PHONY: setup pipeline test bench clean-venv services stop-services deploy
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,17 @@ bench: setup
 	$(BIN)/python bench/bench_salient.py
 	$(BIN)/python bench/bench_vae.py
 	$(BIN)/python bench/bench_dit.py
+
+# Prefect server (127.0.0.1:4200), MLflow server (127.0.0.1:5000) and a worker on the `shapeflow` process
+# pool; logs and pid files in .shapeflow/services. `make deploy` registers prefect.yaml's deployments.
+services: setup
+	scripts/services.sh start
+
+stop-services:
+	scripts/services.sh stop
+
+deploy: setup
+	eval "$$(scripts/services.sh env)" && SHAPEFLOW_REPO="$(CURDIR)" $(BIN)/prefect --no-prompt deploy --all
 
 clean-venv:
 	rm -rf $(VENV)

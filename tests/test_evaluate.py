@@ -46,8 +46,12 @@ def models(builtin_samples, tmp_path_factory, one_thread_module) -> tuple[Path, 
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("models")
-    save_pretrained(VecSetVAE(vae_config("tiny", {"num_latents": 16, "width": 64})), root / "vae", {"steps": 0, "mlflow_run_id": "vae-run-1"})
-    paths = train_dit.Paths(root / "vae", builtin_samples, root / "dit", root / "ck", root / "r" / "metrics.json", root / "r", root / "cache")
+    save_pretrained(
+        VecSetVAE(vae_config("tiny", {"num_latents": 16, "width": 64})), root / "vae", {"steps": 0, "mlflow_run_id": "vae-run-1"}
+    )
+    paths = train_dit.Paths(
+        root / "vae", builtin_samples, root / "dit", root / "ck", root / "r" / "metrics.json", root / "r", root / "cache"
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'train.db'}")
         train_dit.run(params(), paths)
@@ -166,14 +170,25 @@ def test_evaluate_recon_scores_a_folder_of_meshes_and_lists_the_ones_that_failed
 
 def test_bad_evaluate_params_name_the_key(tmp_path):
     path = tmp_path / "params.yaml"
-    for section, key in (({"resolution": 8}, "evaluate.resolution"), ({"split": "dev"}, "evaluate.split"), ({"gen_points": 10}, "evaluate.gen_points")):
+    for section, key in (
+        ({"resolution": 8}, "evaluate.resolution"),
+        ({"split": "dev"}, "evaluate.split"),
+        ({"gen_points": 10}, "evaluate.gen_points"),
+    ):
         path.write_text(yaml.safe_dump({"evaluate": section}))
         with pytest.raises(config.ParamsError, match=key):
             config.load_params(path)
 
 
 def test_missing_models_are_a_clear_error(builtin_samples, tmp_path, capsys):
-    argv = ["evaluate", str(tmp_path / "no-vae"), "none", str(builtin_samples), str(builtin_samples.parent / "watertight"), str(tmp_path / "eval")]
+    argv = [
+        "evaluate",
+        str(tmp_path / "no-vae"),
+        "none",
+        str(builtin_samples),
+        str(builtin_samples.parent / "watertight"),
+        str(tmp_path / "eval"),
+    ]
     assert cli.main(argv) == 2
     assert "no-vae/model.safetensors: missing" in capsys.readouterr().err
 

@@ -1,15 +1,21 @@
-"""End to end: the real `dvc repro` of this repo's dvc.yaml (accelerate launch included) on tiny presets, in a scratch git repo."""
+"""End to end on tiny presets, in a scratch git repo: the real `dvc repro` of this repo's dvc.yaml (accelerate
+launch included), DVC experiments, then the same pipeline as users trigger it: a Prefect server, an MLflow
+server and a worker (scripts/services.sh, what `make services` starts), prefect.yaml's deployments, a
+run with an override checked through MLflow's REST API, and the faults (a bad param, a killed worker)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import socket
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import yaml
@@ -24,12 +30,22 @@ TINY = {
     "train_vae": {
         "model": {"num_latents": 16, "width": 64},
         "data": {"input_points": 256, "sharp_points": 64, "volume_points": 128, "near_points": 128, "sharp_near_points": 64},
-        "steps": 4, "batch_size": 2, "log_every": 2, "checkpoint_every": 2, "val_resolution": 32,
+        "steps": 4,
+        "batch_size": 2,
+        "log_every": 2,
+        "checkpoint_every": 2,
+        "val_resolution": 32,
         "accelerate_config": "configs/accelerate/default.yaml",
     },
     "train_dit": {
-        "model": {"width": 64, "depth": 2}, "steps": 4, "batch_size": 2, "log_every": 2, "checkpoint_every": 2,
-        "val_every": 0, "final_samples": 2, "generate": {"steps": 2, "resolution": 32},
+        "model": {"width": 64, "depth": 2},
+        "steps": 4,
+        "batch_size": 2,
+        "log_every": 2,
+        "checkpoint_every": 2,
+        "val_every": 0,
+        "final_samples": 2,
+        "generate": {"steps": 2, "resolution": 32},
         "accelerate_config": "configs/accelerate/default.yaml",
     },
     # The 8 objects may leave the test split empty: score the train split.
@@ -44,9 +60,7 @@ def dvc(repo: Path, *args: str) -> str:
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}",
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
@@ -59,11 +73,15 @@ def ran(output: str) -> set[str]:
 def repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("pipeline")
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    shutil.copytree(ROOT / "configs", repo / "configs")
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    for folder in ("configs", "flows", "scripts"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "prefect.yaml"):
+        shutil.copy(ROOT / name, repo / name)
     (repo / "params.yaml").write_text(yaml.safe_dump(TINY))
+    (repo / ".gitignore").write_text(".shapeflow/\nmlflow.db\n__pycache__/\n")
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     dvc(repo, "init", "-q")
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")  # keeps the experiment worktrees out of the main pipeline
     dvc(repo, "config", "core.analytics", "false")
     return repo
 
@@ -95,19 +113,18 @@ def test_repro_builds_all_data_stages_then_does_nothing_then_only_what_changed(r
     assert "up to date" in dvc(repo, "status")
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["watertight"]["resolution"] = 40
+    # Only what depends on the change reruns (the per-object stages' own resume is in their tests).
+    params["train_dit"]["steps"] = 6
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     third = dvc(repo, "repro")
-    assert ran(third) == {"watertight", "sample", "train_vae", "train_dit", "evaluate"}, third[-3000:]
+    assert ran(third) == {"train_dit", "evaluate"}, third[-3000:]
 
 
 @pytest.mark.slow
 def test_two_experiments_line_up_in_dvc_exp_show_metrics_diff_and_mlflow(repo):
-    git = ["git", "-c", "user.name=shapeflow-test", "-c", "user.email=test@localhost"]
     if not (repo / "dvc.lock").is_file():
         dvc(repo, "repro")
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True)
+    commit(repo, "baseline")
     for name, points in (("coarse", 300), ("fine", 600)):
         out = dvc(repo, "exp", "run", "-n", name, "-S", f"evaluate.recon_points={points}")
         assert ran(out) == {"evaluate"}, out[-3000:]
@@ -139,7 +156,180 @@ def test_two_experiments_line_up_in_dvc_exp_show_metrics_diff_and_mlflow(repo):
     assert set(named["coarse"].data.metrics) == set(named["fine"].data.metrics)
 
 
+def commit(repo: Path, message: str) -> None:
+    git = ["git", "-c", "user.name=shapeflow-test", "-c", "user.email=test@localhost"]
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", message, "--allow-empty"], cwd=repo, check=True)
+
+
 def _json_of(output: str):
     """The JSON document in a command's output (dvc may print notices around it)."""
     start = min(i for i in (output.find("{"), output.find("[")) if i >= 0)
     return json.JSONDecoder().raw_decode(output[start:])[0]
+
+
+# -- the same pipeline through Prefect: servers, deployments, a worker --------------------------------------
+
+BIN = Path(sys.executable).parent
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Services:
+    """The README's services on free loopback ports, in their own folder; stopped by process group."""
+
+    def __init__(self, repo: Path, folder: Path):
+        self.repo, self.folder = repo, folder
+        self.prefect_port, self.mlflow_port = free_port(), free_port()
+        self.env = dict(
+            os.environ, BIN=str(BIN), SERVICES_DIR=str(folder), PREFECT_PORT=str(self.prefect_port), MLFLOW_PORT=str(self.mlflow_port),
+            PREFECT_API_URL=f"http://127.0.0.1:{self.prefect_port}/api", PREFECT_HOME=str(folder / "prefect"), SHAPEFLOW_REPO=str(repo),
+            PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DO_NOT_TRACK="1", OMP_NUM_THREADS="1",
+        )  # fmt: skip
+        self.api = f"http://127.0.0.1:{self.prefect_port}/api"
+        self.mlflow = f"http://127.0.0.1:{self.mlflow_port}"
+
+    def script(self, *args: str, timeout: int = 300) -> str:
+        proc = subprocess.run(
+            ["bash", "scripts/services.sh", *args], cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        assert proc.returncode == 0, f"services.sh {args}: {proc.stdout}\n{proc.stderr}"
+        return proc.stdout
+
+    def prefect(self, *args: str) -> str:
+        proc = subprocess.run(
+            [str(BIN / "prefect"), "--no-prompt", *args], cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, f"prefect {args}: {proc.stdout}\n{proc.stderr}"
+        return proc.stdout
+
+    def kill_all(self) -> None:
+        """Stop through the script, then make sure: every process group a pid file names is gone."""
+        subprocess.run(["bash", "scripts/services.sh", "stop"], cwd=self.repo, env=self.env, capture_output=True, timeout=120)
+        for pid_file in self.folder.glob("*.pid"):
+            try:
+                os.killpg(int(pid_file.read_text()), 9)
+            except (ProcessLookupError, ValueError):
+                pass
+
+    def run_deployment(self, name: str, parameters: dict, timeout: float = 600) -> dict:
+        """Trigger a run as the README does, wait until it ends; the flow run as the API returns it."""
+        args = [f"--param={k}={json.dumps(v)}" for k, v in parameters.items()]
+        out = self.prefect("deployment", "run", name, *args)
+        run_id = next(line.split("UUID:")[1].strip() for line in out.splitlines() if "UUID:" in line)
+        deadline = time.monotonic() + timeout
+        while True:
+            run = httpx.get(f"{self.api}/flow_runs/{run_id}", timeout=30).json()
+            if run["state"]["type"] in TERMINAL:
+                return run
+            assert time.monotonic() < deadline, f"flow run {run_id} still {run['state']['type']} after {timeout} s"
+            time.sleep(2)
+
+    def logs(self, flow_run_id: str) -> list[str]:
+        """Every log message of a flow run and its tasks, oldest first."""
+        messages, offset = [], 0
+        while True:
+            body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "offset": offset, "sort": "TIMESTAMP_ASC"}
+            page = httpx.post(f"{self.api}/logs/filter", json=body, timeout=30).json()
+            messages += [entry["message"] for entry in page]
+            if len(page) < 200:
+                return messages
+            offset += len(page)
+
+    def mlflow_runs(self, experiment: str) -> list[dict]:
+        found = httpx.get(f"{self.mlflow}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": experiment}, timeout=30)
+        assert found.status_code == 200, found.text
+        exp_id = found.json()["experiment"]["experiment_id"]
+        runs = httpx.post(f"{self.mlflow}/api/2.0/mlflow/runs/search", json={"experiment_ids": [exp_id], "max_results": 100}, timeout=30)
+        return runs.json().get("runs", [])
+
+
+@pytest.fixture(scope="module")
+def services(repo, tmp_path_factory):
+    """The services, and prefect.yaml's deployments, for the repo of the tests above: its committed
+    dvc.lock and DVC cache give the experiments their finished stages."""
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True).returncode != 0:
+        commit(repo, "baseline")
+    svc = Services(repo, tmp_path_factory.mktemp("services"))
+    try:
+        svc.script("start")
+        svc.prefect("deploy", "--all")
+        yield svc
+    finally:
+        svc.kill_all()
+
+
+@pytest.mark.slow
+def test_a_triggered_deployment_with_an_override_ends_in_mlflow_as_a_dvc_experiment(services):
+    run = services.run_deployment("pipeline/full", {"overrides": ["train_vae.steps=6"], "experiment": "steps-6"})
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    evaluate_runs = [r for r in services.mlflow_runs("shapeflow-evaluate") if r["info"]["run_name"] == "steps-6"]
+    assert len(evaluate_runs) == 1
+    params = {p["key"]: p["value"] for p in evaluate_runs[0]["data"]["params"]}
+    metrics = {m["key"]: m["value"] for m in evaluate_runs[0]["data"]["metrics"]}
+    assert params["train_vae.steps"] == "6"
+    assert {"recon.cd", "recon.f_0.01", "recon.f_0.02", "generation.mmd_cd"} <= set(metrics)
+    vae_runs = [r for r in services.mlflow_runs("shapeflow-train_vae") if r["info"]["run_name"] == "steps-6"]
+    assert [{p["key"]: p["value"] for p in r["data"]["params"]}["train_vae.steps"] for r in vae_runs] == ["6"]
+    # The workspace's params are untouched; the experiment is DVC's.
+    assert yaml.safe_load((services.repo / "params.yaml").read_text())["train_vae"]["steps"] == TINY["train_vae"]["steps"]
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], cwd=services.repo, capture_output=True, text=True)
+    assert "steps-6" in shown.stdout.split()
+    # The experiment's worktree (inside the repo) is not part of the main pipeline.
+    stages = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], cwd=services.repo, capture_output=True, text=True)
+    assert stages.stdout.split() == list(STAGES)
+    artifact = httpx.post(
+        f"{services.api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["shapeflow-metrics"]}}}, timeout=30
+    ).json()
+    assert any("recon.f@0.02" in a["data"] and services.mlflow in a["data"] for a in artifact)
+
+
+def kill_processes_in(folder: Path) -> int:
+    """SIGKILL every process whose working directory is under `folder` (a stage and its children)."""
+    killed = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if proc.name.isdigit() and (cwd == str(folder) or cwd.startswith(str(folder) + os.sep)):
+            try:
+                os.kill(int(proc.name), 9)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+@pytest.mark.slow
+def test_a_bad_param_fails_its_stage_and_a_killed_worker_resumes_on_rerun(services):
+    """Runs in the experiment of the test above: its finished stages stay finished."""
+    bad = services.run_deployment("pipeline/full", {"overrides": ["train_vae.preset=huge"], "experiment": "steps-6"})
+    assert bad["state"]["type"] == "FAILED"
+    assert "stage 'train_vae' failed" in bad["state"]["message"] and "unknown VAE preset 'huge'" in bad["state"]["message"]
+    task_runs = httpx.post(f"{services.api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [bad["id"]]}}}, timeout=30).json()
+    failed = [t for t in task_runs if t["state"]["type"] == "FAILED"]
+    assert [t["name"] for t in failed] == ["train_vae"] and failed[0]["run_count"] == 1  # a bad param is not retried
+    assert "stage sample was up to date" in "\n".join(services.logs(bad["id"]))
+
+    # A longer training, its worker killed (kill -9, the stage's processes with it) after the first checkpoint.
+    longer = {"overrides": ["train_vae.preset=tiny", "train_vae.steps=60", "train_vae.checkpoint_every=5"], "experiment": "steps-6"}
+    args = [f"--param={k}={json.dumps(v)}" for k, v in longer.items()]
+    services.prefect("deployment", "run", "pipeline/full", *args)
+    worktree = services.repo / ".shapeflow" / "experiments" / "steps-6"
+    deadline = time.monotonic() + 300
+    while not list((worktree / "checkpoints" / "train_vae").glob("step_*/trainer.json")):
+        assert time.monotonic() < deadline, "no train_vae checkpoint within 300 s"
+        time.sleep(0.1)
+    os.killpg(int((services.folder / "worker.pid").read_text()), 9)
+    kill_processes_in(worktree)
+    services.script("start")  # the servers are up: only a new worker starts
+    again = services.run_deployment("pipeline/full", longer)
+    assert again["state"]["type"] == "COMPLETED", again["state"]
+    messages = "\n".join(services.logs(again["id"]))
+    assert "resuming from step" in messages and "stage watertight was up to date" in messages

@@ -161,3 +161,30 @@ def test_object_seed_depends_on_seed_and_key_only():
     assert object_seed(0, "abc") == object_seed(0, "abc")
     assert len({object_seed(0, "abc"), object_seed(1, "abc"), object_seed(0, "abd")}) == 3
     assert 0 <= object_seed(123, "k") < 2**64
+
+
+def test_an_input_remade_under_the_same_key_is_sampled_again(tmp_path):
+    """watertight keeps an object's key when it remakes its mesh (another resolution): sample must
+    see the new file, not skip the object because its params did not change."""
+    src = tmp_path / "meshes"
+    src.mkdir()
+    (src / "box.obj").write_text(obj_text(CUBE_VERTICES * [1.0, 2.0, 0.5], CUBE_FACES))
+    sphere_v, sphere_f = icosphere(2)
+    trimesh.Trimesh(sphere_v, sphere_f, process=False).export(src / "ball.ply")
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS)
+    watertight, dst = tmp_path / "watertight", tmp_path / "samples"
+
+    def remesh(resolution: int) -> None:
+        argv = ["--params", str(params), "watertight", str(src), str(watertight), "--workers", "1", "--resolution", str(resolution)]
+        assert cli.main(argv) == 0
+
+    remesh(24)
+    assert sample(watertight, dst, params) == 0
+    first = {key: row["input_sha256"] for key, row in manifest_rows(dst).items()}
+    stamps = {p.name: p.stat().st_mtime_ns for p in (dst / "objects").iterdir()}
+    remesh(32)
+    assert sample(watertight, dst, params) == 0
+    second = {key: row["input_sha256"] for key, row in manifest_rows(dst).items()}
+    assert first.keys() == second.keys() and all(first[k] != second[k] for k in first)
+    assert all(p.stat().st_mtime_ns != stamps[p.name] for p in (dst / "objects").iterdir())

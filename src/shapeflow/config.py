@@ -132,10 +132,18 @@ class SampleParams:
 class ComputeParams:
     # Local worker processes for per-object stages; 0 means one per CPU core.
     workers: int = 0
+    # The Prefect preprocessing flow: shards per stage (0: one per worker) and, when set, the
+    # address of a Dask scheduler to run them on (tcp://host:8786) instead of a local process pool.
+    shards: int = 0
+    dask_address: str | None = None
 
     def check(self, where: str) -> None:
         if self.workers < 0:
             raise ParamsError(f"{where}.workers: 0 (all cores) or more, got {self.workers}")
+        if self.shards < 0:
+            raise ParamsError(f"{where}.shards: 0 (one per worker) or more, got {self.shards}")
+        if self.dask_address is not None and "://" not in self.dask_address:
+            raise ParamsError(f"{where}.dask_address: a scheduler address like tcp://127.0.0.1:8786, got {self.dask_address!r}")
 
 
 @dataclass(frozen=True)

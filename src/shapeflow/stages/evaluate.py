@@ -341,7 +341,9 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
         log.info("evaluate: %d reconstructions in %.1f s", len(records), timings["recon_s"])
         metrics: dict[str, Any] = {"split": p.split, "recon": recon}
         write_csv(paths.plots / "recon.csv", RECON_COLUMNS, records)
-        write_csv(paths.plots / "recon_categories.csv", ("category", "objects", *RECON_KEYS, *(f"floor_{k}" for k in SURFACE_KEYS)), recon_rows)
+        write_csv(
+            paths.plots / "recon_categories.csv", ("category", "objects", *RECON_KEYS, *(f"floor_{k}" for k in SURFACE_KEYS)), recon_rows
+        )
         write_recon_preview(pairs, paths.out / "recon")
 
         if generator is not None:
@@ -445,7 +447,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     r = commands.add_parser("evaluate-recon", help="run a folder of meshes through watertight and sample and score the VAE on them")
     r.add_argument("mesh_dir", type=Path, help="folder of obj/ply/stl/off/glb/gltf files")
     r.add_argument("--vae", type=Path, default=Path("models/vae"), help="train_vae output (default: %(default)s)")
-    r.add_argument("--work", type=Path, help="folder for the intermediate stages and report.json (default: cache/evaluate-recon/<folder name>)")
+    r.add_argument(
+        "--work", type=Path, help="folder for the intermediate stages and report.json (default: cache/evaluate-recon/<folder name>)"
+    )
     r.set_defaults(func=main_recon)
 
 
@@ -454,7 +458,9 @@ def main(args: argparse.Namespace) -> int:
     dit = None if str(args.dit).lower() == "none" else args.dit
     metrics = run(params, Paths(args.vae, dit, args.samples, args.meshes, args.out))
     recon = metrics["recon"]
-    line = f"evaluate: {recon['objects']} reconstructions, CD {recon['cd']:.4f}, F@0.02 {recon['f@0.02']:.3f}, IoU {recon['iou_volume']:.3f}"
+    line = (
+        f"evaluate: {recon['objects']} reconstructions, CD {recon['cd']:.4f}, F@0.02 {recon['f@0.02']:.3f}, IoU {recon['iou_volume']:.3f}"
+    )
     if "generation" in metrics:
         gen = metrics["generation"]
         line += f"; {gen['samples']} samples, MMD-CD {gen['mmd_cd']:.4f}, COV {gen['cov_cd']:.2f}, 1-NNA {gen['1nna_cd']:.2f}"

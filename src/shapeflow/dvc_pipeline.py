@@ -1,0 +1,262 @@
+"""The DVC pipeline seen from an orchestrator: stage order, running one stage, experiment workspaces.
+
+Prefect flows (flows/) call these; nothing here imports Prefect. DVC stays the owner of the DAG and
+of what is stale: a stage is run with `dvc repro --single-item`, which does nothing when its deps,
+params and outs match dvc.lock.
+
+Parameter overrides run in an experiment workspace: a git worktree of HEAD under
+`.shapeflow/experiments/<name>` that shares the repository's DVC cache, with the overrides written
+to its params.yaml (the main workspace's params.yaml is never touched). Stages run there one by
+one, and `dvc exp save` records the result as a DVC experiment of that name, which `dvc exp show`
+in the main workspace lists. A rerun with the same name reuses the worktree, so finished stages are
+skipped and training resumes from its checkpoints there.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXPERIMENTS_DIR = Path(".shapeflow") / "experiments"
+TAIL_LINES = 40
+# Exit statuses of a process killed by a signal: SIGKILL (OOM killer, `kill -9`) and SIGTERM.
+KILLED = {-signal.SIGKILL, -signal.SIGTERM, 128 + signal.SIGKILL, 128 + signal.SIGTERM}
+TRANSIENT_OUTPUT = re.compile(r"Unable to acquire lock|database is locked|Connection (refused|reset)|Killed", re.IGNORECASE)
+
+
+class StageFailed(RuntimeError):
+    """A stage's command failed; `transient` when a retry may succeed (killed, a lock held)."""
+
+    def __init__(self, stage: str, returncode: int, tail: str):
+        self.stage, self.returncode, self.tail = stage, returncode, tail
+        self.transient = returncode in KILLED or bool(TRANSIENT_OUTPUT.search(tail))
+        kind = "killed or interrupted" if returncode in KILLED else f"exit status {returncode}"
+        # The stage's own error line first (shapeflow prints `shapeflow <command>: error: ...`).
+        errors = [line for line in tail.splitlines() if "error:" in line.lower() and not line.startswith("ERROR: failed to reproduce")]
+        headline = f": {errors[0].strip()}" if errors else ""
+        super().__init__(f"stage {stage!r} failed ({kind}){headline}\nlast lines of its output:\n{tail}")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    deps: tuple[str, ...]
+    outs: tuple[str, ...]
+
+
+def read_stages(repo: Path) -> dict[str, Stage]:
+    """The stages of `repo`/dvc.yaml in file order, with their deps and outs (metrics and plots too)."""
+    path = Path(repo) / "dvc.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no dvc.yaml; is {repo} a shapeflow checkout?")
+    raw = yaml.safe_load(path.read_text()) or {}
+    stages = {}
+    for name, body in (raw.get("stages") or {}).items():
+        outs = []
+        for kind in ("outs", "metrics", "plots"):
+            for entry in body.get(kind) or []:
+                outs.append(next(iter(entry)) if isinstance(entry, dict) else str(entry))
+        stages[name] = Stage(name, tuple(str(d) for d in body.get("deps") or []), tuple(outs))
+    return stages
+
+
+def _under(path: str, folder: str) -> bool:
+    path, folder = path.rstrip("/"), folder.rstrip("/")
+    return path == folder or path.startswith(folder + "/")
+
+
+def upstream(stages: Mapping[str, Stage]) -> dict[str, set[str]]:
+    """For each stage, the stages whose outputs it depends on."""
+    return {
+        s.name: {o.name for o in stages.values() if o.name != s.name and any(_under(d, out) for d in s.deps for out in o.outs)}
+        for s in stages.values()
+    }
+
+
+def stage_order(repo: Path, targets: Sequence[str] | None = None) -> list[str]:
+    """The stages `dvc repro TARGETS` would consider, dependencies first; ties in dvc.yaml order."""
+    stages = read_stages(repo)
+    unknown = sorted(set(targets or []) - set(stages))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has {list(stages)}")
+    graph = upstream(stages)
+    wanted = set(stages) if not targets else set()
+    queue = deque(targets or [])
+    while queue:
+        name = queue.popleft()
+        if name not in wanted:
+            wanted.add(name)
+            queue.extend(graph[name])
+    position = {name: i for i, name in enumerate(stages)}
+    sorter = graphlib.TopologicalSorter({name: graph[name] & wanted for name in wanted})
+    sorter.prepare()
+    order = []
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready(), key=position.__getitem__)
+        order.extend(ready)
+        sorter.done(*ready)
+    return order
+
+
+def dvc_command() -> list[str]:
+    """DVC from this interpreter's environment, so flows run the DVC the project pinned."""
+    return [sys.executable, "-m", "dvc"]
+
+
+def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for DVC and the stages: this interpreter's bin folder first on PATH (the
+    stages call `shapeflow` and `accelerate`)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra or {})
+    return env
+
+
+def run_logged(cmd: Sequence[str], cwd: Path, log: Callable[[str], None], env: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """Run `cmd`, passing each output line to `log` as it comes; (exit status, the last lines)."""
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    proc = subprocess.Popen(
+        list(cmd), cwd=cwd, env=dict(env or tool_env()), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            log(line)
+    finally:
+        if proc.poll() is None and sys.exc_info()[0] is not None:
+            proc.kill()
+        proc.wait()
+    return proc.returncode, "\n".join(tail)
+
+
+def run_stage(workdir: Path, stage: str, log: Callable[[str], None], env: Mapping[str, str] | None = None) -> bool:
+    """`dvc repro --single-item STAGE` in `workdir`; True when it ran, False when DVC found it up to
+    date. Raises StageFailed with the output's last lines when the stage fails."""
+    ran = False
+
+    def watch(line: str) -> None:
+        nonlocal ran
+        ran = ran or line.startswith(f"Running stage '{stage}'")
+        log(line)
+
+    code, tail = run_logged([*dvc_command(), "repro", "--single-item", stage], workdir, watch, env)
+    if code != 0:
+        raise StageFailed(stage, code, tail)
+    return ran
+
+
+def stage_paths(repo: Path, stage: str) -> tuple[str, str]:
+    """(SRC, DST) of a per-object stage, from its command in dvc.yaml: `shapeflow <stage> SRC DST`."""
+    raw = yaml.safe_load((Path(repo) / "dvc.yaml").read_text())
+    words = str(raw["stages"][stage]["cmd"]).split()
+    if len(words) < 4 or words[:2] != ["shapeflow", stage]:
+        raise ValueError(f"dvc.yaml stage {stage!r}: expected `shapeflow {stage} SRC DST`, got {' '.join(words)!r}")
+    return words[2], words[3]
+
+
+def up_to_date(workdir: Path, stage: str, env: Mapping[str, str] | None = None) -> bool:
+    """Whether DVC finds `stage` unchanged against dvc.lock (`dvc status STAGE` reports nothing)."""
+    proc = subprocess.run(
+        [*dvc_command(), "status", "--json", stage], cwd=workdir, env=dict(env or tool_env()), capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise StageFailed(stage, proc.returncode, proc.stderr[-4000:])
+    return json.loads(proc.stdout or "{}") == {}
+
+
+def commit_stage(workdir: Path, stage: str, log: Callable[[str], None], env: Mapping[str, str] | None = None) -> None:
+    """Record outputs made outside `dvc repro` (the fan-out flow) in dvc.lock and the cache."""
+    code, tail = run_logged([*dvc_command(), "commit", "--force", stage], workdir, log, env)
+    if code != 0:
+        raise StageFailed(stage, code, tail)
+
+
+def git(repo: Path, *args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} in {repo} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+def experiment_name(overrides: Sequence[str]) -> str:
+    """A stable name for a set of overrides: the same overrides, the same experiment (and worktree)."""
+    digest = hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:8]
+    return f"sf-{digest}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train_vae.steps=100' -> (['train_vae', 'steps'], 100); the value is read as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {item!r}: expected KEY.PATH=VALUE, e.g. train_vae.steps=100")
+    return key.split("."), yaml.safe_load(value)
+
+
+def apply_overrides(params_file: Path, overrides: Sequence[str]) -> None:
+    """Write the overrides into `params_file`, creating nested keys as needed."""
+    raw = yaml.safe_load(params_file.read_text()) or {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {key} is not a section of {params_file}")
+        node[keys[-1]] = value
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def experiment_workspace(repo: Path, name: str, overrides: Sequence[str], log: Callable[[str], None]) -> Path:
+    """The worktree of experiment `name` with `overrides` applied, created on first use.
+
+    It checks out HEAD, points its DVC cache at the repository's (so outputs of unchanged stages come
+    from the cache instead of being recomputed) and checks the tracked outputs out.
+    """
+    repo = Path(repo).resolve()
+    ws = repo / EXPERIMENTS_DIR / name
+    if not (ws / ".git").exists():
+        if ws.exists():
+            shutil.rmtree(ws)  # a half-made worktree from an interrupted run
+        ws.parent.mkdir(parents=True, exist_ok=True)
+        git(repo, "worktree", "prune")
+        git(repo, "worktree", "add", "--detach", str(ws), "HEAD")
+        cache = (repo / ".dvc" / "cache").resolve()
+        code, tail = run_logged([*dvc_command(), "config", "--local", "cache.dir", str(cache)], ws, log)
+        if code != 0:
+            raise RuntimeError(f"dvc config in {ws} failed:\n{tail}")
+        code, tail = run_logged([*dvc_command(), "checkout", "--quiet"], ws, log)
+        if code != 0:
+            log(f"dvc checkout in {ws} left some outputs missing (their stages will run):\n{tail}")
+        log(f"experiment workspace {ws} created from HEAD {git(repo, 'rev-parse', '--short', 'HEAD')}")
+    apply_overrides(ws / "params.yaml", overrides)
+    return ws
+
+
+def save_experiment(ws: Path, name: str, log: Callable[[str], None]) -> None:
+    """Record the worktree's state as DVC experiment `name` (replacing an earlier one of that name)."""
+    code, tail = run_logged([*dvc_command(), "exp", "save", "--force", "-n", name], ws, log)
+    if code != 0:
+        raise RuntimeError(f"dvc exp save -n {name} in {ws} failed:\n{tail}")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
