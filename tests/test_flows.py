@@ -1,0 +1,91 @@
+"""The preprocessing fan-out flow on its two task runners: a local process pool and a Dask cluster."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shapeflow import config
+from shapeflow.stages import fetch
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """One temporary Prefect server for the module; its URL in the environment, so the task
+    runner's processes (pool processes, Dask workers) report to it instead of starting their own."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(home))
+        mp.setenv("DO_NOT_TRACK", "1")
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        from prefect.settings import PREFECT_API_URL
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=180):
+            mp.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+            yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("raw")
+    params = config.Params(fetch=config.FetchParams(builtin=config.BuiltinParams(per_category=1, defect_share=0.0)))
+    fetch.run(params, out, workers=1)
+    return out
+
+
+def write_params(folder: Path, **compute) -> Path:
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump({"watertight": {"resolution": 32}, "compute": {"workers": 2, **compute}}))
+    return path
+
+
+def manifest(folder: Path) -> dict[str, str]:
+    with open(folder / "manifest.csv", newline="") as fh:
+        return {row["key"]: row["status"] for row in csv.DictReader(fh)}
+
+
+def test_process_pool_shards_do_what_the_stage_does(prefect_api, raw, tmp_path):
+    from flows.preprocess import preprocess
+
+    totals = preprocess("watertight", str(raw), str(tmp_path / "fanned"), params_file=str(write_params(tmp_path, shards=3)))
+    assert totals == {"ok": 8, "failed": 0}
+    from shapeflow.stages import watertight
+
+    watertight.run(config.load_params(tmp_path / "params.yaml"), raw, tmp_path / "direct", workers=1)
+    assert manifest(tmp_path / "fanned") == manifest(tmp_path / "direct")
+    fanned = sorted(p.name for p in (tmp_path / "fanned" / "objects").iterdir())
+    assert fanned == sorted(p.name for p in (tmp_path / "direct" / "objects").iterdir()) and len(fanned) == 8
+
+
+def test_dask_cluster_runs_the_shards_when_params_name_its_address(prefect_api, raw, tmp_path):
+    from distributed import LocalCluster
+
+    from flows.preprocess import preprocess, task_runner
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None, processes=True) as cluster:
+        params = write_params(tmp_path, shards=2, dask_address=cluster.scheduler_address)
+        assert type(task_runner(config.load_params(params).compute)).__name__ == "DaskTaskRunner"
+        totals = preprocess("watertight", str(raw), str(tmp_path / "dask"), params_file=str(params))
+        assert totals == {"ok": 8, "failed": 0}
+        assert set(manifest(tmp_path / "dask").values()) == {"ok"}
+        # The shards went through the cluster's scheduler: one task each, finished in memory.
+        finished = {t[0] for t in cluster.scheduler.transition_log if t[2] == "memory"}
+        assert len([key for key in finished if "preprocess" in str(key)]) == 2, finished
+
+
+def test_preprocess_refuses_a_stage_that_is_not_per_object(prefect_api, tmp_path):
+    from flows.preprocess import preprocess
+
+    with pytest.raises(ValueError, match="not a per-object stage"):
+        preprocess("train_vae", "a", "b", params_file=str(write_params(tmp_path)))
+
+
+def test_bad_dask_address_is_a_params_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"compute": {"dask_address": "localhost"}}))
+    with pytest.raises(config.ParamsError, match="compute.dask_address"):
+        config.load_params(path)
