@@ -25,6 +25,7 @@ import os
 import time
 from pathlib import Path
 
+from _table import print_table
 from _training import time_steps
 
 
@@ -131,10 +132,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['tokens_per_s']:.0f} | {r['peak_memory_mb']:.0f} | {mfu} |")  # fmt: skip
     s = sampling
     print()
-    print("| per shape | flow steps | resolution | flow (s) | decode (s) | marching cubes (s) | total (s) |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| tiny | {s['flow_steps']} (CFG) | {s['resolution']}³ | {s['flow_s']:.2f} | {s['decode_s']:.2f} | "
-          f"{s['marching_cubes_s']:.2f} | {s['total_s']:.2f} |")  # fmt: skip
+    row = ["tiny", f"{s['flow_steps']} (CFG)", f"{s['resolution']}³", *(f"{s[k]:.2f}" for k in ("flow_s", "decode_s", "marching_cubes_s", "total_s"))]
+    print_table(["per shape", "flow steps", "resolution", "flow (s)", "decode (s)", "marching cubes (s)", "total (s)"], [row])
     return 0
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _table import print_table
+
 from shapeflow.metrics import chamfer_distance, fscore, generation_metrics, normal_consistency, volume_iou
 
 
@@ -159,10 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage:
         st = report["stage"]
         print()
-        print(f"| evaluate on the {st['split']} split | objects | recon (s) | samples | generation (s) | total (s) |")
-        print("|---|---|---|---|---|---|")
-        print(f"| {st['resolution']}³ | {st['recon_objects']} | {st['recon_s']:.0f} | {st.get('samples', 0)} | "
-              f"{st.get('generation_s', 0.0):.0f} | {st['total_s']:.0f} |")  # fmt: skip
+        row = [f"{st['resolution']}³", st["recon_objects"], f"{st['recon_s']:.0f}", st.get("samples", 0),
+               f"{st.get('generation_s', 0.0):.0f}", f"{st['total_s']:.0f}"]  # fmt: skip
+        print_table([f"evaluate on the {st['split']} split", "objects", "recon (s)", "samples", "generation (s)", "total (s)"], [row])
     return 0
 
 
