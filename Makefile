@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 pipeline: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
+# Two test processes (pytest-xdist, a module per process), each torch process on one thread: on the
+# 2-core CI machine two processes with two threads each would spin against each other.
 test: setup
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 SHAPEFLOW_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # Benchmarks need the dense baseline's distance library (pysdf), which compiles against Eigen
 # (Debian/Ubuntu: apt-get install libeigen3-dev).

@@ -88,14 +88,18 @@ def test_git_commit_outside_a_repository_is_unknown(tmp_path):
 
 
 def test_cpu_training_shares_the_cores_among_the_processes_of_a_machine(monkeypatch):
+    monkeypatch.delenv("SHAPEFLOW_THREADS", raising=False)
     monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     assert [training.cpu_threads(n) for n in (1, 2, 3, 8)] == [4, 2, 1, 1]
+    monkeypatch.setenv("SHAPEFLOW_THREADS", "3")  # an explicit budget wins
+    assert [training.cpu_threads(n) for n in (1, 8)] == [3, 3]
 
 
 def test_one_cpu_process_uses_every_core_even_when_the_launcher_set_one_thread(monkeypatch):
     # `accelerate launch` exports OMP_NUM_THREADS=1 for a config without use_cpu.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("SHAPEFLOW_THREADS", raising=False)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

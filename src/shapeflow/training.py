@@ -56,6 +56,8 @@ def cpu_threads(local_processes: int) -> int:
     """Threads per training process on the CPU: the cores this process may use, shared among the
     processes of this machine. `accelerate launch` sets OMP_NUM_THREADS=1 unless its config says
     use_cpu, which would leave all but one core idle in the one-process default."""
+    if os.environ.get("SHAPEFLOW_THREADS"):  # an explicit budget, e.g. when test processes share the cores
+        return max(1, int(os.environ["SHAPEFLOW_THREADS"]))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // max(1, local_processes))
 
