@@ -89,3 +89,32 @@ def test_bad_dask_address_is_a_params_error(tmp_path):
     path.write_text(yaml.safe_dump({"compute": {"dask_address": "localhost"}}))
     with pytest.raises(config.ParamsError, match="compute.dask_address"):
         config.load_params(path)
+
+
+def test_pipeline_flow_fans_out_a_stale_per_object_stage_and_records_it_in_dvc_lock(prefect_api, tmp_path):
+    """targets=[watertight]: fetch through `dvc repro`, watertight through the fan-out and `dvc commit`;
+    afterwards DVC finds both up to date, and a second run does nothing."""
+    import shutil
+    import subprocess
+    import sys
+
+    from test_pipeline_e2e import ROOT, TINY
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for folder in ("src", "configs", "flows"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    (repo / "params.yaml").write_text(yaml.safe_dump(TINY | {"compute": {"workers": 2, "shards": 2}}))
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
+
+    import flows.pipeline as pipeline_flow
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline_flow, "REPO", repo)
+        assert pipeline_flow.pipeline(targets=["watertight"]) == {"fetch": True, "watertight": True}
+        status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "watertight"], cwd=repo, capture_output=True, text=True)
+        assert status.returncode == 0 and status.stdout.strip() in ("{}", "")
+        assert len(manifest(repo / "data" / "watertight")) == 8
+        assert pipeline_flow.pipeline(targets=["watertight"]) == {"fetch": False, "watertight": False}

@@ -86,7 +86,19 @@ def test_stage_writes_weights_metrics_curves_and_one_tracked_run(builtin_samples
     assert "model/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
 
 
-def test_killed_training_resumes_from_its_last_checkpoint(builtin_samples, tmp_path):
+@pytest.fixture(scope="module")
+def two_samples(builtin_samples, tmp_path_factory) -> Path:
+    """Two of the built-in objects: for the tests of resuming and ranks, whose last validation (the
+    whole split) needs no more."""
+    folder = tmp_path_factory.mktemp("two")
+    keys = sorted(p.stem for p in (builtin_samples / "objects").glob("*.npz"))[:2]
+    samples = subset(builtin_samples, folder / "samples", lambda row: row["key"] in keys)
+    (folder / "watertight").symlink_to(builtin_samples.parent / "watertight")
+    return samples
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(two_samples, tmp_path):
+    builtin_samples = two_samples
     params = write_params(tmp_path, steps=40, checkpoint_every=4, val_every=0, val_objects=1)
     cmd = [sys.executable, *stage_args(tmp_path, builtin_samples, params, "--val-split", "train")]
     saved = kill_at_first_checkpoint(cmd, tmp_path, env_for(tmp_path), tmp_path / "ck")
@@ -105,7 +117,8 @@ def test_killed_training_resumes_from_its_last_checkpoint(builtin_samples, tmp_p
     assert len(found) == 1 and found[0].info.status == "FINISHED"  # the resumed run is the same run
 
 
-def test_changed_params_do_not_resume_an_incompatible_checkpoint(builtin_samples, tmp_path):
+def test_changed_params_do_not_resume_an_incompatible_checkpoint(two_samples, tmp_path):
+    builtin_samples = two_samples
     params = write_params(tmp_path, steps=4, checkpoint_every=2, val_every=0, val_objects=1)
     first = train(tmp_path, builtin_samples, params, "--val-split", "train")
     assert first.returncode == 0, first.stderr
