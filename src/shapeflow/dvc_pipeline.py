@@ -254,9 +254,3 @@ def save_experiment(ws: Path, name: str, log: Callable[[str], None]) -> None:
     if code != 0:
         raise RuntimeError(f"dvc exp save -n {name} in {ws} failed:\n{tail}")
 
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}

@@ -97,8 +97,8 @@ def reference_paths(meshes: Path) -> dict[str, Path]:
 def recon_object(
     vae: VecSetVAE, obj: SampleObject, ref_path: Path | None, p: config.EvaluateParams, data: config.VAEDataParams,
     seed: int, device: torch.device,
-) -> tuple[dict[str, Any], trimesh.Trimesh | None, trimesh.Trimesh | None]:  # fmt: skip
-    """(record, reconstruction, reference mesh) of one object; the record says why when it failed."""
+) -> tuple[dict[str, Any], trimesh.Trimesh | None, Reference | None]:  # fmt: skip
+    """(record, reconstruction, reference) of one object; the record says why when it failed."""
     record: dict[str, Any] = {"key": obj.key, "category": obj.category, "status": mf.OK, "reason": ""}
     try:
         if ref_path is None:
@@ -120,7 +120,7 @@ def recon_object(
     floor = point_metrics(floor_points, ref_points, floor_normals, ref_normals)
     record |= {f"floor_{k}": v for k, v in floor.items()}
     record |= {"faces": len(mesh.faces), "watertight": is_watertight_shape(mesh)}
-    return record, mesh, reference.mesh
+    return record, mesh, reference
 
 
 def summarise(records: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:
@@ -331,8 +331,10 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
         for i, obj in enumerate(chosen):
             record, mesh, reference = recon_object(vae, obj, ref_paths.get(obj.key), p, params.train_vae.data, params.seed + i, device)
             records.append(record)
-            if reference is not None and len(pairs) < p.previews:
-                pairs.append((obj.key[:12], reference, mesh))
+            if reference is not None:
+                refs[obj.key] = reference  # loaded once: generation scores against it too
+                if len(pairs) < p.previews:
+                    pairs.append((obj.key[:12], reference.mesh, mesh))
             if record["status"] == mf.OK:
                 log.info("evaluate: %d/%d %s %s: CD %.4f F@0.02 %.3f IoU %.3f", i + 1, len(chosen), obj.key[:12],
                          obj.category, record["cd"], record["f@0.02"], record["iou_volume"])  # fmt: skip
