@@ -157,3 +157,23 @@ def test_farthest_points_do_not_depend_on_the_order_of_the_points():
     a = points[0, farthest_point_indices(points, 16)[0]]
     b = points[0, order][farthest_point_indices(points[:, order], 16)[0]]
     assert torch.equal(a, b)
+
+
+def test_local_point_reader_describes_a_patch_the_same_wherever_it_sits():
+    torch.manual_seed(0)
+    model = VecSetVAE(vae_config("tiny", SMALL | {"anchored": True, "encoder_neighbours": 8})).eval()
+    points, normals = cloud(1, 256)
+    anchors = points[:, :16]
+    reader = model.encoder.reader
+    with torch.no_grad():
+        here = reader(anchors, points, normals)
+        moved = reader(anchors + 0.3, points + 0.3, normals)  # the same patches, translated
+        turned = reader(anchors, points, -normals)  # the same points facing the other way
+    assert here.shape == (1, 16, 32)
+    assert torch.allclose(here, moved, atol=1e-5)
+    assert not torch.allclose(here, turned, atol=1e-3)
+
+
+def test_encoder_neighbours_need_anchored_latents():
+    with pytest.raises(ValueError, match="needs anchored"):
+        vae_config("tiny", {"encoder_neighbours": 8})

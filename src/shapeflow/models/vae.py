@@ -50,6 +50,10 @@ class VAEConfig:
     anchored: bool = False
     neighbours: int = 8
     locality: tuple[float, float] = (0.05, 0.4)
+    # Anchored only: before the cross-attention, each token also reads its `encoder_neighbours`
+    # nearest input points from their offsets to its anchor and their normals (LocalPointReader), a
+    # description of the surface around it that does not depend on where the anchor sits. 0: off.
+    encoder_neighbours: int = 0
 
     def check(self) -> None:
         if self.width % self.heads:
@@ -57,6 +61,10 @@ class VAEConfig:
         for name in ("num_latents", "latent_channels", "width", "heads", "num_freqs", "neighbours"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.encoder_neighbours < 0:
+            raise ValueError(f"encoder_neighbours must be 0 or more, got {self.encoder_neighbours}")
+        if self.encoder_neighbours and not self.anchored:
+            raise ValueError("encoder_neighbours needs anchored: true")
         if self.enc_layers < 0 or self.dec_layers < 0:
             raise ValueError("enc_layers and dec_layers must be 0 or more")
         if not 0 <= self.sharp_latents < self.num_latents:
@@ -90,10 +98,11 @@ class VAEConfig:
 PRESETS: dict[str, VAEConfig] = {
     # Small enough to train on a 2-core CPU in minutes.
     "tiny": VAEConfig(),
-    # tiny's width with 256 anchored tokens read through the local query decoder: the default for
-    # training on the built-in set on a CPU (val F@0.02 0.35 after 800 steps, where tiny had 0.09
-    # after 1,500), at about 3x tiny's cost per step.
-    "local": VAEConfig(num_latents=256, anchored=True),
+    # tiny's width with 256 anchored tokens, each also reading its 16 nearest input points, decoded
+    # by the local query decoder: the default for training on the built-in set on a CPU (without the
+    # point reader: val F@0.02 0.35 after 800 steps, where tiny had 0.09 after 1,500), at about 3x
+    # tiny's cost per step.
+    "local": VAEConfig(num_latents=256, anchored=True, encoder_neighbours=16),
     # The size published VecSet models use (3DShape2VecSet, Dora, CraftsMan3D): 512 x 64 latents,
     # width 768, 8 encoder and 16 decoder blocks.
     "base": VAEConfig(
@@ -165,6 +174,40 @@ class LocalityBias(nn.Module):
         return -self.log_scale.exp()[:, None, None] * d2[:, None]  # (B, H, N, M)
 
 
+def _read_neighbours(
+    centres: torch.Tensor, items: torch.Tensor, item_xyz: torch.Tensor, k: int, rel: PointEmbed, to_value_logit: nn.Linear, heads: int,
+) -> torch.Tensor:  # fmt: skip
+    """For each centre (B, Q, 3), its k nearest items (B, M, C) at item_xyz (B, M, 3), each seen from
+    its offset: hidden = gelu(item + rel(offset)); one Linear to a value and a logit per head; the
+    values averaged over the k neighbours with the softmax of their logits. -> (B, Q, C)"""
+    k = min(k, item_xyz.shape[1])
+    idx = torch.cdist(centres.float(), item_xyz.float()).topk(k, dim=-1, largest=False).indices  # (B, Q, k)
+    flat = idx.flatten(1)  # (B, Q * k)
+    near_xyz = gather_points(item_xyz, flat).unflatten(1, idx.shape[1:])  # (B, Q, k, 3)
+    near = gather_points(items, flat).unflatten(1, idx.shape[1:])  # (B, Q, k, C)
+    hidden = F.gelu(near + rel(centres[:, :, None] - near_xyz.to(centres.dtype)))  # (B, Q, k, C)
+    value, logit = to_value_logit(hidden).split([items.shape[-1], heads], dim=-1)
+    weight = logit.softmax(dim=2)  # (B, Q, k, H) over the neighbours
+    return (weight[..., None] * value.unflatten(-1, (heads, -1))).sum(dim=2).flatten(-2)  # (B, Q, C)
+
+
+class LocalPointReader(nn.Module):
+    """Anchored encoder: each anchor reads its k nearest input points, from their offsets to it
+    (anchor - point) and their normals, so the description of a patch is the same wherever it sits."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        c = config
+        self.k, self.heads = c.encoder_neighbours, c.heads
+        self.from_normal = nn.Linear(3, c.width)
+        self.rel = PointEmbed(c.num_freqs, c.width, use_normals=False)
+        self.to_value_logit = nn.Linear(c.width, c.width + c.heads)
+
+    def forward(self, anchors: torch.Tensor, points: torch.Tensor, normals: torch.Tensor | None) -> torch.Tensor:
+        items = self.from_normal(normals if normals is not None else torch.zeros_like(points))  # (B, N, C)
+        return _read_neighbours(anchors, items, points, self.k, self.rel, self.to_value_logit, self.heads)
+
+
 class PointEncoder(nn.Module):
     """FPS queries cross-attend to the point tokens (and, with the sharp branch, to the salient ones)."""
 
@@ -182,6 +225,7 @@ class PointEncoder(nn.Module):
         self.norm_mlp = nn.LayerNorm(c.width)
         self.mlp = MLP(c.width)
         self.locality = LocalityBias(c.heads, c.locality) if c.anchored else None
+        self.reader = LocalPointReader(c) if c.encoder_neighbours else None
 
     def forward(
         self,
@@ -204,6 +248,8 @@ class PointEncoder(nn.Module):
                 sharp_idx = farthest_point_indices(sharp_points, c.sharp_latents)
                 queries = torch.cat([queries, gather_points(sharp_tokens, sharp_idx)], dim=1)
                 anchors = torch.cat([anchors, gather_points(sharp_points, sharp_idx)], dim=1)
+        if self.reader is not None:
+            queries = queries + self.reader(anchors, points, normals)
         bias = sharp_bias = None
         if self.locality is not None:
             bias = self.locality(anchors, points)  # (B, H, M, N)
@@ -269,16 +315,8 @@ class LocalQueryDecoder(nn.Module):
         self.out = nn.Linear(c.width, 1)
 
     def forward(self, queries: torch.Tensor, decoded: Decoded) -> torch.Tensor:  # (B, Q, 3) -> (B, Q)
-        anchors, tokens = decoded.anchors, decoded.tokens  # (B, M, 3), (B, M, C)
-        k = min(self.k, anchors.shape[1])
-        idx = torch.cdist(queries.float(), anchors.float()).topk(k, dim=-1, largest=False).indices  # (B, Q, k)
-        flat = idx.flatten(1)  # (B, Q * k)
-        near_anchor = gather_points(anchors, flat).unflatten(1, idx.shape[1:])  # (B, Q, k, 3)
-        near_token = gather_points(self.from_token(self.norm_tok(tokens)), flat).unflatten(1, idx.shape[1:])  # (B, Q, k, C)
-        hidden = F.gelu(near_token + self.rel(queries[:, :, None] - near_anchor.to(queries.dtype)))  # (B, Q, k, C)
-        value, logit = self.to_value_logit(hidden).split([tokens.shape[-1], self.heads], dim=-1)
-        weight = logit.softmax(dim=2)  # (B, Q, k, H) over the neighbours
-        x = (weight[..., None] * value.unflatten(-1, (self.heads, -1))).sum(dim=2).flatten(-2)  # (B, Q, C)
+        tokens = self.from_token(self.norm_tok(decoded.tokens))  # (B, M, C)
+        x = _read_neighbours(queries, tokens, decoded.anchors, self.k, self.rel, self.to_value_logit, self.heads)  # (B, Q, C)
         x = x + self.mlp(self.norm_mlp(x))
         return self.out(self.norm(x)).squeeze(-1)
 
