@@ -107,3 +107,15 @@ def test_one_cpu_process_uses_every_core_even_when_the_launcher_set_one_thread(m
         assert torch.get_num_threads() == training.cpu_threads(1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_too_few_objects_for_the_batch_and_processes_is_a_params_error_naming_the_fix(accelerator):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from shapeflow.config import ParamsError
+
+    # What a process sees when 8 objects are sharded over 2 processes at batch 8 with drop_last.
+    empty = DataLoader(TensorDataset(torch.zeros(3, 1)), batch_size=8, drop_last=True)
+    with pytest.raises(ParamsError, match=r"train_vae: 3 training object\(s\) give none of the 2 processes a batch of 8; lower train_vae.batch_size"):
+        training.require_batches(empty, 3, 8, 2, "train_vae")
+    training.require_batches(accelerator.prepare(DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=8)), 8, 8, 1, "train_vae")

@@ -186,6 +186,18 @@ def resume(accelerator: Accelerator, ckpts: Checkpoints, fingerprint: str, total
     return latest.step, latest.state.get("mlflow_run_id")
 
 
+def require_batches(loader, objects: int, batch_size: int, world: int, stage: str) -> None:
+    """Raise a ParamsError naming the cause when the prepared loader gives a process no batch at all
+    (too few objects for batch_size x processes), instead of failing later on an empty epoch."""
+    if len(loader) == 0:
+        from shapeflow.config import ParamsError
+
+        raise ParamsError(
+            f"{stage}: {objects} training object(s) give none of the {world} processes a batch of {batch_size}; "
+            f"lower {stage}.batch_size or the number of processes, or train on more objects"
+        )
+
+
 def epoch_batches(accelerator: Accelerator, loader, step: int, grad_accum: int):
     """The loader's batches for the epoch that optimizer step `step` falls in, past the ones a
     resumed run has already seen, with the sampler's epoch set so every rank shuffles alike."""

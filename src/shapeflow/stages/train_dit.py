@@ -247,6 +247,7 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.cosine_schedule(p.warmup_steps, p.steps, p.min_lr_ratio))
     ema = training.EMA(model, p.ema_decay) if p.ema_decay else None
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    training.require_batches(loader, len(dataset), p.batch_size, accelerator.num_processes, STAGE)
     accelerator.register_for_checkpointing(scheduler)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)

@@ -230,6 +230,7 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.cosine_schedule(p.warmup_steps, p.steps, p.min_lr_ratio))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    training.require_batches(loader, len(train_objects), p.batch_size, accelerator.num_processes, STAGE)
     accelerator.register_for_checkpointing(scheduler)
 
     step, run_id = training.resume(accelerator, ckpts, fp, p.steps)
