@@ -177,3 +177,40 @@ def test_local_point_reader_describes_a_patch_the_same_wherever_it_sits():
 def test_encoder_neighbours_need_anchored_latents():
     with pytest.raises(ValueError, match="needs anchored"):
         vae_config("tiny", {"encoder_neighbours": 8})
+
+
+def test_output_scale_multiplies_the_field():
+    torch.manual_seed(0)
+    base = VecSetVAE(vae_config("tiny", SMALL | {"anchored": True})).eval()
+    scaled = VecSetVAE(vae_config("tiny", SMALL | {"anchored": True, "output_scale": 0.1})).eval()
+    scaled.load_state_dict(base.state_dict())
+    points, normals = cloud(1, 256)
+    queries = torch.rand(1, 20, 3) * 2 - 1
+    with torch.no_grad():
+        a = base(points, normals, queries, sample_posterior=False)[0]
+        b = scaled(points, normals, queries, sample_posterior=False)[0]
+    assert torch.allclose(b, 0.1 * a, atol=1e-6)
+    with pytest.raises(ValueError, match="output_scale must be positive"):
+        vae_config("tiny", {"output_scale": 0.0})
+
+
+def test_plane_term_is_the_distance_to_the_nearest_tokens_plane():
+    torch.manual_seed(0)
+    model = VecSetVAE(vae_config("tiny", SMALL | {"anchored": True, "planes": True, "neighbours": 1})).eval()
+    dec = model.query_decoder
+    torch.nn.init.zeros_(dec.out.weight)
+    torch.nn.init.zeros_(dec.out.bias)  # only the plane term is left in the field
+    points, normals = cloud(1, 256)
+    with torch.no_grad():
+        decoded = model.decode(model.encode(points, normals).mode())
+        plane = dec.to_plane(dec.norm_tok(decoded.tokens))[0, 0]
+        normal, offset = torch.nn.functional.normalize(plane[:3], dim=0), plane[3]
+        anchor = decoded.anchors[0, 0]
+        # Queries that stay nearest to the first anchor, on either side of its plane.
+        queries = torch.stack([anchor + 0.01 * normal, anchor - 0.01 * normal])[None]
+        field = model.query(decoded, queries)[0]
+    reach = dec.log_reach.exp()
+    expected = reach * torch.tanh((torch.tensor([0.01, -0.01]) + offset) / reach)
+    assert torch.allclose(field, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="planes needs anchored"):
+        vae_config("tiny", {"planes": True})

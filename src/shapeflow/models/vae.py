@@ -54,6 +54,16 @@ class VAEConfig:
     # nearest input points from their offsets to its anchor and their normals (LocalPointReader), a
     # description of the surface around it that does not depend on where the anchor sits. 0: off.
     encoder_neighbours: int = 0
+    # Anchored only: each decoded token also predicts a plane (a unit normal and an offset from its
+    # anchor); the query decoder sees the query's signed distance s = n . (query - anchor) + b to each
+    # neighbour's plane and adds a blend of them to the field. Near the surface the field then starts as
+    # a distance to the local tangent plane, where without it the sign has to come from products of the
+    # token and the offset that the decoder's one hidden layer learns only slowly.
+    planes: bool = False
+    # The field is the last Linear's output times output_scale. Set near the loss's truncation, it
+    # lets that Linear work at O(1): Adam moves every weight by about lr a step, which at scale 1
+    # makes the predicted distances jitter by about as much as the near-surface distances are.
+    output_scale: float = 1.0
 
     def check(self) -> None:
         if self.width % self.heads:
@@ -65,6 +75,10 @@ class VAEConfig:
             raise ValueError(f"encoder_neighbours must be 0 or more, got {self.encoder_neighbours}")
         if self.encoder_neighbours and not self.anchored:
             raise ValueError("encoder_neighbours needs anchored: true")
+        if not self.output_scale > 0:
+            raise ValueError(f"output_scale must be positive, got {self.output_scale}")
+        if self.planes and not self.anchored:
+            raise ValueError("planes needs anchored: true")
         if self.enc_layers < 0 or self.dec_layers < 0:
             raise ValueError("enc_layers and dec_layers must be 0 or more")
         if not 0 <= self.sharp_latents < self.num_latents:
@@ -98,11 +112,11 @@ class VAEConfig:
 PRESETS: dict[str, VAEConfig] = {
     # Small enough to train on a 2-core CPU in minutes.
     "tiny": VAEConfig(),
-    # tiny's width with 256 anchored tokens, each also reading its 16 nearest input points, decoded
-    # by the local query decoder: the default for training on the built-in set on a CPU (without the
-    # point reader: val F@0.02 0.35 after 800 steps, where tiny had 0.09 after 1,500), at about 3x
-    # tiny's cost per step.
-    "local": VAEConfig(num_latents=256, anchored=True, encoder_neighbours=16),
+    # tiny's width with 256 anchored tokens, each also reading its 16 nearest input points and
+    # predicting a tangent plane, decoded by the local query decoder at output scale 0.1: the default
+    # for training on the built-in set on a CPU, at about 3x tiny's cost per step (see the README's
+    # train_vae status for what each piece did).
+    "local": VAEConfig(num_latents=256, anchored=True, encoder_neighbours=16, planes=True, output_scale=0.1),
     # The size published VecSet models use (3DShape2VecSet, Dora, CraftsMan3D): 512 x 64 latents,
     # width 768, 8 encoder and 16 decoder blocks.
     "base": VAEConfig(
@@ -283,6 +297,7 @@ class QueryDecoder(nn.Module):
         self.mlp = MLP(c.width)
         self.norm = nn.LayerNorm(c.width)
         self.out = nn.Linear(c.width, 1)
+        self.scale = c.output_scale
 
     def forward(self, queries: torch.Tensor, decoded: Decoded) -> torch.Tensor:  # (B, Q, 3) -> (B, Q)
         q = self.embed(queries)  # (B, Q, C)
@@ -290,7 +305,7 @@ class QueryDecoder(nn.Module):
         # decoder) the tiny preset collapsed to one constant field within 300 steps on the built-in set.
         x = q + self.attn(self.norm_q(q), self.norm_ctx(decoded.tokens))  # (B, Q, C)
         x = x + self.mlp(self.norm_mlp(x))
-        return self.out(self.norm(x)).squeeze(-1)
+        return self.out(self.norm(x)).squeeze(-1) * self.scale
 
 
 class LocalQueryDecoder(nn.Module):
@@ -298,27 +313,58 @@ class LocalQueryDecoder(nn.Module):
     offset to the token's anchor (as POCO does with point features), and attends over them.
 
     Per (query, token) pair: hidden = gelu(U LN(token) + R fourier(query - anchor)), one Linear from
-    it to a value and a logit per head; softmax over the neighbours; MLP; signed distance.
+    it to a value and a logit per head; softmax over the neighbours; MLP; signed distance. With
+    `planes`, the pair's hidden also sees fourier(s), s = n . (query - anchor) + b the query's signed
+    distance to the token's plane, and the field gains r tanh(sum_i w_i s_i / r), w a softmax over the
+    neighbours of one more logit per pair and r learnt (starting at 0.1).
     """
 
     def __init__(self, config: VAEConfig):
         super().__init__()
         c = config
-        self.k, self.heads = c.neighbours, c.heads
+        self.k, self.heads, self.planes = c.neighbours, c.heads, c.planes
         self.norm_tok = nn.LayerNorm(c.width)
         self.from_token = nn.Linear(c.width, c.width)
         self.rel = PointEmbed(c.num_freqs, c.width, use_normals=False)
-        self.to_value_logit = nn.Linear(c.width, c.width + c.heads)
+        self.to_value_logit = nn.Linear(c.width, c.width + c.heads + int(c.planes))
+        if c.planes:
+            self.to_plane = nn.Linear(c.width, 4)
+            self.plane_fourier = FourierEmbedder(c.num_freqs)
+            self.from_plane = nn.Linear(2 * c.num_freqs + 1, c.width)
+            self.log_reach = nn.Parameter(torch.tensor(math.log(0.1)))
         self.norm_mlp = nn.LayerNorm(c.width)
         self.mlp = MLP(c.width)
         self.norm = nn.LayerNorm(c.width)
         self.out = nn.Linear(c.width, 1)
+        self.scale = c.output_scale
 
     def forward(self, queries: torch.Tensor, decoded: Decoded) -> torch.Tensor:  # (B, Q, 3) -> (B, Q)
-        tokens = self.from_token(self.norm_tok(decoded.tokens))  # (B, M, C)
-        x = _read_neighbours(queries, tokens, decoded.anchors, self.k, self.rel, self.to_value_logit, self.heads)  # (B, Q, C)
+        normed = self.norm_tok(decoded.tokens)
+        tokens = self.from_token(normed)  # (B, M, C)
+        if not self.planes:
+            x = _read_neighbours(queries, tokens, decoded.anchors, self.k, self.rel, self.to_value_logit, self.heads)  # (B, Q, C)
+            return self._field(x)
+        anchors, width = decoded.anchors, tokens.shape[-1]
+        plane = self.to_plane(normed)  # (B, M, 4)
+        items = torch.cat([tokens, F.normalize(plane[..., :3], dim=-1), plane[..., 3:]], dim=-1)  # (B, M, C + 4)
+        k = min(self.k, anchors.shape[1])
+        idx = torch.cdist(queries.float(), anchors.float()).topk(k, dim=-1, largest=False).indices  # (B, Q, k)
+        flat = idx.flatten(1)
+        near_anchor = gather_points(anchors, flat).unflatten(1, idx.shape[1:])  # (B, Q, k, 3)
+        near_token, normal, offset = gather_points(items, flat).unflatten(1, idx.shape[1:]).split([width, 3, 1], dim=-1)
+        rel = queries[:, :, None] - near_anchor.to(queries.dtype)  # (B, Q, k, 3)
+        dist = (normal * rel).sum(-1, keepdim=True) + offset  # (B, Q, k, 1): signed distance to each plane
+        hidden = F.gelu(near_token + self.rel(rel) + self.from_plane(self.plane_fourier(dist)))  # (B, Q, k, C)
+        value, logit, plane_logit = self.to_value_logit(hidden).split([width, self.heads, 1], dim=-1)
+        weight = logit.softmax(dim=2)  # (B, Q, k, H) over the neighbours
+        x = (weight[..., None] * value.unflatten(-1, (self.heads, -1))).sum(dim=2).flatten(-2)  # (B, Q, C)
+        blend = (plane_logit.softmax(dim=2) * dist).sum(dim=(2, 3))  # (B, Q)
+        reach = self.log_reach.exp()
+        return self._field(x) + reach * torch.tanh(blend / reach)
+
+    def _field(self, x: torch.Tensor) -> torch.Tensor:  # (B, Q, C) -> (B, Q)
         x = x + self.mlp(self.norm_mlp(x))
-        return self.out(self.norm(x)).squeeze(-1)
+        return self.out(self.norm(x)).squeeze(-1) * self.scale
 
 
 class VecSetVAE(nn.Module):
