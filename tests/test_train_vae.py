@@ -198,3 +198,16 @@ def test_tiny_preset_overfits_one_builtin_shape(builtin_samples, tmp_path):
     print(f"overfit one chair: F@0.02 {metrics['val_f@0.02']:.4f}, CD {metrics['val_cd']:.4f}, {seconds:.0f} s")
     assert metrics["train_objects"] == 1 and metrics["val_objects"] == 1
     assert metrics["val_f@0.02"] >= 0.99
+
+
+def test_a_checkpoint_of_another_architecture_under_the_same_params_is_not_resumed():
+    # The same params section can mean another network when a preset's fields change between
+    # versions: the resume fingerprint covers the resolved model config as well.
+    from shapeflow import config
+    from shapeflow.models.vae import vae_config
+    from shapeflow.stages.train_vae import fingerprint
+
+    params = config.load_params(None)
+    now = fingerprint(params, vae_config("local"), "data", 1)
+    assert now == fingerprint(params, vae_config("local"), "data", 1)
+    assert now != fingerprint(params, vae_config("local", {"planes": False}), "data", 1)

@@ -149,9 +149,10 @@ def model_config(p: config.TrainDiTParams, latent_dim: int, num_tokens: int, num
 NOT_IN_FINGERPRINT = ("log_every", "checkpoint_every", "keep_checkpoints", "val_every", "final_samples", "generate", "accelerate_config")
 
 
-def fingerprint(params: config.Params, latent_key: str, world_size: int) -> str:
+def fingerprint(params: config.Params, model: DiTConfig, latent_key: str, world_size: int) -> str:
+    """What a checkpoint must match to be resumed: the settings, the resolved model config, the latents, the world size."""
     section = {k: v for k, v in dataclasses.asdict(params.train_dit).items() if k not in NOT_IN_FINGERPRINT}
-    blob = json.dumps({"train_dit": section, "seed": params.seed, "latents": latent_key, "world": world_size}, sort_keys=True, default=list)
+    blob = json.dumps({"train_dit": section, "model": model.to_dict(), "seed": params.seed, "latents": latent_key, "world": world_size}, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -252,7 +253,7 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    fp = fingerprint(params, latent_key, world)
+    fp = fingerprint(params, cfg, latent_key, world)
     ckpts = training.Checkpoints(paths.checkpoints, p.keep_checkpoints)
     step, run_id = training.resume(accelerator, ckpts, fp, p.steps)
 

@@ -65,11 +65,12 @@ NOT_IN_FINGERPRINT = (
 )  # fmt: skip
 
 
-def fingerprint(params: config.Params, data_id: str, world_size: int) -> str:
-    """What a checkpoint must match to be resumed: the training settings, the seed, the data, the world size."""
+def fingerprint(params: config.Params, model: VAEConfig, data_id: str, world_size: int) -> str:
+    """What a checkpoint must match to be resumed: the training settings, the model's resolved config
+    (a preset's fields can change between versions), the seed, the data, the world size."""
     section = {k: v for k, v in dataclasses.asdict(params.train_vae).items() if k not in NOT_IN_FINGERPRINT}
     blob = json.dumps(
-        {"train_vae": section, "seed": params.seed, "data": data_id, "world": world_size},
+        {"train_vae": section, "model": model.to_dict(), "seed": params.seed, "data": data_id, "world": world_size},
         sort_keys=True,
         default=list,
     )
@@ -215,7 +216,7 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
     data_hash = training.dvc_hash(paths.samples)
     ckpts = training.Checkpoints(paths.checkpoints, p.keep_checkpoints)
     references = References(paths.meshes, params.seed)
-    fp = fingerprint(params, data_hash or manifest_sha, world)
+    fp = fingerprint(params, cfg, data_hash or manifest_sha, world)
 
     dataset = ShapeSamples(train_objects, p.data)
     loader = DataLoader(
