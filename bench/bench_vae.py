@@ -1,13 +1,13 @@
 """VecSet VAE training throughput: forward + backward + AdamW step, per preset, on this machine.
 
-For each preset (tiny, base) a batch of random shapes of the train_vae default sizes (2,048 surface
+For each preset (tiny, local, base) a batch of random shapes of the train_vae default sizes (2,048 surface
 points with normals, 2,560 supervision queries) goes through the same loss and optimizer step the
 stage uses. Reported: samples/s, query points/s, peak memory of the process (CPU: VmHWM, each preset
 in a fresh process so the peaks do not mix; GPU: torch.cuda.max_memory_allocated), and on a GPU the
 tokens/s and the share of the GPU's bf16 peak (MFU) from the model FLOPs counted by
 torch.utils.flop_counter.
 
-    python bench/bench_vae.py                       # tiny and base, on CUDA when there is one
+    python bench/bench_vae.py                       # tiny, local and base, on CUDA when there is one
     python bench/bench_vae.py --presets tiny --steps 20
 
 Prints JSON and a table; writes bench/results/vae.json.
@@ -66,8 +66,8 @@ def measure(preset: str, batch: int, steps: int, warmup: int, device: str) -> di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["tiny", "base"])
-    parser.add_argument("--batch", type=int, nargs="+", help="batch per preset (default: tiny 8, base 2 on CPU, 32 on GPU)")
+    parser.add_argument("--presets", nargs="+", default=["tiny", "local", "base"])
+    parser.add_argument("--batch", type=int, nargs="+", help="batch per preset (default: tiny and local 8, base 2 on CPU, 32 on GPU)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench/results/vae.json"))
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    defaults = {"tiny": 8, "base": 2 if device == "cpu" else 32}
+    defaults = {"tiny": 8, "local": 8, "base": 2 if device == "cpu" else 32}
     batches = args.batch or [defaults.get(p, 2) for p in args.presets]
     rows = []
     for preset, batch in zip(args.presets, batches):
