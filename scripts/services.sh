@@ -50,17 +50,28 @@ start_one() {  # name, health URL, command...
     exit 1
 }
 
+# A killed process whose parent is gone may stay a zombie (not every init reaps orphans), and `kill -0`
+# succeeds on a zombie: count a process, or a process group, as alive only when it is not one.
+alive() {
+    local stat
+    stat=$(ps -o stat= -p "$1" 2>/dev/null) && [[ $stat != Z* ]]
+}
+
+group_alive() {
+    ps -eo pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ { found = 1 } END { exit !found }'
+}
+
 running() {
-    [ -f "$SERVICES_DIR/$1.pid" ] && kill -0 "$(cat "$SERVICES_DIR/$1.pid")" 2>/dev/null
+    [ -f "$SERVICES_DIR/$1.pid" ] && alive "$(cat "$SERVICES_DIR/$1.pid")"
 }
 
 stop_one() {
     local name=$1 pid
     [ -f "$SERVICES_DIR/$name.pid" ] || return 0
     pid=$(cat "$SERVICES_DIR/$name.pid")
-    if kill -0 "$pid" 2>/dev/null; then
+    if group_alive "$pid"; then
         kill -TERM -- "-$pid" 2>/dev/null || true
-        for _ in $(seq 1 20); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done
+        for _ in $(seq 1 20); do group_alive "$pid" || break; sleep 0.5; done
         kill -KILL -- "-$pid" 2>/dev/null || true
         echo "$name: stopped"
     fi

@@ -227,7 +227,9 @@ class Services:
             run = httpx.get(f"{self.api}/flow_runs/{run_id}", timeout=30).json()
             if run["state"]["type"] in TERMINAL:
                 return run
-            assert time.monotonic() < deadline, f"flow run {run_id} still {run['state']['type']} after {timeout} s"
+            if time.monotonic() > deadline:
+                worker_log = (self.folder / "worker.log").read_text(errors="replace")[-3000:]
+                raise AssertionError(f"flow run {run_id} still {run['state']['type']} after {timeout} s; worker log:\n{worker_log}")
             time.sleep(2)
 
     def logs(self, flow_run_id: str) -> list[str]:
@@ -328,7 +330,8 @@ def test_a_bad_param_fails_its_stage_and_a_killed_worker_resumes_on_rerun(servic
         time.sleep(0.1)
     os.killpg(int((services.folder / "worker.pid").read_text()), 9)
     kill_processes_in(worktree)
-    services.script("start")  # the servers are up: only a new worker starts
+    started = services.script("start")  # the servers are up: only a new worker starts
+    assert "worker: started" in started, started  # the killed worker (a zombie until reaped) is not taken for a live one
     again = services.run_deployment("pipeline/full", longer)
     assert again["state"]["type"] == "COMPLETED", again["state"]
     messages = "\n".join(services.logs(again["id"]))
