@@ -181,7 +181,7 @@ def test_encoder_neighbours_need_anchored_latents():
 
 def test_output_scale_multiplies_the_field():
     torch.manual_seed(0)
-    base = VecSetVAE(vae_config("tiny", SMALL | {"anchored": True})).eval()
+    base = VecSetVAE(vae_config("tiny", SMALL | {"anchored": True, "output_scale": 1.0})).eval()
     scaled = VecSetVAE(vae_config("tiny", SMALL | {"anchored": True, "output_scale": 0.1})).eval()
     scaled.load_state_dict(base.state_dict())
     points, normals = cloud(1, 256)
