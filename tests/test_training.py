@@ -29,6 +29,26 @@ def state_of(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+def test_ema_of_a_short_run_follows_the_model_and_survives_a_checkpoint():
+    model = torch.nn.Linear(4, 4)
+    torch.nn.init.zeros_(model.weight)
+    ema = training.EMA(model, 0.999)
+    torch.nn.init.ones_(model.weight)
+    for _ in range(100):
+        ema.update(model)
+    target = torch.nn.Linear(4, 4)
+    ema.copy_to(target)
+    # Without the warm-up 100 updates at 0.999 would leave 1 - 0.999^100 = 0.095 of the way.
+    assert target.weight.min().item() > 0.99
+    assert ema.current_decay() == pytest.approx(101 / 110)
+    resumed = training.EMA(torch.nn.Linear(4, 4), 0.999)
+    resumed.load_state_dict(ema.state_dict())
+    assert resumed.current_decay() == ema.current_decay()
+    for _ in range(10_000):
+        resumed.update(model)
+    assert resumed.current_decay() == 0.999  # the cap, once warmed up
+
+
 def test_checkpoints_restore_the_model_and_keep_only_the_newest(tmp_path, accelerator):
     model = accelerator.prepare(torch.nn.Linear(3, 2))
     ckpts = training.Checkpoints(tmp_path / "ck", keep=2)
