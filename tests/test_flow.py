@@ -40,6 +40,18 @@ def test_loss_is_per_sample_mean_squared_velocity_error_and_zero_for_the_true_ve
     torch.testing.assert_close(per_sample, ((1.0 - (data - noise)) ** 2).mean(dim=(1, 2)))
 
 
+def test_channel_weights_scale_each_channels_share_of_the_loss():
+    data, noise, t = torch.zeros(2, 4, 3), torch.zeros(2, 4, 3), torch.tensor([0.2, 0.7])
+    off_in_first = lambda z, tt: torch.tensor([1.0, 0.0, 0.0]).expand_as(z)  # noqa: E731  error 1 in channel 0 only
+    plain = flow.loss(off_in_first, data, noise, t)
+    torch.testing.assert_close(plain, torch.full((2,), 1 / 3))
+    torch.testing.assert_close(flow.loss(off_in_first, data, noise, t, torch.ones(3)), plain)
+    # Weight 4 on channel 0: 4 * 1 / mean(4, 1, 1) / 3 channels = 2/3 per element.
+    torch.testing.assert_close(flow.loss(off_in_first, data, noise, t, torch.tensor([4.0, 1.0, 1.0])), torch.full((2,), 2 / 3))
+    with pytest.raises(ValueError, match="channel_weights"):
+        flow.loss(off_in_first, data, noise, t, torch.ones(4))
+
+
 def test_euler_on_the_straight_paths_of_one_data_point_is_exact_for_few_steps():
     c = torch.tensor([[0.5, -2.0, 3.0]])
     noise = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))

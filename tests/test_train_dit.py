@@ -202,3 +202,37 @@ def test_preview_render_shows_the_shape_and_is_blank_without_one():
     assert (empty == 255).all()
     painted = (sphere != 255).any(axis=-1)
     assert 0.15 < painted.mean() < 0.6 and painted[32, 32] and not painted[0, 0]
+
+
+def test_a_sample_field_below_zero_beyond_the_normalisation_box_still_closes():
+    # A slab through the whole grid, negative out to the grid's edge along x and z, as a decoded
+    # field can be just past a shape that touches the box. Held to the box (what Generator.to_mesh
+    # does), the mesh closes at +-0.95 and is unchanged inside it; as it is, it stays open.
+    from shapeflow.generate import is_watertight_shape, within_box
+    from shapeflow.geometry.decode import decode_mesh
+
+    slab = lambda q: q[:, 1].abs() - 0.2  # noqa: E731
+    assert not is_watertight_shape(decode_mesh(slab, 64))
+    mesh = decode_mesh(within_box(slab), 64)
+    assert is_watertight_shape(mesh) and mesh.volume > 0
+    lo, hi = mesh.bounds
+    assert np.allclose(lo, [-0.95, -0.2, -0.95], atol=0.02) and np.allclose(hi, [0.95, 0.2, 0.95], atol=0.02)
+    assert abs(mesh.volume - 1.9 * 0.4 * 1.9) < 0.02
+
+
+def test_anchor_weight_lands_on_an_anchored_vaes_xyz_only_and_must_be_positive(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from shapeflow import config
+    from shapeflow.stages.train_dit import channel_weights
+
+    p = dataclasses.replace(config.TrainDiTParams(), anchor_weight=4.0)
+    torch.testing.assert_close(channel_weights(p, 6, anchored=True), torch.tensor([4.0, 4.0, 4.0, 1.0, 1.0, 1.0]))
+    assert channel_weights(p, 6, anchored=False) is None  # plain latents have no xyz channels
+    assert channel_weights(dataclasses.replace(p, anchor_weight=1.0), 6, anchored=True) is None
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"train_dit": {"anchor_weight": 0}}))
+    with pytest.raises(config.ParamsError, match="train_dit.anchor_weight"):
+        config.load_params(path)

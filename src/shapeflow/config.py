@@ -241,7 +241,7 @@ class FlowParams:
 @dataclass(frozen=True)
 class GenerateParams:
     steps: int = 50  # Euler steps from noise to data
-    guidance: float = 3.0  # classifier-free guidance scale; 1 = plain conditional
+    guidance: float = 2.0  # classifier-free guidance scale; 1 = plain conditional
     resolution: int = 128  # decode grid points per axis
 
     def check(self, where: str) -> None:
@@ -259,11 +259,12 @@ class TrainDiTParams:
     model: dict[str, Any] = field(default_factory=dict)  # DiTConfig fields to replace
     conditional: bool = True  # condition on the manifest's category (with guidance); false: unconditional
     cond_dropout: float = 0.1  # share of training labels replaced by the null label (for guidance)
+    anchor_weight: float = 4.0  # flow-loss weight of an anchored VAE's xyz channels, the others 1
     flow: FlowParams = field(default_factory=FlowParams)
     steps: int = 2000
     batch_size: int = 16  # latent sets per process and micro-batch
     grad_accum: int = 1
-    lr: float = 3e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 200
     min_lr_ratio: float = 0.1
@@ -284,6 +285,8 @@ class TrainDiTParams:
             raise ParamsError(f"{where}.cond_dropout: in [0, 1), got {self.cond_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ParamsError(f"{where}.ema_decay: in [0, 1), got {self.ema_decay}")
+        if not self.anchor_weight > 0:
+            raise ParamsError(f"{where}.anchor_weight: must be > 0, got {self.anchor_weight}")
 
 
 @dataclass(frozen=True)

@@ -76,12 +76,26 @@ def velocity_target(data: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def loss(
-    velocity_fn: Callable[..., torch.Tensor], data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, **cond
+    velocity_fn: Callable[..., torch.Tensor],
+    data: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    channel_weights: torch.Tensor | None = None,
+    **cond,
 ) -> torch.Tensor:
     """Per-sample flow-matching loss (B,): mean over each sample's elements of
-    (velocity_fn(z_t, t, **cond) - (data - noise))^2, in float32. Take `.mean()` for the batch loss."""
+    (velocity_fn(z_t, t, **cond) - (data - noise))^2, in float32. Take `.mean()` for the batch loss.
+
+    channel_weights (C,), over the last dim: a weighted mean instead, sum(w_c * err) / sum(w_c) per
+    element position, so weights of all ones are the plain mean.
+    """
     pred = velocity_fn(interpolate(data, noise, t), t, **cond)
     err = (pred.float() - velocity_target(data, noise).float()) ** 2
+    if channel_weights is not None:
+        w = channel_weights.to(err)
+        if w.shape != err.shape[-1:]:
+            raise ValueError(f"channel_weights must have shape ({err.shape[-1]},), got {tuple(w.shape)}")
+        err = err * (w / w.mean())
     return err.flatten(1).mean(dim=1)
 
 

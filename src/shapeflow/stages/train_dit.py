@@ -156,14 +156,27 @@ def fingerprint(params: config.Params, model: DiTConfig, latent_key: str, world_
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def flow_loss(model, z: torch.Tensor, y: torch.Tensor | None, p: config.TrainDiTParams, null_label: int) -> torch.Tensor:
+def channel_weights(p: config.TrainDiTParams, latent_dim: int, anchored: bool) -> torch.Tensor | None:
+    """Flow-loss weights per latent channel: `anchor_weight` on an anchored VAE's xyz (its first three
+    channels), 1 elsewhere; None when all would be 1."""
+    if not anchored or p.anchor_weight == 1.0:
+        return None
+    weights = torch.ones(latent_dim)
+    weights[:3] = p.anchor_weight
+    return weights
+
+
+def flow_loss(
+    model, z: torch.Tensor, y: torch.Tensor | None, p: config.TrainDiTParams, null_label: int,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """The batch's flow-matching loss with fresh noise, times and label dropout (global torch RNG)."""
     t = flow.sample_t(z.shape[0], p.flow.t_mean, p.flow.t_std, p.flow.t_shift, device=z.device)
     noise = torch.randn_like(z)
     if y is None:
-        return flow.loss(lambda x, s: model(x, s), z, noise, t).mean()
+        return flow.loss(lambda x, s: model(x, s), z, noise, t, weights).mean()
     y = flow.drop_labels(y, p.cond_dropout, null_label)
-    return flow.loss(lambda x, s, y: model(x, s, y), z, noise, t, y=y).mean()
+    return flow.loss(lambda x, s, y: model(x, s, y), z, noise, t, weights, y=y).mean()
 
 
 @torch.no_grad()
@@ -234,6 +247,8 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
         log.warning("train split has %d categorie(s): conditioning on it is of little use", len(classes))
     _, num_tokens, latent_dim = train.latents.shape
     cfg = model_config(p, latent_dim, num_tokens, len(classes))
+    vae_info = json.loads((paths.vae / "config.json").read_text())
+    weights = channel_weights(p, latent_dim, bool(vae_info["config"].get("anchored")))
 
     def labels_of(split: Latents) -> torch.Tensor:
         return torch.tensor([classes.index(c) if c in classes else cfg.null_label for c in split.categories])
@@ -258,7 +273,7 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
     step, run_id = training.resume(accelerator, ckpts, fp, p.steps)
 
     tracker = training.Tracker(accelerator.is_main_process)
-    vae_meta = json.loads((paths.vae / "config.json").read_text()).get("meta", {})
+    vae_meta = vae_info.get("meta", {})
     tags = training.pipeline_tags() | {
         "stage": STAGE,
         "git_commit": training.git_commit(),
@@ -314,7 +329,7 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
             for z, y in training.epoch_batches(accelerator, loader, step, p.grad_accum):
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
-                        loss = flow_loss(model, z, y if classes else None, p, null_label)
+                        loss = flow_loss(model, z, y if classes else None, p, null_label, weights)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), p.grad_clip or float("inf"))
