@@ -58,15 +58,17 @@ def runs(work: Path):
     return client, client.search_runs([experiment.experiment_id]) if experiment else []
 
 
-def test_stage_writes_weights_metrics_curves_and_one_tracked_run(builtin_samples, tmp_path):
-    params = write_params(tmp_path, steps=6, checkpoint_every=3, lr=7e-4)
-    proc = train(tmp_path, builtin_samples, params, "--val-split", "train")
+def test_stage_writes_weights_metrics_curves_and_one_tracked_run(two_samples, tmp_path):
+    params = write_params(tmp_path, steps=6, checkpoint_every=3, lr=7e-4, val_objects=1, val_every=3)
+    proc = train(tmp_path, two_samples, params, "--val-split", "train")
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in (tmp_path / "vae").iterdir()} == {"model.safetensors", "config.json"}
     config = json.loads((tmp_path / "vae" / "config.json").read_text())
     assert config["config"]["num_latents"] == 16 and config["meta"]["steps"] == 6
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
-    assert metrics["steps"] == 6 and metrics["world_size"] == 1 and metrics["val_objects"] == 8  # the last validation: all
+    assert metrics["steps"] == 6 and metrics["world_size"] == 1 and metrics["val_objects"] == 2  # the last validation: all
+    with open(tmp_path / "reports" / "val.csv", newline="") as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == [3, 6]
     assert 0.0 <= metrics["val_f@0.02"] <= 1.0
     with open(tmp_path / "reports" / "loss.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -88,8 +90,8 @@ def test_stage_writes_weights_metrics_curves_and_one_tracked_run(builtin_samples
 
 @pytest.fixture(scope="module")
 def two_samples(builtin_samples, tmp_path_factory) -> Path:
-    """Two of the built-in objects: for the tests of resuming and ranks, whose last validation (the
-    whole split) needs no more."""
+    """Two of the built-in objects: for the tests of the stage's outputs, resuming and ranks, whose
+    last validation (the whole split) needs no more."""
     folder = tmp_path_factory.mktemp("two")
     keys = sorted(p.stem for p in (builtin_samples / "objects").glob("*.npz"))[:2]
     samples = subset(builtin_samples, folder / "samples", lambda row: row["key"] in keys)
