@@ -15,16 +15,6 @@ import pytest
 from shapeflow import config
 from shapeflow.stages import fetch, sample, watertight
 
-# Modules that take minutes, slowest first. `make test` runs pytest-xdist with --dist loadfile, which
-# hands whole modules to its two processes in collection order: started first, these run beside each
-# other and the short modules fill in after, instead of one of them running alone at the end.
-SLOW_FIRST = ("test_pipeline_e2e.py", "test_train_vae.py", "test_train_dit.py", "test_flows.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: order within a module kept
-
 SAMPLE_COUNTS = {"surface": 4096, "sharp": 1024, "volume": 4096, "near": 2048, "sharp_near": 1024}
 
 
