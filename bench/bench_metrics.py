@@ -27,7 +27,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
 from _table import print_table
 
 from shapeflow.metrics import chamfer_distance, fscore, generation_metrics, normal_consistency, volume_iou
@@ -89,7 +88,9 @@ def shape_metric_calls(s: dict[str, np.ndarray]) -> dict[str, Callable[[], float
     return {
         "chamfer_distance": lambda: chamfer_distance(s["sphere"], s["bumpy"]),
         "fscore@0.01": lambda: fscore(s["bumpy"], s["sphere"], 0.01),
-        "normal_consistency": lambda: normal_consistency(s["sphere"], s["sphere_normals"], s["bumpy"], s["bumpy_normals"]),
+        "normal_consistency": lambda: normal_consistency(
+            s["sphere"], s["sphere_normals"], s["bumpy"], s["bumpy_normals"]
+        ),
         "volume_iou": lambda: volume_iou(s["bumpy_sdf"], s["sphere_sdf"]),
     }
 
@@ -102,11 +103,30 @@ def metric_timings(sizes: list[int], repeats: int, clouds: int = 32, cloud_point
     for n in sizes:
         for name, fn in shape_metric_calls(sphere_pair(rng, n)).items():
             seconds, value = timed(fn, repeats)
-            rows.append({"metric": name, "points": n, "clouds": "1 vs 1", "repeats": repeats, "median_s": seconds, "value": value})
-    gen, ref = ([unit_vectors(rng, cloud_points) * rng.uniform(0.3, 0.9, size=3) for _ in range(clouds)] for _ in range(2))
+            rows.append(
+                {
+                    "metric": name,
+                    "points": n,
+                    "clouds": "1 vs 1",
+                    "repeats": repeats,
+                    "median_s": seconds,
+                    "value": value,
+                }
+            )
+    gen, ref = (
+        [unit_vectors(rng, cloud_points) * rng.uniform(0.3, 0.9, size=3) for _ in range(clouds)] for _ in range(2)
+    )
     seconds, value = timed(lambda: generation_metrics(gen, ref), repeats)
-    rows.append({"metric": "generation_metrics", "points": cloud_points, "clouds": f"{clouds} vs {clouds}", "repeats": repeats,
-                 "median_s": seconds, "value": value})  # fmt: skip
+    rows.append(
+        {
+            "metric": "generation_metrics",
+            "points": cloud_points,
+            "clouds": f"{clouds} vs {clouds}",
+            "repeats": repeats,
+            "median_s": seconds,
+            "value": value,
+        }
+    )
     return rows
 
 
@@ -134,12 +154,20 @@ def stage_timing(params_file: Path, vae: Path, dit: Path, samples: Path, meshes:
         metrics = evaluate.run(params, evaluate.Paths(vae, dit, samples, meshes, Path(scratch) / "eval"))
         total = time.perf_counter() - start
         phases = json.loads((Path(scratch) / "eval" / evaluate.RUN_FILE).read_text())["timings"]
-    return {"split": params.evaluate.split, "resolution": params.evaluate.resolution, "total_s": total, **phases, "metrics": metrics}
+    return {
+        "split": params.evaluate.split,
+        "resolution": params.evaluate.resolution,
+        "total_s": total,
+        **phases,
+        "metrics": metrics,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="points a side for the per-shape metrics")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[10_000, 100_000], help="points a side for the per-shape metrics"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/metrics.json"))
     parser.add_argument("--stage", action="store_true", help="also time the whole evaluate stage on the paths below")
@@ -150,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meshes", type=Path, default=Path("data/watertight"))
     args = parser.parse_args(argv)
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    report = {"machine": {"cpus": os.cpu_count(), "threads": threads}, "metrics": metric_timings(args.sizes, args.repeats)}
+    report = {
+        "machine": {"cpus": os.cpu_count(), "threads": threads},
+        "metrics": metric_timings(args.sizes, args.repeats),
+    }
     if args.stage:
         report["stage"] = stage_timing(args.params, args.vae, args.dit, args.samples, args.meshes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,9 +192,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage:
         st = report["stage"]
         print()
-        row = [f"{st['resolution']}³", st["recon_objects"], f"{st['recon_s']:.0f}", st.get("samples", 0),
-               f"{st.get('generation_s', 0.0):.0f}", f"{st['total_s']:.0f}"]  # fmt: skip
-        print_table([f"evaluate on the {st['split']} split", "objects", "recon (s)", "samples", "generation (s)", "total (s)"], [row])
+        row = [
+            f"{st['resolution']}³",
+            st["recon_objects"],
+            f"{st['recon_s']:.0f}",
+            st.get("samples", 0),
+            f"{st.get('generation_s', 0.0):.0f}",
+            f"{st['total_s']:.0f}",
+        ]
+        print_table(
+            [f"evaluate on the {st['split']} split", "objects", "recon (s)", "samples", "generation (s)", "total (s)"],
+            [row],
+        )
     return 0
 
 

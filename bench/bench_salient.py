@@ -1,4 +1,4 @@
-"""Salient-edge sampling: the vectorised sampler against the per-edge Python loop it replaces.
+"""Salient-edge sampling: the vectorised sampler against a per-edge Python loop.
 
 The baseline is the loop of the reference write-up (Dora's salient-edge sampling, with trimesh in
 place of Blender): walk the pairs of adjacent faces in Python, compute each dihedral angle with
@@ -66,7 +66,7 @@ def reference_sharp_edges(mesh: trimesh.Trimesh, angle_deg: float) -> list[tuple
     face_normals = mesh.face_normals
     found: list[tuple[tuple[int, int], np.ndarray]] = []
     seen: set[tuple[int, int]] = set()
-    for (f0, f1), (a, b) in zip(mesh.face_adjacency.tolist(), mesh.face_adjacency_edges.tolist()):
+    for (f0, f1), (a, b) in zip(mesh.face_adjacency.tolist(), mesh.face_adjacency_edges.tolist(), strict=True):
         n0, n1 = face_normals[f0], face_normals[f1]
         if np.linalg.norm(n0) <= MIN_NORMAL_LENGTH or np.linalg.norm(n1) <= MIN_NORMAL_LENGTH:
             continue
@@ -94,7 +94,7 @@ def reference_candidates(mesh: trimesh.Trimesh, sharp: list, budget: int) -> tup
         normals.append(end_normals[v] / length if length > 1e-12 else end_normals[v])
     lengths = [np.linalg.norm(vertices[b] - vertices[a]) for (a, b), _ in sharp]
     spacing = sum(lengths) / budget
-    for ((a, b), normal), length in zip(sharp, lengths):
+    for ((a, b), normal), length in zip(sharp, lengths, strict=True):
         k = int(np.floor(length / spacing))
         if k:
             points.extend(np.linspace(vertices[a], vertices[b], k + 2)[1:-1])
@@ -159,7 +159,7 @@ def meshes(quick: bool) -> Iterator[tuple[str, trimesh.Trimesh]]:
 
 
 def chamfer(a: np.ndarray, b: np.ndarray) -> float:
-    """Symmetric mean nearest-neighbour distance (Euclidean), as in DESIGN.md."""
+    """Symmetric mean nearest-neighbour distance (Euclidean), as in docs/conventions.md."""
     if len(a) == 0 or len(b) == 0:
         return float("nan")
     return 0.5 * float(cKDTree(b).query(a)[0].mean() + cKDTree(a).query(b)[0].mean())
@@ -245,8 +245,10 @@ def _same_distribution(mesh: trimesh.Trimesh, n: int, angle: float, vec, ref) ->
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'mesh':<20}{'faces':>7}{'sharp':>6} | {'edges: vec ms':>13}{'loop ms':>9}{'x':>6} | "
-            f"{'total: vec ms':>13}{'loop ms':>9}{'x':>6} | same edges  CD vec/ref  CD vec/vec")
+    head = (
+        f"{'mesh':<20}{'faces':>7}{'sharp':>6} | {'edges: vec ms':>13}{'loop ms':>9}{'x':>6} | "
+        f"{'total: vec ms':>13}{'loop ms':>9}{'x':>6} | same edges  CD vec/ref  CD vec/vec"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         cd = f"{r.get('chamfer_vec_ref', float('nan')):10.2e}  {r.get('chamfer_vec_vec', float('nan')):10.2e}"
@@ -274,7 +276,9 @@ def main() -> int:
         # The meshes the sample stage actually reads: watertight-stage outputs.
         "stage_inputs": len(stage_inputs),
         "stage_inputs_min_speedup_total": min((r["speedup"] for r in stage_inputs), default=None),
-        "stage_inputs_median_speedup_total": float(np.median([r["speedup"] for r in stage_inputs])) if stage_inputs else None,
+        "stage_inputs_median_speedup_total": float(np.median([r["speedup"] for r in stage_inputs]))
+        if stage_inputs
+        else None,
         "stage_inputs_min_speedup_edges": min((r["speedup_edges"] for r in stage_inputs), default=None),
         "angle_deg": angle,
         "repeats": repeats,
@@ -306,10 +310,15 @@ def main() -> int:
         f"on {summary['total_meets_required']} of {summary['meshes_with_edges']} meshes"
     )
     if stage_inputs:
-        print(f"watertight-stage outputs (what the sample stage reads), {len(stage_inputs)} meshes: end to end "
-              f"{summary['stage_inputs_min_speedup_total']:.0f}x (min), {summary['stage_inputs_median_speedup_total']:.0f}x (median)")
-    print(f"same sharp edges on every mesh: {summary['all_same_edges']}; "
-          f"same distribution (Chamfer) on every mesh: {summary['all_same_distribution']}")
+        print(
+            f"watertight-stage outputs (what the sample stage reads), {len(stage_inputs)} meshes: end to end "
+            f"{summary['stage_inputs_min_speedup_total']:.0f}x (min), "
+            f"{summary['stage_inputs_median_speedup_total']:.0f}x (median)"
+        )
+    print(
+        f"same sharp edges on every mesh: {summary['all_same_edges']}; "
+        f"same distribution (Chamfer) on every mesh: {summary['all_same_distribution']}"
+    )
     print(f"wrote {RESULTS}")
     return 0
 

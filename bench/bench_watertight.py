@@ -1,8 +1,8 @@
-"""Watertight remeshing on CPU: the narrow-band method against the dense seed method, side by side.
+"""Watertight remeshing on CPU: the narrow-band method against the dense baseline, side by side.
 
-Dense seed method = unsigned distance at all R^3 grid points with pysdf (the fastest CPU distance
-library we found; not exact, which only flatters the baseline), shell, flood fill with scipy's
-labelling over the whole grid, marching cubes over the whole grid; the same clean-up afterwards.
+Dense baseline = unsigned distance at all R^3 grid points with pysdf (a fast CPU distance library;
+not exact, which only flatters the baseline), shell, flood fill with scipy's labelling over the
+whole grid, marching cubes over the whole grid; the same clean-up afterwards.
 
 Each (method, mesh, resolution) runs in a fresh process, so its peak resident memory is its own; the
 time is that of the remeshing call alone, after one warm-up call on a small mesh in that process
@@ -34,7 +34,6 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-
 from _memory import peak_memory_mb, reset_peak_memory
 
 HERE = Path(__file__).resolve().parent
@@ -93,8 +92,8 @@ def _measure(method: str, source: bytes | str, resolution: int, quality_points: 
     """Runs in a fresh process: one remesh, its time and peak memory, and its quality."""
     import trimesh
 
-    from shapeflow.geometry.watertight import seed_method, watertight
     from shapeflow.geometry.sampling import sample_surface
+    from shapeflow.geometry.watertight import dense_baseline, watertight
     from shapeflow.metrics import chamfer_distance
 
     mesh = _load(source)
@@ -110,7 +109,7 @@ def _measure(method: str, source: bytes | str, resolution: int, quality_points: 
         result = watertight(mesh.vertices, mesh.faces, resolution=resolution, backend="cpu")
         seconds = time.perf_counter() - start
         verts, faces = result.vertices, result.faces
-        # Closed inputs keep their surface; one whose sign check failed got the seed's shell.
+        # Closed inputs keep their surface; one whose sign check failed got the baseline's eps shell.
         closed_input = result.open_parts == 0 and not result.sign_fallback
         fallback = result.sign_fallback
     else:
@@ -118,7 +117,8 @@ def _measure(method: str, source: bytes | str, resolution: int, quality_points: 
 
         start = time.perf_counter()
         sdf = pysdf.SDF(mesh.vertices.astype(np.float32), mesh.faces.astype(np.uint32))
-        verts, faces = seed_method(mesh.vertices, mesh.faces, resolution, lambda p: np.abs(sdf(p.astype(np.float32))))
+        udf = lambda p: np.abs(sdf(p.astype(np.float32)))  # noqa: E731
+        verts, faces = dense_baseline(mesh.vertices, mesh.faces, resolution, udf)
         seconds = time.perf_counter() - start
         closed_input = fallback = None
     peak_mb = peak_memory_mb()
@@ -161,7 +161,9 @@ def _visible_quality(mesh, a: tuple, b: np.ndarray, floor_a: tuple, floor_b: tup
     return {"cd_visible": chamfer_distance(a_visible, b), "cd_floor_visible": floor, "visible_share": share}
 
 
-def _visible_sample(mesh, points: np.ndarray, normals: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+def _visible_sample(
+    mesh, points: np.ndarray, normals: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, float]:
     """The visible points of a uniform surface sample, topped up to its size; and the kept share.
 
     Dropping hidden points leaves fewer than wanted, and a sparser sample reads a higher Chamfer
@@ -211,8 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-category", type=int, default=1, help="built-in objects per category")
     parser.add_argument("--no-shared", action="store_true", help="skip ../shared/meshes")
     parser.add_argument("--no-baseline-above", type=int, default=512, help="skip the dense baseline above this R")
-    parser.add_argument("--baseline-only-for", nargs="*", metavar="MESH",
-                        help="run the dense baseline on these meshes only (it takes minutes each at R = 512)")
+    parser.add_argument(
+        "--baseline-only-for",
+        nargs="*",
+        metavar="MESH",
+        help="run the dense baseline on these meshes only (it takes minutes each at R = 512)",
+    )
     parser.add_argument("--quality-points", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="R = 128 and 256, few meshes, 200K quality points")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "watertight.json")
@@ -230,13 +236,18 @@ def main(argv: list[str] | None = None) -> int:
             row.update({f"nb_{k}": v for k, v in ours.items()})
             wanted = args.baseline_only_for is None or name in args.baseline_only_for
             if resolution <= args.no_baseline_above and wanted:
-                dense = _run_isolated("dense_seed", source, resolution, args.quality_points)
+                dense = _run_isolated("dense_baseline", source, resolution, args.quality_points)
                 row.update({f"dense_{k}": v for k, v in dense.items()})
                 row["speedup"] = dense["seconds"] / ours["seconds"]
             rows.append(row)
             print(_row_line(row), file=sys.stderr, flush=True)
     summary = _summarise(rows, args.resolutions)
-    report = {"machine": {"cpus": os.cpu_count()}, "quality_points": args.quality_points, "summary": summary, "rows": rows}
+    report = {
+        "machine": {"cpus": os.cpu_count()},
+        "quality_points": args.quality_points,
+        "summary": summary,
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps(summary, indent=1))
@@ -248,7 +259,10 @@ def _row_line(row: dict) -> str:
     dense = f" dense {row['dense_seconds']:.2f}s x{row['speedup']:.1f}" if "speedup" in row else ""
     visible = ""
     if row["nb_cd_visible"] is not None:
-        visible = f" visible {row['nb_cd_visible']:.4f} (floor {row['nb_cd_floor_visible']:.4f}, {row['nb_visible_share']:.0%})"
+        visible = (
+            f" visible {row['nb_cd_visible']:.4f} "
+            f"(floor {row['nb_cd_floor_visible']:.4f}, {row['nb_visible_share']:.0%})"
+        )
     return (
         f"R={row['resolution']} {row['mesh'][:24]:24s} ours {row['nb_seconds']:.2f}s {row['nb_peak_mb']:.0f}MB "
         f"cd {row['nb_cd']:.4f} (floor {row['nb_cd_floor']:.4f}){visible} wt={row['nb_watertight']}{dense}"

@@ -48,7 +48,9 @@ def dvc_stage(workdir: str, stage: str, experiment: str | None = None) -> bool:
     """One DVC stage; True when it ran, False when DVC found it up to date. Runs of an experiment
     are named after it in MLflow, as under `dvc exp run`."""
     logger = get_run_logger()
-    ran = dp.run_stage(Path(workdir), stage, logger.info, dp.tool_env({"DVC_EXP_NAME": experiment} if experiment else None))
+    ran = dp.run_stage(
+        Path(workdir), stage, logger.info, dp.tool_env({"DVC_EXP_NAME": experiment} if experiment else None)
+    )
     logger.info("stage %s %s", stage, "ran" if ran else "was up to date")
     return ran
 
@@ -76,7 +78,9 @@ def commit_stage(workdir: str, stage: str) -> None:
 
 @task(name="metrics-report")
 def publish_report(workdir: str, title: str) -> str:
-    markdown = metrics_markdown(Path(workdir), os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("SHAPEFLOW_MLFLOW_UI"))
+    markdown = metrics_markdown(
+        Path(workdir), os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("SHAPEFLOW_MLFLOW_UI")
+    )
     create_markdown_artifact(markdown, key="shapeflow-metrics", description=title)
     return markdown
 
@@ -87,14 +91,19 @@ def fan_out_stage(workdir: str, stage: str) -> bool:
         get_run_logger().info("stage %s was up to date", stage)
         return False
     src, dst = dp.stage_paths(Path(workdir), stage)
-    preprocess(stage, str(Path(workdir) / src), str(Path(workdir) / dst), params_file=str(Path(workdir) / "params.yaml"))
+    preprocess(
+        stage, str(Path(workdir) / src), str(Path(workdir) / dst), params_file=str(Path(workdir) / "params.yaml")
+    )
     commit_stage(workdir, stage)
     return True
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(
-    targets: list[str] | None = None, overrides: list[str] | None = None, experiment: str | None = None, fan_out: bool = True
+    targets: list[str] | None = None,
+    overrides: list[str] | None = None,
+    experiment: str | None = None,
+    fan_out: bool = True,
 ) -> dict[str, bool]:
     """Run the DVC pipeline (all stages, or `targets` and what they depend on) stage by stage.
 
@@ -117,7 +126,9 @@ def pipeline(
             ran[stage] = dvc_stage(workdir, stage, name)
     if name:
         save_experiment(workdir, name)
-    publish_report(workdir, f"shapeflow {name or 'workspace'}: {', '.join(s for s, r in ran.items() if r) or 'nothing'} ran")
+    publish_report(
+        workdir, f"shapeflow {name or 'workspace'}: {', '.join(s for s, r in ran.items() if r) or 'nothing'} ran"
+    )
     return ran
 
 

@@ -68,4 +68,6 @@ def preprocess(stage: str, src: str, dst: str, params_file: str = "params.yaml")
     shards = shard_count(params.compute)
     runner = task_runner(params.compute)
     get_run_logger().info("%s: %d shards on %s", stage, shards, type(runner).__name__)
-    return _fan_out.with_options(task_runner=runner)(stage, str(Path(params_file).resolve()), str(src), str(dst), shards)
+    return _fan_out.with_options(task_runner=runner)(
+        stage, str(Path(params_file).resolve()), str(src), str(dst), shards
+    )

@@ -63,14 +63,28 @@ class ApiError(Fail):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Screenshot the MLflow UI's compare view of two or more runs.")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="backend store URI (default: %(default)s)")
-    parser.add_argument("--experiment", default="shapeflow-evaluate", help="experiment to take runs from (default: %(default)s)")
-    parser.add_argument("--runs", nargs="+", metavar="RUN_ID", help="runs to compare (default: the two newest FINISHED runs)")
-    parser.add_argument("--out", type=Path, default=Path("docs/mlflow-compare.png"), help="PNG to write (default: %(default)s)")
-    parser.add_argument("--window", type=parse_window, default=(1600, 1200), help="browser window W,H (default: 1600,1200)")
+    parser.add_argument(
+        "--tracking-uri", default="sqlite:///mlflow.db", help="backend store URI (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--experiment", default="shapeflow-evaluate", help="experiment to take runs from (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--runs", nargs="+", metavar="RUN_ID", help="runs to compare (default: the two newest FINISHED runs)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("docs/mlflow-compare.png"), help="PNG to write (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--window", type=parse_window, default=(1600, 1200), help="browser window W,H (default: 1600,1200)"
+    )
     parser.add_argument("--browser", help=f"browser binary (default: first of {', '.join(BROWSERS)} on PATH)")
-    parser.add_argument("--virtual-time-ms", type=int, default=15000, help="page settle time per attempt (default: %(default)s)")
-    parser.add_argument("--start-timeout", type=float, default=60.0, help="seconds to wait for the server (default: %(default)s)")
+    parser.add_argument(
+        "--virtual-time-ms", type=int, default=15000, help="page settle time per attempt (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--start-timeout", type=float, default=60.0, help="seconds to wait for the server (default: %(default)s)"
+    )
     return parser.parse_args(argv)
 
 
@@ -119,22 +133,32 @@ def start_server(uri: str, port: int, workdir: Path) -> tuple[subprocess.Popen, 
     if not mlflow:
         raise Fail(f"the mlflow command was found neither next to {sys.executable} nor on PATH")
     command = [
-        mlflow, "server",
-        "--backend-store-uri", uri,
-        "--artifacts-destination", str(workdir / "artifacts"),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",
-        "--allowed-hosts", f"127.0.0.1:{port},localhost:{port},{UI_HOST}:{port}",
-        "--cors-allowed-origins", f"http://{UI_HOST}:{port}",
-    ]  # fmt: skip
+        mlflow,
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--artifacts-destination",
+        str(workdir / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--allowed-hosts",
+        f"127.0.0.1:{port},localhost:{port},{UI_HOST}:{port}",
+        "--cors-allowed-origins",
+        f"http://{UI_HOST}:{port}",
+    ]
     env = dict(os.environ)
     # A screenshot needs no background job runner (it starts several worker processes) and no telemetry.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     log_path = workdir / "mlflow-server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     return proc, log_path
 
 
@@ -152,7 +176,10 @@ def wait_for_health(proc: subprocess.Popen, base: str, log_path: Path, timeout: 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise Fail(f"mlflow server exited with code {proc.returncode} before {base} was up; its log ends:\n{log_tail(log_path)}")
+            raise Fail(
+                f"mlflow server exited with code {proc.returncode} before {base} was up; "
+                f"its log ends:\n{log_tail(log_path)}"
+            )
         try:
             with open_url(f"{base}/health", timeout=2) as response:
                 if response.status == 200:
@@ -160,7 +187,9 @@ def wait_for_health(proc: subprocess.Popen, base: str, log_path: Path, timeout: 
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
-    raise Fail(f"mlflow server did not answer {base}/health within {timeout:.0f} s; its log ends:\n{log_tail(log_path)}")
+    raise Fail(
+        f"mlflow server did not answer {base}/health within {timeout:.0f} s; its log ends:\n{log_tail(log_path)}"
+    )
 
 
 def kill_group(proc: subprocess.Popen, grace: float) -> None:
@@ -275,7 +304,9 @@ def run_browser(browser: str, url: str, png: Path, window: tuple[int, int], budg
         f"--screenshot={png}",
         url,
     ]
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=BROWSER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -311,11 +342,14 @@ def capture(browser: str, url: str, out: Path, window: tuple[int, int], budget_m
                 os.replace(tmp, out)  # same folder, so the PNG appears in one step
                 return
             print(
-                f"attempt {attempt}: page looks {'blank' if colours == 1 else 'still loading'} ({colours} colours); retrying",
+                f"attempt {attempt}: page looks {'blank' if colours == 1 else 'still loading'} "
+                f"({colours} colours); retrying",
                 file=sys.stderr,
             )
             budget_ms *= 2
-        raise Fail(f"screenshot of {url} stayed blank or unloaded after {SCREENSHOT_ATTEMPTS} attempts ({colours} colours)")
+        raise Fail(
+            f"screenshot of {url} stayed blank or unloaded after {SCREENSHOT_ATTEMPTS} attempts ({colours} colours)"
+        )
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -343,9 +377,14 @@ def main(argv: list[str] | None = None) -> int:
                     exp_id = experiment_id(base, args.experiment, args.tracking_uri)
                     runs = newest_finished_runs(base, exp_id)
                     if len(runs) < 2:
-                        raise Fail(f"experiment {args.experiment!r} in {args.tracking_uri} has {len(runs)} FINISHED run(s); need 2")
+                        raise Fail(
+                            f"experiment {args.experiment!r} in {args.tracking_uri} "
+                            f"has {len(runs)} FINISHED run(s); need 2"
+                        )
                 url = compare_url(f"http://{UI_HOST}:{port}", runs)
-                print(f"comparing {', '.join(run['run_name'] or run['run_id'] for run in runs)}: {url}", file=sys.stderr)
+                print(
+                    f"comparing {', '.join(run['run_name'] or run['run_id'] for run in runs)}: {url}", file=sys.stderr
+                )
                 capture(browser, url, args.out, args.window, args.virtual_time_ms, workdir)
             finally:
                 kill_group(server, grace=5)

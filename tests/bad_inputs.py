@@ -37,9 +37,7 @@ CUBE_VERTICES = np.array(
     [[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 1], [1, 1, 1], [0, 1, 1]], dtype=float
 )
 # Each side as a quad, corners counter-clockwise seen from outside.
-CUBE_QUADS = np.array(
-    [[0, 3, 2, 1], [4, 5, 6, 7], [0, 1, 5, 4], [1, 2, 6, 5], [2, 3, 7, 6], [3, 0, 4, 7]]
-)
+CUBE_QUADS = np.array([[0, 3, 2, 1], [4, 5, 6, 7], [0, 1, 5, 4], [1, 2, 6, 5], [2, 3, 7, 6], [3, 0, 4, 7]])
 CUBE_FACES = np.concatenate([CUBE_QUADS[:, [0, 1, 2]], CUBE_QUADS[:, [0, 2, 3]]])
 
 
@@ -53,17 +51,48 @@ def obj_text(vertices: np.ndarray, faces: np.ndarray) -> str:
 def icosphere(subdivisions: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Unit icosphere (vertices, faces), outward winding."""
     t = (1.0 + 5**0.5) / 2.0
-    v = [[-1, t, 0], [1, t, 0], [-1, -t, 0], [1, -t, 0], [0, -1, t], [0, 1, t], [0, -1, -t], [0, 1, -t],
-         [t, 0, -1], [t, 0, 1], [-t, 0, -1], [-t, 0, 1]]
-    f = [[0, 11, 5], [0, 5, 1], [0, 1, 7], [0, 7, 10], [0, 10, 11], [1, 5, 9], [5, 11, 4], [11, 10, 2],
-         [10, 7, 6], [7, 1, 8], [3, 9, 4], [3, 4, 2], [3, 2, 6], [3, 6, 8], [3, 8, 9], [4, 9, 5],
-         [2, 4, 11], [6, 2, 10], [8, 6, 7], [9, 8, 1]]
+    v = [
+        [-1, t, 0],
+        [1, t, 0],
+        [-1, -t, 0],
+        [1, -t, 0],
+        [0, -1, t],
+        [0, 1, t],
+        [0, -1, -t],
+        [0, 1, -t],
+        [t, 0, -1],
+        [t, 0, 1],
+        [-t, 0, -1],
+        [-t, 0, 1],
+    ]
+    f = [
+        [0, 11, 5],
+        [0, 5, 1],
+        [0, 1, 7],
+        [0, 7, 10],
+        [0, 10, 11],
+        [1, 5, 9],
+        [5, 11, 4],
+        [11, 10, 2],
+        [10, 7, 6],
+        [7, 1, 8],
+        [3, 9, 4],
+        [3, 4, 2],
+        [3, 2, 6],
+        [3, 6, 8],
+        [3, 8, 9],
+        [4, 9, 5],
+        [2, 4, 11],
+        [6, 2, 10],
+        [8, 6, 7],
+        [9, 8, 1],
+    ]
     vertices = [np.array(p, dtype=float) / np.linalg.norm(p) for p in v]
     faces = f
     for _ in range(subdivisions):
         midpoint: dict[tuple[int, int], int] = {}
 
-        def mid(a: int, b: int) -> int:
+        def mid(a: int, b: int, midpoint: dict[tuple[int, int], int] = midpoint) -> int:
             key = (min(a, b), max(a, b))
             if key not in midpoint:
                 p = vertices[a] + vertices[b]
@@ -71,9 +100,16 @@ def icosphere(subdivisions: int = 1) -> tuple[np.ndarray, np.ndarray]:
                 midpoint[key] = len(vertices) - 1
             return midpoint[key]
 
-        faces = [new for a, b, c in faces
-                 for new in ([a, mid(a, b), mid(c, a)], [b, mid(b, c), mid(a, b)],
-                             [c, mid(c, a), mid(b, c)], [mid(a, b), mid(b, c), mid(c, a)])]
+        faces = [
+            new
+            for a, b, c in faces
+            for new in (
+                [a, mid(a, b), mid(c, a)],
+                [b, mid(b, c), mid(a, b)],
+                [c, mid(c, a), mid(b, c)],
+                [mid(a, b), mid(b, c), mid(c, a)],
+            )
+        ]
     return np.array(vertices), np.array(faces)
 
 
@@ -81,8 +117,9 @@ def open_cylinder(segments: int = 16, height: float = 2.0) -> tuple[np.ndarray, 
     """Side wall of a cylinder without caps (vertices, faces)."""
     angle = np.linspace(0.0, 2 * np.pi, segments, endpoint=False)
     ring = np.column_stack([np.cos(angle), np.sin(angle)])  # (S, 2)
-    vertices = np.concatenate([np.column_stack([ring, np.zeros(segments)]),
-                               np.column_stack([ring, np.full(segments, height)])])
+    vertices = np.concatenate(
+        [np.column_stack([ring, np.zeros(segments)]), np.column_stack([ring, np.full(segments, height)])]
+    )
     i = np.arange(segments)
     j = (i + 1) % segments
     faces = np.concatenate([np.column_stack([i, j, j + segments]), np.column_stack([i, j + segments, i + segments])])
@@ -162,9 +199,13 @@ def make_bad_inputs(folder: Path) -> dict[str, Path]:
     truncated = obj_text(sphere_v[:10], sphere_f)
     files["truncated_obj"] = ("truncated.obj", truncated[: len(truncated) - 4].encode())
     points = "".join(f"{x} {y} {z}\n" for x, y, z in sphere_v.tolist())
-    files["points_only_ply"] = ("points.ply", (
-        f"ply\nformat ascii 1.0\nelement vertex {len(sphere_v)}\n"
-        "property float x\nproperty float y\nproperty float z\nend_header\n" + points).encode())
+    files["points_only_ply"] = (
+        "points.ply",
+        (
+            f"ply\nformat ascii 1.0\nelement vertex {len(sphere_v)}\n"
+            "property float x\nproperty float y\nproperty float z\nend_header\n" + points
+        ).encode(),
+    )
     nan_v = sphere_v.copy()
     nan_v[5, 1] = np.nan
     files["nan_coords"] = ("nan.obj", obj_text(nan_v, sphere_f).encode())
@@ -233,8 +274,10 @@ def _tilted_grid(n: int = 4) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _ascii_ply(vertices: np.ndarray, faces: np.ndarray) -> bytes:
-    header = (f"ply\nformat ascii 1.0\nelement vertex {len(vertices)}\nproperty double x\nproperty double y\n"
-              f"property double z\nelement face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n")
+    header = (
+        f"ply\nformat ascii 1.0\nelement vertex {len(vertices)}\nproperty double x\nproperty double y\n"
+        f"property double z\nelement face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n"
+    )
     rows = [f"{x!r} {y!r} {z!r}" for x, y, z in vertices.tolist()] + [f"3 {a} {b} {c}" for a, b, c in faces.tolist()]
     return (header + "\n".join(rows) + "\n").encode()
 

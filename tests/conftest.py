@@ -16,6 +16,17 @@ from shapeflow import config
 from shapeflow.stages import fetch, sample, watertight
 
 SAMPLE_COUNTS = {"surface": 4096, "sharp": 1024, "volume": 4096, "near": 2048, "sharp_near": 1024}
+# The smallest VAE the training tests and the end-to-end pipeline train (train_vae params).
+TINY_VAE = {
+    "model": {"num_latents": 16, "width": 64},
+    "data": {
+        "input_points": 256,
+        "sharp_points": 64,
+        "volume_points": 128,
+        "near_points": 128,
+        "sharp_near_points": 64,
+    },
+}
 
 
 def make_samples(root: Path, per_category: int = 1, resolution: int = 96) -> Path:
@@ -49,7 +60,9 @@ def subset(samples: Path, dst: Path, keep) -> Path:
 def kill_at_first_checkpoint(cmd: list[str], cwd: Path, env: dict[str, str], checkpoints: Path) -> int:
     """Start a training, kill -9 its process group as soon as a complete checkpoint is on disk,
     and return the newest checkpoint's step."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     try:
         while not list(checkpoints.glob("step_*/trainer.json")):

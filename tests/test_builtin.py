@@ -92,7 +92,7 @@ def test_same_seed_gives_same_bytes_and_other_seed_differs() -> None:
     again = [(o.name, o.defects, export_bytes(o.mesh)) for o in generate_builtin(2, 0.5, seed=7)]
     other = [export_bytes(o.mesh) for o in generate_builtin(2, 0.5, seed=8)]
     assert first == again
-    assert all(a[2] != b for a, b in zip(first, other))
+    assert all(a[2] != b for a, b in zip(first, other, strict=True))
 
 
 def test_keys_are_unique(mixed_objects) -> None:

@@ -1,11 +1,12 @@
-"""Decoding a signed-distance field to a mesh, and scoring it."""
+"""Decoding a signed-distance field to a mesh."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from shapeflow.geometry.decode import decode_grid, decode_mesh, surface_metrics
+from shapeflow.geometry.decode import decode_grid, decode_mesh
+from shapeflow.metrics import surface_metrics
 
 
 def sphere(q: torch.Tensor) -> torch.Tensor:
@@ -41,14 +42,6 @@ def test_coarse_to_fine_matches_the_dense_grid_where_the_sign_matters():
     assert np.allclose(fine[near], dense[near], atol=1e-6)
 
 
-def test_a_field_without_a_surface_gives_an_empty_mesh_and_zero_scores():
+def test_a_field_without_a_surface_gives_an_empty_mesh():
     mesh = decode_mesh(lambda q: q.norm(dim=-1) + 1.0, 32)
-    assert len(mesh.faces) == 0
-    metrics = surface_metrics(mesh, sphere_points(100))
-    assert metrics["f@0.01"] == metrics["f@0.02"] == 0.0 and np.isnan(metrics["cd"])
-
-
-def test_scores_drop_when_the_surface_is_off():
-    shrunk = decode_mesh(lambda q: q.norm(dim=-1) - 0.45, 64)
-    metrics = surface_metrics(shrunk, sphere_points(100_000))
-    assert 0.045 < metrics["cd"] < 0.06 and metrics["f@0.02"] < 0.05
+    assert len(mesh.faces) == 0 and len(mesh.vertices) == 0

@@ -24,12 +24,18 @@ def test_stage_order_follows_the_dvc_dag_and_pulls_in_what_targets_need():
 
 
 def test_stage_order_is_topological_whatever_the_file_order(tmp_path):
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
-        "report": {"cmd": "x", "deps": ["out/b", "out/a/part"], "outs": ["out/report.md"]},
-        "b": {"cmd": "x", "deps": ["out/a"], "metrics": [{"out/b": {"cache": False}}]},
-        "a": {"cmd": "x", "deps": ["src"], "outs": [{"out/a": {"persist": True}}]},
-        "other": {"cmd": "x", "deps": ["src"], "outs": ["out/other"]},
-    }}))  # fmt: skip
+    (tmp_path / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "report": {"cmd": "x", "deps": ["out/b", "out/a/part"], "outs": ["out/report.md"]},
+                    "b": {"cmd": "x", "deps": ["out/a"], "metrics": [{"out/b": {"cache": False}}]},
+                    "a": {"cmd": "x", "deps": ["src"], "outs": [{"out/a": {"persist": True}}]},
+                    "other": {"cmd": "x", "deps": ["src"], "outs": ["out/other"]},
+                }
+            }
+        )
+    )
     assert dp.stage_order(tmp_path) == ["a", "other", "b", "report"]
     assert dp.stage_order(tmp_path, ["report"]) == ["a", "b", "report"]
 
@@ -37,10 +43,14 @@ def test_stage_order_is_topological_whatever_the_file_order(tmp_path):
 def test_overrides_are_typed_yaml_values_written_into_nested_sections(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"seed": 0, "train_vae": {"steps": 2000, "model": {}}}))
-    dp.apply_overrides(params, ["train_vae.steps=100", "train_vae.model.num_latents=64", "evaluate.split=val", "seed=3"])
+    dp.apply_overrides(
+        params, ["train_vae.steps=100", "train_vae.model.num_latents=64", "evaluate.split=val", "seed=3"]
+    )
     assert yaml.safe_load(params.read_text()) == {
-        "seed": 3, "train_vae": {"steps": 100, "model": {"num_latents": 64}}, "evaluate": {"split": "val"},
-    }  # fmt: skip
+        "seed": 3,
+        "train_vae": {"steps": 100, "model": {"num_latents": 64}},
+        "evaluate": {"split": "val"},
+    }
     for bad in ("train_vae.steps", "=3", "train_vae..steps=1"):
         with pytest.raises(ValueError, match="KEY.PATH=VALUE"):
             dp.apply_overrides(params, [bad])
@@ -56,16 +66,26 @@ def test_experiment_names_are_stable_per_override_set():
 def test_only_killed_or_locked_stages_count_as_transient():
     assert dp.StageFailed("train_vae", -signal.SIGKILL, "").transient
     assert dp.StageFailed("train_vae", 137, "").transient
-    assert dp.StageFailed("fetch", 255, "ERROR: Unable to acquire lock. Most likely another DVC process is running").transient
-    bad_param = dp.StageFailed("train_vae", 2, "shapeflow train-vae: error: params.yaml: train_vae.steps: an integer is required")
+    assert dp.StageFailed(
+        "fetch", 255, "ERROR: Unable to acquire lock. Most likely another DVC process is running"
+    ).transient
+    bad_param = dp.StageFailed(
+        "train_vae", 2, "shapeflow train-vae: error: params.yaml: train_vae.steps: an integer is required"
+    )
     assert not bad_param.transient and "train_vae.steps" in str(bad_param)
 
 
 def test_run_stage_reports_the_stage_error_and_whether_it_ran(tmp_path):
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
-        "ok": {"cmd": "echo made > out.txt", "outs": ["out.txt"]},
-        "bad": {"cmd": "echo 'bad value for train_vae.lr' >&2; exit 3", "deps": ["out.txt"]},
-    }}))  # fmt: skip
+    (tmp_path / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "ok": {"cmd": "echo made > out.txt", "outs": ["out.txt"]},
+                    "bad": {"cmd": "echo 'bad value for train_vae.lr' >&2; exit 3", "deps": ["out.txt"]},
+                }
+            }
+        )
+    )
     import subprocess
 
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
@@ -82,13 +102,21 @@ def test_run_stage_reports_the_stage_error_and_whether_it_ran(tmp_path):
 
 def test_metrics_report_lists_each_stage_with_its_run(tmp_path):
     (tmp_path / "reports" / "train_vae").mkdir(parents=True)
-    (tmp_path / "reports" / "train_vae" / "metrics.json").write_text(json.dumps({"steps": 40, "val_cd": 0.0512, "val_f@0.02": 0.25}))
+    (tmp_path / "reports" / "train_vae" / "metrics.json").write_text(
+        json.dumps({"steps": 40, "val_cd": 0.0512, "val_f@0.02": 0.25})
+    )
     (tmp_path / "models" / "vae").mkdir(parents=True)
     (tmp_path / "models" / "vae" / "config.json").write_text(json.dumps({"meta": {"mlflow_run_id": "abc123"}}))
     (tmp_path / "eval").mkdir()
-    (tmp_path / "eval" / "metrics.json").write_text(json.dumps({"recon": {"cd": 0.04, "f@0.02": 0.5, "floor": {"cd": 0.01}}}))
+    (tmp_path / "eval" / "metrics.json").write_text(
+        json.dumps({"recon": {"cd": 0.04, "f@0.02": 0.5, "floor": {"cd": 0.01}}})
+    )
     text = metrics_markdown(tmp_path)
     assert "## train_vae (MLflow run `abc123`)" in text and "| val_f@0.02 | 0.25 |" in text
-    assert "## evaluate (MLflow run –)" in text and "| recon.f@0.02 | 0.5 |" in text and "| recon.floor.cd | 0.01 |" in text
+    assert (
+        "## evaluate (MLflow run –)" in text
+        and "| recon.f@0.02 | 0.5 |" in text
+        and "| recon.floor.cd | 0.01 |" in text
+    )
     assert "train_dit" not in text
     assert metrics_markdown(tmp_path / "nothing").endswith("No stage has written metrics yet.")

@@ -1,4 +1,4 @@
-"""The evaluate stage and `shapeflow evaluate-recon`: what they write, what they log, how they fail."""
+"""The evaluate stage: what it writes, what it logs, how it fails."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import trimesh
 import yaml
+from conftest import subset
 from mlflow.tracking import MlflowClient
 
-from conftest import subset
 from shapeflow import cli, config
 from shapeflow.models.vae import VecSetVAE, save_pretrained, vae_config
 from shapeflow.stages import evaluate, train_dit
@@ -26,11 +25,17 @@ def params(**evaluate_fields) -> config.Params:
     return config.Params(
         train_vae=config.TrainVAEParams(data=VAE_DATA),
         train_dit=config.TrainDiTParams(
-            model={"width": 64, "depth": 2}, steps=4, batch_size=4, log_every=2, warmup_steps=2, val_every=0,
-            final_samples=0, generate=GENERATE,
+            model={"width": 64, "depth": 2},
+            steps=4,
+            batch_size=4,
+            log_every=2,
+            warmup_steps=2,
+            val_every=0,
+            final_samples=0,
+            generate=GENERATE,
         ),
         evaluate=config.replace(EVAL, **evaluate_fields),
-    )  # fmt: skip
+    )
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -47,10 +52,18 @@ def models(builtin_samples, tmp_path_factory, one_thread_module) -> tuple[Path, 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("models")
     save_pretrained(
-        VecSetVAE(vae_config("tiny", {"num_latents": 16, "width": 64})), root / "vae", {"steps": 0, "mlflow_run_id": "vae-run-1"}
+        VecSetVAE(vae_config("tiny", {"num_latents": 16, "width": 64})),
+        root / "vae",
+        {"steps": 0, "mlflow_run_id": "vae-run-1"},
     )
     paths = train_dit.Paths(
-        root / "vae", builtin_samples, root / "dit", root / "ck", root / "r" / "metrics.json", root / "r", root / "cache"
+        root / "vae",
+        builtin_samples,
+        root / "dit",
+        root / "ck",
+        root / "r" / "metrics.json",
+        root / "r",
+        root / "cache",
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'train.db'}")
@@ -75,7 +88,9 @@ def evaluated(models, builtin_samples, tmp_path_factory) -> tuple[Path, dict, Pa
     db = work / "mlflow.db"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
-        metrics = evaluate.run(params(), evaluate.Paths(vae, dit, builtin_samples, builtin_samples.parent / "watertight", work / "eval"))
+        metrics = evaluate.run(
+            params(), evaluate.Paths(vae, dit, builtin_samples, builtin_samples.parent / "watertight", work / "eval")
+        )
     return work / "eval", metrics, db
 
 
@@ -124,48 +139,22 @@ def test_stage_logs_one_run_tagged_with_the_model_runs_and_all_sections(evaluate
     assert {"recon", "samples", "plots"} <= artifacts
 
 
-def test_a_corrupt_sample_file_fails_that_object_and_the_others_are_scored(models, builtin_samples, tmp_path, monkeypatch):
+def test_a_corrupt_sample_file_fails_that_object_and_the_others_are_scored(
+    models, builtin_samples, tmp_path, monkeypatch
+):
     copy = subset(builtin_samples, tmp_path / "samples", lambda row: True)
     rows = read_csv(copy / "manifest.csv")
     broken = copy / rows[0]["path"]
     broken.write_bytes(b"not an npz")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    metrics = evaluate.run(params(), evaluate.Paths(models[0], None, copy, builtin_samples.parent / "watertight", tmp_path / "eval"))
+    metrics = evaluate.run(
+        params(), evaluate.Paths(models[0], None, copy, builtin_samples.parent / "watertight", tmp_path / "eval")
+    )
     assert metrics["recon"]["objects"] == 7 and metrics["recon"]["failed"] == 1
     assert "generation" not in metrics
     failed = [r for r in read_csv(tmp_path / "eval" / "plots" / "recon.csv") if r["status"] == "failed"]
     assert [r["key"] for r in failed] == [rows[0]["key"]] and str(broken) in failed[0]["reason"]
     assert np.isfinite(metrics["recon"]["iou_volume"])
-
-
-def test_evaluate_recon_scores_a_folder_of_meshes_and_lists_the_ones_that_failed(models, tmp_path, capsys):
-    meshes = tmp_path / "meshes"
-    meshes.mkdir()
-    trimesh.creation.box((1.0, 0.6, 0.4)).export(meshes / "box.obj")
-    trimesh.creation.icosphere(3, 0.5).export(meshes / "ball.ply")
-    (meshes / "broken.obj").write_text("v 0 0 0\nv 1 0 0\n")  # vertices, no faces
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump({
-        "watertight": {"resolution": 48},
-        "sample": {"surface": 2048, "sharp": 256, "volume": 2048, "near": 1024, "sharp_near": 256},
-        "compute": {"workers": 1},
-        "train_vae": {"data": {"input_points": 256, "sharp_points": 64}},
-        "evaluate": {"resolution": 32, "recon_points": 2000},
-    }))  # fmt: skip
-    argv = ["--params", str(params_file), "evaluate-recon", str(meshes), "--vae", str(models[0]), "--work", str(tmp_path / "work")]
-    assert cli.main(argv) == 0
-    table = capsys.readouterr().out
-    report = json.loads((tmp_path / "work" / "report.json").read_text())
-    by_name = {Path(r["source"]).name: r for r in report["objects"]}
-    assert set(by_name) == {"box.obj", "ball.ply", "broken.obj"}
-    assert by_name["box.obj"]["status"] == "ok" and by_name["ball.ply"]["status"] == "ok"
-    assert by_name["broken.obj"]["status"] == "failed" and by_name["broken.obj"]["reason"].startswith("raw: ")
-    assert report["mean"]["objects"] == 2 and report["mean"]["failed"] == 1
-    assert "box.obj" in table and "ball.ply" in table and "broken.obj" in table and "mean of 2 meshes" in table
-    # A rerun picks up the finished preprocessing and scores the same.
-    assert cli.main(argv) == 0
-    again = json.loads((tmp_path / "work" / "report.json").read_text())
-    assert again["mean"] == report["mean"]
 
 
 def test_bad_evaluate_params_name_the_key(tmp_path):
@@ -198,7 +187,7 @@ def test_a_perfect_reconstruction_scores_iou_one_and_the_noise_floor(models, bui
     the sign plumbing, the point sets and the floor are what the stage says they are."""
     import torch
 
-    from shapeflow.stages.sample import sampled_frame
+    from shapeflow.geometry.mesh import sampled_frame
     from shapeflow.geometry.sdf import signed_distance
 
     meshes = builtin_samples.parent / "watertight"
@@ -209,7 +198,9 @@ def test_a_perfect_reconstruction_scores_iou_one_and_the_noise_floor(models, bui
         mesh = sampled_frame(paths[current["key"]])[0]
 
         def field(q: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(signed_distance(mesh.vertices, mesh.faces, q.numpy().astype(np.float64)).astype(np.float32))
+            return torch.from_numpy(
+                signed_distance(mesh.vertices, mesh.faces, q.numpy().astype(np.float64)).astype(np.float32)
+            )
 
         return field, mesh
 
@@ -222,7 +213,9 @@ def test_a_perfect_reconstruction_scores_iou_one_and_the_noise_floor(models, bui
     monkeypatch.setattr(evaluate, "reconstruct", exact)
     monkeypatch.setattr(evaluate, "recon_object", recon_object)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    metrics = evaluate.run(params(recon_objects=3), evaluate.Paths(models[0], None, builtin_samples, meshes, tmp_path / "eval"))
+    metrics = evaluate.run(
+        params(recon_objects=3), evaluate.Paths(models[0], None, builtin_samples, meshes, tmp_path / "eval")
+    )
     recon = metrics["recon"]
     assert recon["objects"] == 3 and recon["iou_volume"] == 1.0 and recon["iou_near"] == 1.0
     assert recon["nc"] == pytest.approx(recon["floor"]["nc"], abs=0.02)

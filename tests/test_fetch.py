@@ -11,10 +11,11 @@ import socket
 import urllib.error
 from pathlib import Path
 
+import bad_inputs
 import pytest
 
-import bad_inputs
-from shapeflow import cli, config, manifest as mf
+from shapeflow import cli, config
+from shapeflow import manifest as mf
 from shapeflow.data import builtin, local, objaverse
 from shapeflow.stages import fetch
 
@@ -134,7 +135,7 @@ def test_local_fetch_takes_good_files_and_records_bad_ones(tmp_path):
     assert fetch_cli(params, out, "--source", "local", "--path", str(folder)) == 0
     rows = {r["source"]: r for r in read_rows(out)}
     assert len(rows) == len(bad) + len(good)
-    for name, path in good.items():
+    for path in good.values():
         row = rows[f"local:good/{path.name}"]
         assert row["status"] == "ok", row["reason"]
         assert row["key"] == mf.file_sha256(path) and row["category"] == "good"
@@ -193,6 +194,17 @@ def test_switching_source_prunes_the_old_objects(tmp_path):
 
 def uid(n: int) -> str:
     return f"{n:032x}"
+
+
+def fill_objaverse_cache(cache: Path, shard: str, data: bytes) -> Path:
+    """An objaverse cache under `cache` that holds uid(1)'s glb in `shard` and an index naming it."""
+    root = cache / objaverse.OBJAVERSE_DIR
+    glb = root / "glbs" / shard / f"{uid(1)}.glb"
+    glb.parent.mkdir(parents=True)
+    glb.write_bytes(data)
+    with gzip.open(root / objaverse.INDEX_FILE, "wt") as fh:
+        json.dump({uid(1): f"glbs/{shard}/{uid(1)}.glb"}, fh)
+    return glb
 
 
 class FakeObjaverse:
@@ -257,17 +269,25 @@ def sha(data: bytes) -> str:
 
 
 def trellis_row(n: int, data: bytes | None, source: str = "sketchfab") -> dict[str, str]:
-    return {"sha256": sha(data) if data else "ab" * 32, "file_identifier": f"https://sketchfab.com/3d-models/{uid(n)}",
-            "source": source, "aesthetic_score": "6.1", "captions": json.dumps(["a thing, with a comma"])}
+    return {
+        "sha256": sha(data) if data else "ab" * 32,
+        "file_identifier": f"https://sketchfab.com/3d-models/{uid(n)}",
+        "source": source,
+        "aesthetic_score": "6.1",
+        "captions": json.dumps(["a thing, with a comma"]),
+    }
 
 
 def objaverse_params(tmp_path: Path, uid_list: Path, limit: int = 100, retries: int = 2) -> Path:
-    return write_params(tmp_path, f"""
+    return write_params(
+        tmp_path,
+        f"""
 fetch:
   source: objaverse
-  objaverse: {{list: {uid_list}, limit: {limit}, cache_dir: {tmp_path / 'cache'}, retries: {retries}, processes: 2}}
+  objaverse: {{list: {uid_list}, limit: {limit}, cache_dir: {tmp_path / "cache"}, retries: {retries}, processes: 2}}
 compute: {{workers: 1}}
-""")
+""",
+    )
 
 
 def test_objaverse_fetch_with_cache_mismatch_and_failures(tmp_path, glbs):
@@ -289,8 +309,10 @@ def test_objaverse_fetch_with_cache_mismatch_and_failures(tmp_path, glbs):
         trellis_row(5, b"the bytes of object five"),  # every download of it fails
         trellis_row(6, glbs["broken"]),  # downloads fine, is not a usable glb
         trellis_row(7, glbs["scene"]),  # not in the index: the downloader skips it
-        {**trellis_row(8, None, source="github"),
-         "file_identifier": "https://github.com/someone/repo/blob/abc/model.glb"},
+        {
+            **trellis_row(8, None, source="github"),
+            "file_identifier": "https://github.com/someone/repo/blob/abc/model.glb",
+        },
         trellis_row(9, glbs["scene"]),  # beyond the limit
     ]
     uid_list = write_list(tmp_path / "trellis.csv", rows)
@@ -365,11 +387,14 @@ def test_read_uid_list_formats(tmp_path):
     rows = objaverse.read_uid_list(step1x, limit=3)
     assert [r.uid for r in rows] == [uid(0), uid(1), uid(2)]
     assert all(r.problem == "" and r.sha256 == "" and r.category == "chair" for r in rows)
-    trellis = write_list(tmp_path / "trellis.csv", [
-        {"file_identifier": f"https://sketchfab.com/3d-models/{uid(1)}/", "sha256": "AB" * 32},
-        {"file_identifier": "not-a-uid", "sha256": "ab" * 32},
-        {"file_identifier": uid(2), "sha256": "xyz"},
-    ])  # fmt: skip
+    trellis = write_list(
+        tmp_path / "trellis.csv",
+        [
+            {"file_identifier": f"https://sketchfab.com/3d-models/{uid(1)}/", "sha256": "AB" * 32},
+            {"file_identifier": "not-a-uid", "sha256": "ab" * 32},
+            {"file_identifier": uid(2), "sha256": "xyz"},
+        ],
+    )
     one, two, three = objaverse.read_uid_list(trellis, limit=10)
     assert (one.uid, one.sha256, one.problem) == (uid(1), "ab" * 32, "")
     assert "does not name an Objaverse 1.0 uid" in two.problem
@@ -383,12 +408,7 @@ def test_default_downloader_uses_objaverse_cache_layout_offline(tmp_path, glbs, 
     """The real objaverse.load_objects, with its index and the glb already in `cache_dir`."""
     import objaverse as objaverse_package
 
-    root = tmp_path / "cache" / objaverse.OBJAVERSE_DIR
-    glb = root / "glbs" / "000-042" / f"{uid(1)}.glb"
-    glb.parent.mkdir(parents=True)
-    glb.write_bytes(glbs["glb1"])
-    with gzip.open(root / objaverse.INDEX_FILE, "wt") as fh:
-        json.dump({uid(1): f"glbs/000-042/{uid(1)}.glb"}, fh)
+    glb = fill_objaverse_cache(tmp_path / "cache", "000-042", glbs["glb1"])
     saved = objaverse_package._VERSIONED_PATH
     got = objaverse.objaverse_download([uid(1), uid(2)], tmp_path / "cache", processes=2)
     assert got == {uid(1): str(glb)}  # uid 2 is not in the index: left out
@@ -406,12 +426,7 @@ def test_default_downloader_removes_an_index_cut_short(tmp_path):
 
 def test_cli_objaverse_offline_from_a_filled_cache(tmp_path, glbs, network):
     """The real objaverse package end to end: the glb is cached, the licence lookup finds no network."""
-    root = tmp_path / "cache" / objaverse.OBJAVERSE_DIR
-    glb = root / "glbs" / "000-001" / f"{uid(1)}.glb"
-    glb.parent.mkdir(parents=True)
-    glb.write_bytes(glbs["glb1"])
-    with gzip.open(root / objaverse.INDEX_FILE, "wt") as fh:
-        json.dump({uid(1): f"glbs/000-001/{uid(1)}.glb"}, fh)
+    fill_objaverse_cache(tmp_path / "cache", "000-001", glbs["glb1"])
     step1x = write_list(tmp_path / "uids.csv", [{"uid": uid(1)}, {"uid": uid(2)}])
     params = objaverse_params(tmp_path, tmp_path / "elsewhere.csv", limit=50, retries=3)
     out = tmp_path / "raw"

@@ -3,6 +3,7 @@ training with `flow.loss` then sampling with `flow.euler_sample` recovers a know
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -36,7 +37,7 @@ def test_loss_is_per_sample_mean_squared_velocity_error_and_zero_for_the_true_ve
         return (data - z) / (1 - tt)[:, None, None]
 
     torch.testing.assert_close(flow.loss(true_velocity, data, noise, t), torch.zeros(2), atol=1e-5, rtol=0)
-    per_sample = flow.loss(lambda z, tt, y: torch.zeros_like(z) + y, data, noise, t, y=1.0)
+    per_sample = flow.loss(lambda z, tt, y: torch.zeros_like(z) + y, data, noise, t, extra_args={"y": 1.0})
     torch.testing.assert_close(per_sample, ((1.0 - (data - noise)) ** 2).mean(dim=(1, 2)))
 
 
@@ -47,7 +48,9 @@ def test_channel_weights_scale_each_channels_share_of_the_loss():
     torch.testing.assert_close(plain, torch.full((2,), 1 / 3))
     torch.testing.assert_close(flow.loss(off_in_first, data, noise, t, torch.ones(3)), plain)
     # Weight 4 on channel 0: 4 * 1 / mean(4, 1, 1) / 3 channels = 2/3 per element.
-    torch.testing.assert_close(flow.loss(off_in_first, data, noise, t, torch.tensor([4.0, 1.0, 1.0])), torch.full((2,), 2 / 3))
+    torch.testing.assert_close(
+        flow.loss(off_in_first, data, noise, t, torch.tensor([4.0, 1.0, 1.0])), torch.full((2,), 2 / 3)
+    )
     with pytest.raises(ValueError, match="channel_weights"):
         flow.loss(off_in_first, data, noise, t, torch.ones(4))
 
@@ -74,6 +77,18 @@ def test_euler_evaluates_at_the_start_of_each_step_with_one_time_per_sample():
     out = flow.euler_sample(constant, torch.zeros(2, 3), 4)
     torch.testing.assert_close(out, torch.ones(2, 3))
     assert [s.tolist() for s in seen] == [[0.0, 0.0], [0.25, 0.25], [0.5, 0.5], [0.75, 0.75]]
+
+
+def test_euler_passes_the_extra_args_to_every_evaluation():
+    seen = []
+
+    def scaled(z, t, *, scale):
+        seen.append(scale)
+        return scale * torch.ones_like(z)
+
+    out = flow.euler_sample(scaled, torch.zeros(2, 3), 4, extra_args={"scale": 2.0})
+    torch.testing.assert_close(out, torch.full((2, 3), 2.0))
+    assert seen == [2.0] * 4
 
 
 def test_time_grid_shift_puts_smaller_steps_near_noise():
@@ -186,8 +201,8 @@ def train_on_the_mixture(seed: int, conditional: bool, steps: int) -> tuple[Velo
         data = MODES[mode] + SIGMA * torch.randn(BATCH, 2, generator=g)
         noise = torch.randn(BATCH, 2, generator=g)
         t = flow.sample_t(BATCH, 0.0, 1.0, generator=g)
-        cond = {"y": flow.drop_labels(mode, 0.1, NULL, g)} if conditional else {}
-        loss = flow.loss(net, data, noise, t, **cond).mean()
+        extra_args = {"y": flow.drop_labels(mode, 0.1, NULL, g)} if conditional else None
+        loss = flow.loss(net, data, noise, t, extra_args=extra_args).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -204,7 +219,7 @@ def nearest_mode(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def mixture_statistics(seed: int) -> dict[str, float]:
     """Unconditional: train, draw 4000 samples, and measure them against the mixture."""
     net, g = train_on_the_mixture(seed, conditional=False, steps=2000)
-    samples = flow.euler_sample(lambda x, t: net(x, t), torch.randn(4000, 2, generator=g), SAMPLE_STEPS)
+    samples = flow.euler_sample(net, torch.randn(4000, 2, generator=g), SAMPLE_STEPS)
     index, near = nearest_mode(samples)
     shares = torch.bincount(index[near], minlength=len(MODES)).float() / len(samples)
     spread = (samples - MODES[index])[near].std(dim=0) / SIGMA  # per axis, in units of SIGMA
@@ -232,11 +247,9 @@ def conditional_hits(seed: int, guidance: float) -> torch.Tensor:
     net, g = train_on_the_mixture(seed, conditional=True, steps=1000)
     per_class = 500
     y = torch.arange(len(MODES)).repeat_interleave(per_class)
-
-    def velocity(x, t):
-        return flow.cfg_velocity(net, x, t, y, guidance, NULL)
-
-    samples = flow.euler_sample(velocity, torch.randn(len(y), 2, generator=g), SAMPLE_STEPS)
+    velocity = functools.partial(flow.cfg_velocity, net)
+    extra_args = {"y": y, "guidance": guidance, "null_label": NULL}
+    samples = flow.euler_sample(velocity, torch.randn(len(y), 2, generator=g), SAMPLE_STEPS, extra_args=extra_args)
     index, near = nearest_mode(samples)
     return ((index == y) & near).float().view(len(MODES), per_class).mean(dim=1)
 

@@ -51,7 +51,9 @@ def manifest(folder: Path) -> dict[str, str]:
 def test_process_pool_shards_do_what_the_stage_does(prefect_api, raw, tmp_path):
     from flows.preprocess import preprocess
 
-    totals = preprocess("watertight", str(raw), str(tmp_path / "fanned"), params_file=str(write_params(tmp_path, shards=3)))
+    totals = preprocess(
+        "watertight", str(raw), str(tmp_path / "fanned"), params_file=str(write_params(tmp_path, shards=3))
+    )
     assert totals == {"ok": 8, "failed": 0}
     from shapeflow.stages import watertight
 
@@ -66,7 +68,9 @@ def test_dask_cluster_runs_the_shards_when_params_name_its_address(prefect_api, 
 
     from flows.preprocess import preprocess, task_runner
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None, processes=True) as cluster:
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None, processes=True
+    ) as cluster:
         params = write_params(tmp_path, shards=2, dask_address=cluster.scheduler_address)
         assert type(task_runner(config.load_params(params).compute)).__name__ == "DaskTaskRunner"
         totals = preprocess("watertight", str(raw), str(tmp_path / "dask"), params_file=str(params))
@@ -91,6 +95,7 @@ def test_bad_dask_address_is_a_params_error(tmp_path):
         config.load_params(path)
 
 
+@pytest.mark.slow
 def test_pipeline_flow_fans_out_a_stale_per_object_stage_and_records_it_in_dvc_lock(prefect_api, tmp_path):
     """targets=[watertight]: fetch through `dvc repro`, watertight through the fan-out and `dvc commit`;
     afterwards DVC finds both up to date, and a second run does nothing."""
@@ -114,7 +119,9 @@ def test_pipeline_flow_fans_out_a_stale_per_object_stage_and_records_it_in_dvc_l
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline_flow, "REPO", repo)
         assert pipeline_flow.pipeline(targets=["watertight"]) == {"fetch": True, "watertight": True}
-        status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "watertight"], cwd=repo, capture_output=True, text=True)
+        status = subprocess.run(
+            [sys.executable, "-m", "dvc", "status", "--json", "watertight"], cwd=repo, capture_output=True, text=True
+        )
         assert status.returncode == 0 and status.stdout.strip() in ("{}", "")
         assert len(manifest(repo / "data" / "watertight")) == 8
         assert pipeline_flow.pipeline(targets=["watertight"]) == {"fetch": False, "watertight": False}

@@ -1,4 +1,4 @@
-"""Mesh loading, cleaning and normalisation (shapeflow.geometry.mesh)."""
+"""Mesh loading, cleaning, normalisation and edge topology (shapeflow.geometry.mesh)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,19 @@ import re
 import shutil
 from pathlib import Path
 
+import bad_inputs
 import numpy as np
 import pytest
 import trimesh
 
-import bad_inputs
 from shapeflow.geometry.mesh import (
     MeshError,
+    adjacent_half_edges,
     clean_mesh,
     decode_tristrips,
+    edge_defects,
     gltf_to_glb,
+    half_edges,
     load_clean,
     load_mesh,
     normalise,
@@ -155,11 +158,13 @@ def test_seam_cube_welds(tmp_path):
 
 def test_clean_drops_duplicate_degenerate_and_unreferenced():
     vertices = np.concatenate([bad_inputs.CUBE_VERTICES, [[9.0, 9.0, 9.0]]])  # vertex 8 is unused
-    faces = np.concatenate([
-        bad_inputs.CUBE_FACES,
-        bad_inputs.CUBE_FACES[:2, ::-1],  # the same two faces, reversed: duplicates
-        [[0, 1, 1]],  # repeats a vertex
-    ])
+    faces = np.concatenate(
+        [
+            bad_inputs.CUBE_FACES,
+            bad_inputs.CUBE_FACES[:2, ::-1],  # the same two faces, reversed: duplicates
+            [[0, 1, 1]],  # repeats a vertex
+        ]
+    )
     mesh = clean_mesh(trimesh.Trimesh(vertices, faces, process=False), "test")
     assert len(mesh.faces) == 12 and len(mesh.vertices) == 8
     assert mesh.metadata["clean"] == {"faces_in": 15, "degenerate": 1, "duplicate": 2, "faces_out": 12}
@@ -190,6 +195,34 @@ def test_normalise_rejects_a_point():
     mesh = trimesh.Trimesh(np.zeros((3, 3)), [[0, 1, 2]], process=False)
     with pytest.raises(MeshError, match="no extent"):
         normalise(mesh)
+
+
+def test_adjacent_half_edges_match_trimesh_adjacency():
+    meshes = (
+        trimesh.creation.box(),
+        trimesh.creation.icosphere(subdivisions=2),
+        trimesh.creation.cylinder(radius=0.5, height=1.0, sections=12),
+    )
+    for mesh in meshes:
+        start, stop = half_edges(np.asarray(mesh.faces))
+        first, second = adjacent_half_edges(start, stop, len(mesh.vertices))
+        got = {tuple(sorted(p)) for p in np.column_stack([first // 3, second // 3]).tolist()}
+        assert got == {tuple(sorted(p)) for p in mesh.face_adjacency.tolist()}
+        edges = np.sort(np.column_stack([start[first], stop[first]]), axis=1)
+        assert {tuple(e) for e in edges.tolist()} == {tuple(e) for e in np.sort(mesh.face_adjacency_edges, 1).tolist()}
+    # An edge of three faces has no dihedral angle and pairs with nothing (the slow path).
+    first, _ = adjacent_half_edges(*half_edges(np.array([[0, 1, 2], [1, 0, 3], [0, 1, 4]])), 5)
+    assert len(first) == 0
+
+
+def test_edge_defects_count_what_keeps_a_mesh_open():
+    faces = np.asarray(trimesh.creation.box().faces)
+    assert edge_defects(faces, 8) == {"boundary": 0, "overshared": 0, "misoriented": 0}
+    assert edge_defects(faces[:-1], 8)["boundary"] == 3
+    flipped = faces.copy()
+    flipped[0] = flipped[0, ::-1]
+    assert edge_defects(flipped, 8) == {"boundary": 0, "overshared": 0, "misoriented": 3}
+    assert edge_defects(np.concatenate([faces, faces[:1]]), 8)["overshared"] == 3
 
 
 # Face counts as loaded (no welding) and after clean_mesh; igea's strips decode to a closed surface.

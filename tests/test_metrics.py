@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import trimesh
 
 from shapeflow.metrics import (
     chamfer_distance,
@@ -14,6 +15,8 @@ from shapeflow.metrics import (
     normal_consistency,
     one_nna,
     pairwise_chamfer,
+    point_metrics,
+    surface_metrics,
     volume_iou,
 )
 
@@ -184,6 +187,30 @@ def test_normal_consistency_of_random_normals_is_a_half():
 
 
 # Pairwise Chamfer, MMD, COV, 1-NNA
+
+
+def test_surface_metrics_of_an_empty_mesh_are_zero_f_and_nan_distance():
+    empty = trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64), process=False)
+    ref = 0.5 * unit_vectors(np.random.default_rng(0), 100)
+    metrics = surface_metrics(empty, ref)
+    assert metrics["f@0.01"] == metrics["f@0.02"] == 0.0 and np.isnan(metrics["cd"]) and "nc" not in metrics
+    assert np.isnan(surface_metrics(empty, ref, reference_normals=ref)["nc"])
+
+
+def test_surface_metrics_drop_when_the_surface_is_off():
+    ref = 0.5 * unit_vectors(np.random.default_rng(0), 100_000)
+    on = surface_metrics(trimesh.creation.icosphere(subdivisions=4, radius=0.5), ref, reference_normals=ref)
+    assert on["f@0.02"] > 0.99 and on["cd"] < 0.012 and on["nc"] > 0.99
+    shrunk = surface_metrics(trimesh.creation.icosphere(subdivisions=4, radius=0.45), ref)
+    assert 0.045 < shrunk["cd"] < 0.06 and shrunk["f@0.02"] < 0.05
+
+
+def test_point_metrics_score_normals_only_when_both_sides_have_them():
+    rng = np.random.default_rng(0)
+    points = unit_vectors(rng, 2000)
+    assert set(point_metrics(points, points)) == {"cd", "f@0.01", "f@0.02"}
+    scores = point_metrics(points, points, points, points)
+    assert scores["cd"] == 0.0 and scores["f@0.01"] == 1.0 and scores["nc"] == pytest.approx(1.0)
 
 
 def test_pairwise_chamfer_matches_chamfer_distance():

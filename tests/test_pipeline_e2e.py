@@ -8,8 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +19,9 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from conftest import TINY_VAE
+
+pytestmark = pytest.mark.slow  # real DVC repro, Prefect and MLflow servers
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -27,9 +30,8 @@ TINY = {
     "watertight": {"resolution": 32},
     "sample": {"surface": 512, "sharp": 128, "volume": 512, "near": 256, "sharp_near": 128},
     "compute": {"workers": 2},
-    "train_vae": {
-        "model": {"num_latents": 16, "width": 64},
-        "data": {"input_points": 256, "sharp_points": 64, "volume_points": 128, "near_points": 128, "sharp_near_points": 64},
+    "train_vae": TINY_VAE
+    | {
         "steps": 4,
         "batch_size": 2,
         "log_every": 2,
@@ -60,7 +62,9 @@ def dvc(repo: Path, *args: str) -> str:
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}",
     )
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
@@ -86,7 +90,6 @@ def repo(tmp_path_factory) -> Path:
     return repo
 
 
-@pytest.mark.slow
 def test_repro_builds_all_data_stages_then_does_nothing_then_only_what_changed(repo):
     first = dvc(repo, "repro")
     assert ran(first) == set(STAGES)
@@ -120,7 +123,6 @@ def test_repro_builds_all_data_stages_then_does_nothing_then_only_what_changed(r
     assert ran(third) == {"train_dit", "evaluate"}, third[-3000:]
 
 
-@pytest.mark.slow
 def test_two_experiments_line_up_in_dvc_exp_show_metrics_diff_and_mlflow(repo):
     if not (repo / "dvc.lock").is_file():
         dvc(repo, "repro")
@@ -150,7 +152,10 @@ def test_two_experiments_line_up_in_dvc_exp_show_metrics_diff_and_mlflow(repo):
     named = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert {"coarse", "fine"} <= set(named)
     assert named["coarse"].data.tags["dvc_exp"] == "coarse"
-    assert named["coarse"].data.params["evaluate.recon_points"] == "300" and named["fine"].data.params["evaluate.recon_points"] == "600"
+    assert (
+        named["coarse"].data.params["evaluate.recon_points"] == "300"
+        and named["fine"].data.params["evaluate.recon_points"] == "600"
+    )
     # The same param keys and metric names, so MLflow's compare view lines the two runs up.
     assert set(named["coarse"].data.params) == set(named["fine"].data.params)
     assert set(named["coarse"].data.metrics) == set(named["fine"].data.metrics)
@@ -187,30 +192,50 @@ class Services:
         self.repo, self.folder = repo, folder
         self.prefect_port, self.mlflow_port = free_port(), free_port()
         self.env = dict(
-            os.environ, BIN=str(BIN), SERVICES_DIR=str(folder), PREFECT_PORT=str(self.prefect_port), MLFLOW_PORT=str(self.mlflow_port),
-            PREFECT_API_URL=f"http://127.0.0.1:{self.prefect_port}/api", PREFECT_HOME=str(folder / "prefect"), SHAPEFLOW_REPO=str(repo),
-            PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DO_NOT_TRACK="1", OMP_NUM_THREADS="1",
-        )  # fmt: skip
+            os.environ,
+            BIN=str(BIN),
+            SERVICES_DIR=str(folder),
+            PREFECT_PORT=str(self.prefect_port),
+            MLFLOW_PORT=str(self.mlflow_port),
+            PREFECT_API_URL=f"http://127.0.0.1:{self.prefect_port}/api",
+            PREFECT_HOME=str(folder / "prefect"),
+            SHAPEFLOW_REPO=str(repo),
+            PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            DO_NOT_TRACK="1",
+            OMP_NUM_THREADS="1",
+        )
         self.api = f"http://127.0.0.1:{self.prefect_port}/api"
         self.mlflow = f"http://127.0.0.1:{self.mlflow_port}"
 
     def script(self, *args: str, timeout: int = 300) -> str:
         proc = subprocess.run(
-            ["bash", "scripts/services.sh", *args], cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=timeout
+            ["bash", "scripts/services.sh", *args],
+            cwd=self.repo,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         assert proc.returncode == 0, f"services.sh {args}: {proc.stdout}\n{proc.stderr}"
         return proc.stdout
 
     def prefect(self, *args: str) -> str:
         proc = subprocess.run(
-            [str(BIN / "prefect"), "--no-prompt", *args], cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=300
+            [str(BIN / "prefect"), "--no-prompt", *args],
+            cwd=self.repo,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert proc.returncode == 0, f"prefect {args}: {proc.stdout}\n{proc.stderr}"
         return proc.stdout
 
     def kill_all(self) -> None:
         """Stop through the script, then make sure: every process group a pid file names is gone."""
-        subprocess.run(["bash", "scripts/services.sh", "stop"], cwd=self.repo, env=self.env, capture_output=True, timeout=120)
+        subprocess.run(
+            ["bash", "scripts/services.sh", "stop"], cwd=self.repo, env=self.env, capture_output=True, timeout=120
+        )
         for pid_file in self.folder.glob("*.pid"):
             try:
                 os.killpg(int(pid_file.read_text()), 9)
@@ -229,14 +254,21 @@ class Services:
                 return run
             if time.monotonic() > deadline:
                 worker_log = (self.folder / "worker.log").read_text(errors="replace")[-3000:]
-                raise AssertionError(f"flow run {run_id} still {run['state']['type']} after {timeout} s; worker log:\n{worker_log}")
+                raise AssertionError(
+                    f"flow run {run_id} still {run['state']['type']} after {timeout} s; worker log:\n{worker_log}"
+                )
             time.sleep(2)
 
     def logs(self, flow_run_id: str) -> list[str]:
         """Every log message of a flow run and its tasks, oldest first."""
         messages, offset = [], 0
         while True:
-            body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200, "offset": offset, "sort": "TIMESTAMP_ASC"}
+            body = {
+                "logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                "limit": 200,
+                "offset": offset,
+                "sort": "TIMESTAMP_ASC",
+            }
             page = httpx.post(f"{self.api}/logs/filter", json=body, timeout=30).json()
             messages += [entry["message"] for entry in page]
             if len(page) < 200:
@@ -244,10 +276,16 @@ class Services:
             offset += len(page)
 
     def mlflow_runs(self, experiment: str) -> list[dict]:
-        found = httpx.get(f"{self.mlflow}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": experiment}, timeout=30)
+        found = httpx.get(
+            f"{self.mlflow}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": experiment}, timeout=30
+        )
         assert found.status_code == 200, found.text
         exp_id = found.json()["experiment"]["experiment_id"]
-        runs = httpx.post(f"{self.mlflow}/api/2.0/mlflow/runs/search", json={"experiment_ids": [exp_id], "max_results": 100}, timeout=30)
+        runs = httpx.post(
+            f"{self.mlflow}/api/2.0/mlflow/runs/search",
+            json={"experiment_ids": [exp_id], "max_results": 100},
+            timeout=30,
+        )
         return runs.json().get("runs", [])
 
 
@@ -266,7 +304,6 @@ def services(repo, tmp_path_factory):
         svc.kill_all()
 
 
-@pytest.mark.slow
 def test_a_triggered_deployment_with_an_override_ends_in_mlflow_as_a_dvc_experiment(services):
     run = services.run_deployment("pipeline/full", {"overrides": ["train_vae.steps=6"], "experiment": "steps-6"})
     assert run["state"]["type"] == "COMPLETED", run["state"]
@@ -279,11 +316,17 @@ def test_a_triggered_deployment_with_an_override_ends_in_mlflow_as_a_dvc_experim
     vae_runs = [r for r in services.mlflow_runs("shapeflow-train_vae") if r["info"]["run_name"] == "steps-6"]
     assert [{p["key"]: p["value"] for p in r["data"]["params"]}["train_vae.steps"] for r in vae_runs] == ["6"]
     # The workspace's params are untouched; the experiment is DVC's.
-    assert yaml.safe_load((services.repo / "params.yaml").read_text())["train_vae"]["steps"] == TINY["train_vae"]["steps"]
-    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], cwd=services.repo, capture_output=True, text=True)
+    assert (
+        yaml.safe_load((services.repo / "params.yaml").read_text())["train_vae"]["steps"] == TINY["train_vae"]["steps"]
+    )
+    shown = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "list", "--name-only"], cwd=services.repo, capture_output=True, text=True
+    )
     assert "steps-6" in shown.stdout.split()
     # The experiment's worktree (inside the repo) is not part of the main pipeline.
-    stages = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], cwd=services.repo, capture_output=True, text=True)
+    stages = subprocess.run(
+        [sys.executable, "-m", "dvc", "stage", "list", "--name-only"], cwd=services.repo, capture_output=True, text=True
+    )
     assert stages.stdout.split() == list(STAGES)
     artifact = httpx.post(
         f"{services.api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["shapeflow-metrics"]}}}, timeout=30
@@ -308,19 +351,25 @@ def kill_processes_in(folder: Path) -> int:
     return killed
 
 
-@pytest.mark.slow
 def test_a_bad_param_fails_its_stage_and_a_killed_worker_resumes_on_rerun(services):
     """Runs in the experiment of the test above: its finished stages stay finished."""
     bad = services.run_deployment("pipeline/full", {"overrides": ["train_vae.preset=huge"], "experiment": "steps-6"})
     assert bad["state"]["type"] == "FAILED"
-    assert "stage 'train_vae' failed" in bad["state"]["message"] and "unknown VAE preset 'huge'" in bad["state"]["message"]
-    task_runs = httpx.post(f"{services.api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [bad["id"]]}}}, timeout=30).json()
+    assert (
+        "stage 'train_vae' failed" in bad["state"]["message"] and "unknown VAE preset 'huge'" in bad["state"]["message"]
+    )
+    task_runs = httpx.post(
+        f"{services.api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [bad["id"]]}}}, timeout=30
+    ).json()
     failed = [t for t in task_runs if t["state"]["type"] == "FAILED"]
     assert [t["name"] for t in failed] == ["train_vae"] and failed[0]["run_count"] == 1  # a bad param is not retried
     assert "stage sample was up to date" in "\n".join(services.logs(bad["id"]))
 
     # A longer training, its worker killed (kill -9, the stage's processes with it) after the first checkpoint.
-    longer = {"overrides": ["train_vae.preset=tiny", "train_vae.steps=60", "train_vae.checkpoint_every=5"], "experiment": "steps-6"}
+    longer = {
+        "overrides": ["train_vae.preset=tiny", "train_vae.steps=60", "train_vae.checkpoint_every=5"],
+        "experiment": "steps-6",
+    }
     args = [f"--param={k}={json.dumps(v)}" for k, v in longer.items()]
     services.prefect("deployment", "run", "pipeline/full", *args)
     worktree = services.repo / ".shapeflow" / "experiments" / "steps-6"
@@ -331,7 +380,9 @@ def test_a_bad_param_fails_its_stage_and_a_killed_worker_resumes_on_rerun(servic
     os.killpg(int((services.folder / "worker.pid").read_text()), 9)
     kill_processes_in(worktree)
     started = services.script("start")  # the servers are up: only a new worker starts
-    assert "worker: started" in started, started  # the killed worker (a zombie until reaped) is not taken for a live one
+    assert "worker: started" in started, (
+        started
+    )  # the killed worker (a zombie until reaped) is not taken for a live one
     again = services.run_deployment("pipeline/full", longer)
     assert again["state"]["type"] == "COMPLETED", again["state"]
     messages = "\n".join(services.logs(again["id"]))

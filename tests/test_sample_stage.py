@@ -26,9 +26,20 @@ sample:
 """
 
 KEYS = {
-    "surface_points", "surface_normals", "sharp_points", "sharp_normals", "sharp_is_edge", "vol_points",
-    "vol_sdf", "near_points", "near_sdf", "near_scale", "sharp_near_points", "sharp_near_sdf", "n_sharp_edges",
-}  # fmt: skip
+    "surface_points",
+    "surface_normals",
+    "sharp_points",
+    "sharp_normals",
+    "sharp_is_edge",
+    "vol_points",
+    "vol_sdf",
+    "near_points",
+    "near_sdf",
+    "near_scale",
+    "sharp_near_points",
+    "sharp_near_sdf",
+    "n_sharp_edges",
+}
 
 
 def write_inputs(folder: Path) -> None:
@@ -114,8 +125,21 @@ def test_results_do_not_depend_on_sharding_or_workers(setup, tmp_path):
     whole, sharded = tmp_path / "whole", tmp_path / "sharded"
     assert sample(src, whole, params) == 0
     for rank in (0, 1):
-        cli.main(["--params", str(params), "sample", str(src), str(sharded), "--workers", "2",
-                  "--rank", str(rank), "--world-size", "2"])  # fmt: skip
+        cli.main(
+            [
+                "--params",
+                str(params),
+                "sample",
+                str(src),
+                str(sharded),
+                "--workers",
+                "2",
+                "--rank",
+                str(rank),
+                "--world-size",
+                "2",
+            ]
+        )
     assert (sharded / "manifest.csv").is_file()
     rows_whole, rows_sharded = manifest_rows(whole), manifest_rows(sharded)
     assert {k: r["status"] for k, r in rows_whole.items()} == {k: r["status"] for k, r in rows_sharded.items()}
@@ -145,7 +169,7 @@ def test_watertight_output_carries_its_columns_and_inside_out_meshes_are_turned(
     assert sample(src, dst, params) == 0
     rows = {r["key"]: r for r in manifest_rows(dst).values()}
     assert set(rows) == {"a" * 64, "b" * 64}  # the upstream failure is not retried
-    for key, row in rows.items():
+    for row in rows.values():
         assert row["status"] == "ok" and row["category"] == "chair" and row["license"] == "CC0"
         assert row["split"] == "train"
         # Normalising again changes nothing: the upstream transform back to the source frame carries over.
@@ -176,7 +200,17 @@ def test_an_input_remade_under_the_same_key_is_sampled_again(tmp_path):
     watertight, dst = tmp_path / "watertight", tmp_path / "samples"
 
     def remesh(resolution: int) -> None:
-        argv = ["--params", str(params), "watertight", str(src), str(watertight), "--workers", "1", "--resolution", str(resolution)]
+        argv = [
+            "--params",
+            str(params),
+            "watertight",
+            str(src),
+            str(watertight),
+            "--workers",
+            "1",
+            "--resolution",
+            str(resolution),
+        ]
         assert cli.main(argv) == 0
 
     remesh(24)

@@ -11,14 +11,11 @@ from shapeflow.config import SampleParams
 from shapeflow.geometry import sdf
 from shapeflow.geometry.sampling import (
     edge_candidates,
-    edge_defects,
-    face_pairs,
     farthest_points,
     sample_object,
     sample_sharp,
     sample_surface,
     sharp_edge_table,
-    sharp_edges,
 )
 
 HALF = np.array([0.75, 0.5, 0.25])  # half extents of the test box
@@ -40,6 +37,11 @@ def box_sdf(points: np.ndarray, half: np.ndarray = HALF) -> np.ndarray:
     return outside + inside
 
 
+def sharp_edges(mesh: trimesh.Trimesh, angle_deg: float) -> np.ndarray:
+    """End points of the sharp edges, (E, 2, 3)."""
+    return mesh.vertices[sharp_edge_table(mesh, angle_deg)[0]]
+
+
 def distance_to_segments(points: np.ndarray, segments: np.ndarray) -> np.ndarray:
     """Distance from each point to the nearest of the segments (E, 2, 3)."""
     a, b = segments[:, 0], segments[:, 1]  # (E, 3)
@@ -50,8 +52,9 @@ def distance_to_segments(points: np.ndarray, segments: np.ndarray) -> np.ndarray
     return np.linalg.norm(points[:, None] - closest, axis=2).min(axis=1)
 
 
-SMALL = SampleParams(surface=2000, sharp=500, volume=3000, near=1500, near_scales=(0.005, 0.02),
-                     sharp_near=800, sharp_near_scale=0.005)
+SMALL = SampleParams(
+    surface=2000, sharp=500, volume=3000, near=1500, near_scales=(0.005, 0.02), sharp_near=800, sharp_near_scale=0.005
+)
 
 
 # ------------------------------------------------------------------------------------------- sdf
@@ -102,13 +105,15 @@ def test_sign_follows_the_winding_number_where_a_closed_mesh_overlaps_itself():
 def test_points_behind_a_face_interior_are_decided_inside_and_no_others():
     mesh = box()
     V, F = np.asarray(mesh.vertices, float), np.asarray(mesh.faces, np.int64)
-    pts = np.array([
-        [0.3, 0.3, 0.2],    # inside, nearest point inside a triangle of the top side
-        [0.7, 0.1, -0.15],  # inside, nearest point inside a triangle of the +x side
-        [0.3, 0.3, 0.3],    # outside, in front of the top side
-        [0.8, 0.6, 0.0],    # outside, nearest point on an edge of the box
-        [0.0, 0.0, 0.2],    # inside, but nearest the diagonal between a side's two triangles
-    ])  # fmt: skip
+    pts = np.array(
+        [
+            [0.3, 0.3, 0.2],  # inside, nearest point inside a triangle of the top side
+            [0.7, 0.1, -0.15],  # inside, nearest point inside a triangle of the +x side
+            [0.3, 0.3, 0.3],  # outside, in front of the top side
+            [0.8, 0.6, 0.0],  # outside, nearest point on an edge of the box
+            [0.0, 0.0, 0.2],  # inside, but nearest the diagonal between a side's two triangles
+        ]
+    )
     sq, face, closest = igl.point_mesh_squared_distance(pts, V, F)
     decided = sdf.behind_nearest_face(V, F, pts, face, closest)
     np.testing.assert_array_equal(decided, [True, True, False, False, False])
@@ -185,29 +190,6 @@ def test_box_has_twelve_sharp_edges_at_ninety_degrees():
     assert len(sharp_edges(mesh, 91.0)) == 0  # the dihedral angle is 90 degrees exactly
 
 
-def test_face_pairs_match_trimesh_adjacency():
-    for mesh in (box(), ball(subdivisions=2), trimesh.creation.cylinder(radius=0.5, height=1.0, sections=12)):
-        pairs, edges = face_pairs(np.asarray(mesh.faces), len(mesh.vertices))
-        got = {tuple(sorted(p)) for p in pairs.tolist()}
-        assert got == {tuple(sorted(p)) for p in mesh.face_adjacency.tolist()}
-        assert {tuple(e) for e in edges.tolist()} == {tuple(e) for e in np.sort(mesh.face_adjacency_edges, 1).tolist()}
-    # An edge of three faces has no dihedral angle and pairs with nothing (the slow path).
-    faces = np.array([[0, 1, 2], [1, 0, 3], [0, 1, 4]])
-    pairs, _ = face_pairs(faces, 5)
-    assert len(pairs) == 0
-
-
-def test_edge_defects_count_what_keeps_a_mesh_open():
-    mesh = box()
-    faces = np.asarray(mesh.faces)
-    assert edge_defects(faces, 8) == {"boundary": 0, "overshared": 0, "misoriented": 0}
-    assert edge_defects(faces[:-1], 8)["boundary"] == 3
-    flipped = faces.copy()
-    flipped[0] = flipped[0, ::-1]
-    assert edge_defects(flipped, 8) == {"boundary": 0, "overshared": 0, "misoriented": 3}
-    assert edge_defects(np.concatenate([faces, faces[:1]]), 8)["overshared"] == 3
-
-
 def test_sphere_has_no_sharp_edges():
     assert sharp_edges(ball(), 30.0).shape == (0, 2, 3)
 
@@ -245,9 +227,9 @@ def test_sharp_points_lie_on_the_edges_of_a_box():
     # Farthest point sampling covers every edge.
     dist = distance_to_segments(mesh.vertices[np.unique(sharp_edge_table(mesh, 30.0)[0])], sharp_edges(mesh, 30.0))
     assert dist.max() < 1e-12
-    per_edge = np.array([
-        (distance_to_segments(pts.astype(np.float64), seg[None]) < 1e-6).sum() for seg in sharp_edges(mesh, 30.0)
-    ])
+    per_edge = np.array(
+        [(distance_to_segments(pts.astype(np.float64), seg[None]) < 1e-6).sum() for seg in sharp_edges(mesh, 30.0)]
+    )
     assert per_edge.min() >= 10
 
 
@@ -279,13 +261,20 @@ def test_sample_object_shapes_and_dtypes():
     out = sample_object(box(), SMALL, seed=0)
     n_near = SMALL.near * len(SMALL.near_scales)
     expected = {
-        "surface_points": (SMALL.surface, 3), "surface_normals": (SMALL.surface, 3),
-        "sharp_points": (SMALL.sharp, 3), "sharp_normals": (SMALL.sharp, 3), "sharp_is_edge": (SMALL.sharp,),
-        "vol_points": (SMALL.volume, 3), "vol_sdf": (SMALL.volume,),
-        "near_points": (n_near, 3), "near_sdf": (n_near,), "near_scale": (n_near,),
-        "sharp_near_points": (SMALL.sharp_near, 3), "sharp_near_sdf": (SMALL.sharp_near,),
+        "surface_points": (SMALL.surface, 3),
+        "surface_normals": (SMALL.surface, 3),
+        "sharp_points": (SMALL.sharp, 3),
+        "sharp_normals": (SMALL.sharp, 3),
+        "sharp_is_edge": (SMALL.sharp,),
+        "vol_points": (SMALL.volume, 3),
+        "vol_sdf": (SMALL.volume,),
+        "near_points": (n_near, 3),
+        "near_sdf": (n_near,),
+        "near_scale": (n_near,),
+        "sharp_near_points": (SMALL.sharp_near, 3),
+        "sharp_near_sdf": (SMALL.sharp_near,),
         "n_sharp_edges": (),
-    }  # fmt: skip
+    }
     assert {k: v.shape for k, v in out.items()} == expected
     for key in expected:
         if key.endswith(("points", "normals", "sdf")):
@@ -317,8 +306,9 @@ def test_supervision_distances_are_those_of_the_stored_points():
 def test_near_surface_noise_scales_are_respected():
     # A big box: near its flat sides the distance of a jittered point is |N(0, s)| along the normal,
     # whose mean is s * sqrt(2 / pi).
-    params = SampleParams(surface=10, sharp=10, volume=10, near=6000, near_scales=(0.004, 0.03),
-                          sharp_near=6000, sharp_near_scale=0.01)  # fmt: skip
+    params = SampleParams(
+        surface=10, sharp=10, volume=10, near=6000, near_scales=(0.004, 0.03), sharp_near=6000, sharp_near_scale=0.01
+    )
     big = trimesh.creation.box(extents=(1.8, 1.8, 1.8))
     out = sample_object(big, params, seed=0)
     for index, scale in enumerate(params.near_scales):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,9 @@ import numpy as np
 import pytest
 import trimesh
 import yaml
-from mlflow.tracking import MlflowClient
-
 from conftest import kill_at_first_checkpoint
+from training_runs import PYTHON, TWO_CPU_RANKS, env_for, run_cli, tracked_runs
+
 from shapeflow.models.vae import VecSetVAE, save_pretrained, vae_config
 
 VAE_DATA = {"input_points": 256, "sharp_points": 64}
@@ -49,29 +48,34 @@ def write_params(folder: Path, **train_dit) -> Path:
 
 def stage_args(work: Path, vae: Path, samples: Path, params: Path) -> list[str]:
     return [
-        "-m", "shapeflow.cli", "--params", str(params), "train-dit", str(vae), str(samples), str(work / "dit"),
-        "--checkpoints", str(work / "ck"), "--metrics", str(work / "reports" / "metrics.json"),
-        "--plots", str(work / "reports"), "--cache", str(work / "cache"),
-    ]  # fmt: skip
+        "-m",
+        "shapeflow.cli",
+        "--params",
+        str(params),
+        "train-dit",
+        str(vae),
+        str(samples),
+        str(work / "dit"),
+        "--checkpoints",
+        str(work / "ck"),
+        "--metrics",
+        str(work / "reports" / "metrics.json"),
+        "--plots",
+        str(work / "reports"),
+        "--cache",
+        str(work / "cache"),
+    ]
 
 
-def env_for(work: Path) -> dict[str, str]:
-    return dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", OMP_NUM_THREADS="1")
-
-
-def train(work: Path, vae: Path, samples: Path, params: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *stage_args(work, vae, samples, params)],
-        cwd=work, env=env_for(work), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+def train(work: Path, vae: Path, samples: Path, params: Path, launcher: tuple[str, ...] = PYTHON):
+    return run_cli(stage_args(work, vae, samples, params), work, launcher)
 
 
 def runs(work: Path):
-    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("shapeflow-train_dit")
-    return client, client.search_runs([experiment.experiment_id]) if experiment else []
+    return tracked_runs(work, "shapeflow-train_dit")
 
 
+@pytest.mark.slow
 def test_stage_writes_raw_and_ema_weights_scores_and_one_tracked_run(builtin_samples, small_vae, tmp_path):
     params = write_params(tmp_path, steps=6, checkpoint_every=3)
     proc = train(tmp_path, small_vae, builtin_samples, params)
@@ -81,7 +85,9 @@ def test_stage_writes_raw_and_ema_weights_scores_and_one_tracked_run(builtin_sam
     raw = (dit / "raw" / "model.safetensors").read_bytes()
     assert raw != (dit / "ema" / "model.safetensors").read_bytes()  # the EMA lags the raw weights
     info = json.loads((dit / "generator.json").read_text())
-    categories = {row["category"] for row in csv.DictReader(open(builtin_samples / "manifest.csv")) if row["split"] == "train"}
+    categories = {
+        row["category"] for row in csv.DictReader(open(builtin_samples / "manifest.csv")) if row["split"] == "train"
+    }
     assert info["classes"] == sorted(categories)
     assert len(info["latent_stats"]["mean"]) == 16 + 3 * int(vae_config("tiny").anchored)
 
@@ -98,7 +104,9 @@ def test_stage_writes_raw_and_ema_weights_scores_and_one_tracked_run(builtin_sam
     run = found[0]
     assert run.data.tags["stage"] == "train_dit" and run.data.tags["world_size"] == "1"
     assert {"git_commit", "dvc_data_hash", "dvc_vae_hash", "latent_cache_key"} <= set(run.data.tags)
-    assert run.data.params["train_dit.batch_size"] == "4" and run.data.params["model_config.num_classes"] == str(len(categories))
+    assert run.data.params["train_dit.batch_size"] == "4" and run.data.params["model_config.num_classes"] == str(
+        len(categories)
+    )
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 3
     assert "model/ema/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "model/ema")}
 
@@ -113,6 +121,7 @@ def test_stage_writes_raw_and_ema_weights_scores_and_one_tracked_run(builtin_sam
     assert metrics["gen_samples"] == 1 and "gen_category_match" not in metrics
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_from_its_last_checkpoint(builtin_samples, small_vae, tmp_path):
     params = write_params(tmp_path, steps=400, checkpoint_every=5, final_samples=0, log_every=5)
     cmd = [sys.executable, *stage_args(tmp_path, small_vae, builtin_samples, params)]
@@ -130,14 +139,10 @@ def test_killed_training_resumes_from_its_last_checkpoint(builtin_samples, small
     assert len(found) == 1 and found[0].info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_two_ranks_on_cpu_end_with_identical_weights_and_one_run(builtin_samples, small_vae, tmp_path):
     params = write_params(tmp_path, steps=4, checkpoint_every=2, final_samples=0)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch",
-                "--config_file", str(Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "multi_cpu.yaml")]  # fmt: skip
-    proc = subprocess.run(
-        [*launcher, *stage_args(tmp_path, small_vae, builtin_samples, params)],
-        cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = train(tmp_path, small_vae, builtin_samples, params, launcher=TWO_CPU_RANKS)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and len(set(metrics["rank_checksums"])) == 1
@@ -162,11 +167,23 @@ def trained_dit(builtin_samples, small_vae, tmp_path_factory) -> Path:
 
 
 def generate(work: Path, vae: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "shapeflow.cli", "--params", str(work / "params.yaml"), "generate", str(out),
-           "--dit", str(work / "dit"), "--vae", str(vae), *args]  # fmt: skip
-    return subprocess.run(cmd, cwd=work, env=env_for(work), capture_output=True, text=True, timeout=600)
+    cmd = [
+        "-m",
+        "shapeflow.cli",
+        "--params",
+        str(work / "params.yaml"),
+        "generate",
+        str(out),
+        "--dit",
+        str(work / "dit"),
+        "--vae",
+        str(vae),
+        *args,
+    ]
+    return run_cli(cmd, work)
 
 
+@pytest.mark.slow
 def test_generate_writes_meshes_and_a_preview_and_repeats_itself_for_a_seed(trained_dit, small_vae, tmp_path):
     from PIL import Image
 
@@ -188,36 +205,11 @@ def test_generate_writes_meshes_and_a_preview_and_repeats_itself_for_a_seed(trai
         assert np.array_equal(a.vertices, b.vertices) and np.array_equal(a.faces, b.faces)
 
 
+@pytest.mark.slow
 def test_generate_names_an_unknown_category_and_writes_nothing(trained_dit, small_vae, tmp_path):
     proc = generate(trained_dit, small_vae, tmp_path / "out", "--n", "1", "--category", "spaceship")
     assert proc.returncode == 2 and "spaceship" in proc.stderr and "chair" in proc.stderr
     assert not (tmp_path / "out").exists()
-
-
-def test_preview_render_shows_the_shape_and_is_blank_without_one():
-    from shapeflow.generate import render
-
-    sphere = render(trimesh.creation.icosphere(subdivisions=3, radius=0.5), size=64)
-    empty = render(trimesh.Trimesh(), size=64)
-    assert (empty == 255).all()
-    painted = (sphere != 255).any(axis=-1)
-    assert 0.15 < painted.mean() < 0.6 and painted[32, 32] and not painted[0, 0]
-
-
-def test_a_sample_field_below_zero_beyond_the_normalisation_box_still_closes():
-    # A slab through the whole grid, negative out to the grid's edge along x and z, as a decoded
-    # field can be just past a shape that touches the box. Held to the box (what Generator.to_mesh
-    # does), the mesh closes at +-0.95 and is unchanged inside it; as it is, it stays open.
-    from shapeflow.generate import is_watertight_shape, within_box
-    from shapeflow.geometry.decode import decode_mesh
-
-    slab = lambda q: q[:, 1].abs() - 0.2  # noqa: E731
-    assert not is_watertight_shape(decode_mesh(slab, 64))
-    mesh = decode_mesh(within_box(slab), 64)
-    assert is_watertight_shape(mesh) and mesh.volume > 0
-    lo, hi = mesh.bounds
-    assert np.allclose(lo, [-0.95, -0.2, -0.95], atol=0.02) and np.allclose(hi, [0.95, 0.2, 0.95], atol=0.02)
-    assert abs(mesh.volume - 1.9 * 0.4 * 1.9) < 0.02
 
 
 def test_anchor_weight_lands_on_an_anchored_vaes_xyz_only_and_must_be_positive(tmp_path):

@@ -1,11 +1,11 @@
-"""Shared training pieces: LR schedule, checkpoints, provenance."""
+"""The pieces of the training loop: LR schedule, EMA, checkpoints, CSV logs, CPU threads, batches."""
 
 from __future__ import annotations
 
+import csv
 
 import pytest
 import torch
-import yaml
 from accelerate import Accelerator
 
 from shapeflow import training
@@ -17,7 +17,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
     values = [f(s) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
 
 
 @pytest.fixture()
@@ -29,24 +29,48 @@ def state_of(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_ema_of_a_short_run_follows_the_model_and_survives_a_checkpoint():
+def test_ema_decay_warms_up_to_its_cap():
+    assert [training.ema_decay(0.999, n) for n in (0, 1, 100)] == pytest.approx([1 / 10, 2 / 11, 101 / 110])
+    assert training.ema_decay(0.999, 10_000) == 0.999  # the cap, once warmed up
+    with pytest.raises(ValueError, match="EMA decay"):
+        training.ema(torch.nn.Linear(2, 2), 1.0)
+
+
+def test_ema_of_a_short_run_follows_the_model():
     model = torch.nn.Linear(4, 4)
     torch.nn.init.zeros_(model.weight)
-    ema = training.EMA(model, 0.999)
+    ema = training.ema(model, 0.999)
     torch.nn.init.ones_(model.weight)
-    for _ in range(100):
-        ema.update(model)
+    ema.update_parameters(model)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema.update_parameters(model)
+    # The first update copies the model; the second moves the average by 1 - 2/11 of the way.
+    torch.testing.assert_close(ema.module.weight, torch.full((4, 4), 1.0 + 9 / 11))
+    for _ in range(98):
+        ema.update_parameters(model)
+    # Without the warm-up, 100 updates at 0.999 would leave the average 1 - 0.999^100 = 0.095 of the way.
+    assert ema.module.weight.min().item() > 1.99 and int(ema.n_averaged) == 100
     target = torch.nn.Linear(4, 4)
-    ema.copy_to(target)
-    # Without the warm-up 100 updates at 0.999 would leave 1 - 0.999^100 = 0.095 of the way.
-    assert target.weight.min().item() > 0.99
-    assert ema.current_decay() == pytest.approx(101 / 110)
-    resumed = training.EMA(torch.nn.Linear(4, 4), 0.999)
-    resumed.load_state_dict(ema.state_dict())
-    assert resumed.current_decay() == ema.current_decay()
-    for _ in range(10_000):
-        resumed.update(model)
-    assert resumed.current_decay() == 0.999  # the cap, once warmed up
+    target.load_state_dict(ema.module.state_dict())
+    torch.testing.assert_close(target.weight, ema.module.weight)
+
+
+def test_ema_resumes_from_a_checkpoint_with_its_weights_and_count(tmp_path, accelerator):
+    model = torch.nn.Linear(3, 2)
+    ema = training.ema(model, 0.99)
+    accelerator.register_for_checkpointing(ema)
+    for _ in range(5):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update_parameters(model)
+    saved = ema.module.weight.clone()
+    accelerator.save_state(str(tmp_path / "ck"))
+    for _ in range(3):
+        ema.update_parameters(torch.nn.Linear(3, 2))
+    accelerator.load_state(str(tmp_path / "ck"))
+    assert int(ema.n_averaged) == 5
+    torch.testing.assert_close(ema.module.weight, saved)
 
 
 def test_checkpoints_restore_the_model_and_keep_only_the_newest(tmp_path, accelerator):
@@ -68,7 +92,7 @@ def test_checkpoints_restore_the_model_and_keep_only_the_newest(tmp_path, accele
 
 
 def test_a_checkpoint_cut_off_while_writing_is_never_picked(tmp_path, accelerator):
-    model = accelerator.prepare(torch.nn.Linear(3, 2))
+    accelerator.prepare(torch.nn.Linear(3, 2))
     ckpts = training.Checkpoints(tmp_path / "ck", keep=3)
     ckpts.save(accelerator, 4, {})
     # A kill during save leaves a temporary folder, or a step folder without trainer.json.
@@ -77,23 +101,29 @@ def test_a_checkpoint_cut_off_while_writing_is_never_picked(tmp_path, accelerato
     assert ckpts.latest().step == 4
 
 
-def test_dvc_hash_is_read_from_the_lock_for_the_stage_output(tmp_path, monkeypatch):
-    lock = {
-        "schema": "2.0",
-        "stages": {"sample": {"cmd": "x", "outs": [{"path": "data/samples", "md5": "abc.dir", "size": 1}]}},
-    }
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    (tmp_path / "data" / "samples").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path)
-    assert training.dvc_hash("data/samples") == "abc.dir"
-    assert training.dvc_hash(tmp_path / "data" / "samples") == "abc.dir"
-    assert training.dvc_hash("data/other") is None
-    monkeypatch.chdir(tmp_path / "data")
-    assert training.dvc_hash("samples") is None  # no dvc.lock here
+def test_a_csv_log_resumed_at_a_step_drops_the_rows_after_it(tmp_path):
+    path = tmp_path / "loss.csv"
+    log = training.CsvLog(path, ("step", "loss"), 0)
+    for step in (2, 4, 6):
+        log.append({"step": step, "loss": 1 / 3, "other": "not a column"})
+    training.CsvLog(path, ("step", "loss"), 4).append({"step": 6, "loss": 0.5})
+    with open(path, newline="") as fh:
+        assert list(csv.DictReader(fh)) == [
+            {"step": "2", "loss": "0.333333"},
+            {"step": "4", "loss": "0.333333"},
+            {"step": "6", "loss": "0.5"},
+        ]
 
 
-def test_flatten_nests_with_dots():
-    assert training.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3, "f": {}}) == {"a.b": 1, "a.c.d": 2, "e": 3, "f": {}}
+def test_the_fingerprint_leaves_out_the_settings_named_and_covers_the_rest():
+    from shapeflow import config
+
+    p = config.TrainVAEParams()
+    base = training.fingerprint(p, ("val_objects",), seed=0)
+    # log_every: one of the loop's own settings (training.LOOP_SETTINGS); val_objects: named.
+    assert training.fingerprint(config.replace(p, log_every=3, val_objects=2), ("val_objects",), seed=0) == base
+    assert training.fingerprint(config.replace(p, lr=0.5), ("val_objects",), seed=0) != base
+    assert training.fingerprint(p, ("val_objects",), seed=1) != base
 
 
 def test_precision_auto_is_full_precision_without_cuda():
@@ -101,10 +131,6 @@ def test_precision_auto_is_full_precision_without_cuda():
         pytest.skip("this machine has CUDA")
     assert training.pick_precision("auto") == "no"
     assert training.pick_precision("bf16") == "bf16"
-
-
-def test_git_commit_outside_a_repository_is_unknown(tmp_path):
-    assert training.git_commit(tmp_path) == "unknown"
 
 
 def test_cpu_training_shares_the_cores_among_the_processes_of_a_machine(monkeypatch):
@@ -136,6 +162,9 @@ def test_too_few_objects_for_the_batch_and_processes_is_a_params_error_naming_th
 
     # What a process sees when 8 objects are sharded over 2 processes at batch 8 with drop_last.
     empty = DataLoader(TensorDataset(torch.zeros(3, 1)), batch_size=8, drop_last=True)
-    with pytest.raises(ParamsError, match=r"train_vae: 3 training object\(s\) give none of the 2 processes a batch of 8; lower train_vae.batch_size"):
+    message = r"train_vae: 3 training object\(s\) give none of the 2 processes a batch of 8; lower train_vae.batch_size"
+    with pytest.raises(ParamsError, match=message):
         training.require_batches(empty, 3, 8, 2, "train_vae")
-    training.require_batches(accelerator.prepare(DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=8)), 8, 8, 1, "train_vae")
+    training.require_batches(
+        accelerator.prepare(DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=8)), 8, 8, 1, "train_vae"
+    )

@@ -8,10 +8,17 @@ import pytest
 import trimesh
 from scipy.spatial import cKDTree
 
-from shapeflow.geometry.watertight import WatertightError, find_parts, grid_step, seed_method, watertight
-from shapeflow.metrics import mesh_chamfer
+from shapeflow.geometry.sampling import sample_surface
+from shapeflow.geometry.watertight import WatertightError, dense_baseline, find_parts, grid_step, watertight
+from shapeflow.metrics import chamfer_distance
 
 R = 64
+
+
+def mesh_chamfer(mesh_a: trimesh.Trimesh, mesh_b: trimesh.Trimesh, n: int) -> float:
+    """Chamfer distance between two surfaces, `n` uniform points on each."""
+    rng = np.random.default_rng(0)
+    return chamfer_distance(sample_surface(mesh_a, n, rng)[0], sample_surface(mesh_b, n, rng)[0])
 
 
 def normalised(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
@@ -29,17 +36,17 @@ def sphere() -> trimesh.Trimesh:
     return normalised(trimesh.creation.icosphere(subdivisions=4))
 
 
-def test_closed_input_keeps_its_surface_and_the_seed_does_not():
+def test_closed_input_keeps_its_surface_and_the_eps_shell_does_not():
     mesh = sphere()
     out, result = remesh(mesh)
     assert out.is_watertight and out.is_winding_consistent and out.volume > 0
     assert result.closed_parts == 1 and result.open_parts == 0 and not result.sign_fallback
     assert mesh_chamfer(mesh, out, n=100_000) <= 1.0 / R
     assert out.volume == pytest.approx(mesh.volume, rel=0.02)
-    # The seed grows the surface by eps = 2/R all round: its volume shows it.
-    seed, _ = remesh(mesh, keep_closed_surface=False)
-    r_seed = 0.95 + 2.0 / R
-    assert seed.volume == pytest.approx(mesh.volume * (r_seed / 0.95) ** 3, rel=0.03)
+    # The eps shell grows the surface by eps = 2/R all round: its volume shows it.
+    shell, _ = remesh(mesh, keep_closed_surface=False)
+    r_shell = 0.95 + 2.0 / R
+    assert shell.volume == pytest.approx(mesh.volume * (r_shell / 0.95) ** 3, rel=0.03)
 
 
 def test_inside_out_closed_input_is_turned_outward():
@@ -50,7 +57,7 @@ def test_inside_out_closed_input_is_turned_outward():
     assert out.is_watertight and out.volume == pytest.approx(mesh.volume, rel=0.02)
 
 
-def test_open_input_gets_the_seed_shell_within_eps():
+def test_open_input_gets_the_eps_shell_within_eps():
     mesh = sphere()
     keep = mesh.triangles_center[:, 2] < 0.9  # cut a cap off: an open bowl
     bowl = trimesh.Trimesh(mesh.vertices, mesh.faces[keep], process=False)
@@ -60,8 +67,8 @@ def test_open_input_gets_the_seed_shell_within_eps():
     assert mesh_chamfer(bowl, out, n=100_000) <= eps + 2.0 / R
 
 
-def test_narrow_band_matches_the_dense_seed_on_open_input():
-    """Same field near the surface, so the same surface as the seed with exact distances everywhere."""
+def test_narrow_band_matches_the_dense_baseline_on_open_input():
+    """Same field near the surface, so the same surface as the dense baseline with exact distances everywhere."""
     mesh = sphere()
     keep = np.abs(mesh.triangles_center[:, 0]) > 0.3  # two open caps facing each other
     caps = trimesh.Trimesh(mesh.vertices, mesh.faces[keep], process=False)
@@ -71,16 +78,16 @@ def test_narrow_band_matches_the_dense_seed_on_open_input():
         d2, _, _ = igl.point_mesh_squared_distance(points, caps.vertices, caps.faces)
         return np.sqrt(d2)
 
-    v, f = seed_method(caps.vertices, caps.faces, 48, exact_udf)
-    seed = trimesh.Trimesh(v, f)
-    assert ours.is_watertight and seed.is_watertight
-    assert len(ours.faces) == len(seed.faces)
-    assert ours.volume == pytest.approx(seed.volume, rel=1e-4)
-    gap, _ = cKDTree(seed.vertices).query(ours.vertices)
+    v, f = dense_baseline(caps.vertices, caps.faces, 48, exact_udf)
+    dense = trimesh.Trimesh(v, f)
+    assert ours.is_watertight and dense.is_watertight
+    assert len(ours.faces) == len(dense.faces)
+    assert ours.volume == pytest.approx(dense.volume, rel=1e-4)
+    gap, _ = cKDTree(dense.vertices).query(ours.vertices)
     assert gap.max() < 1e-3 * grid_step(48)
 
 
-def test_self_intersecting_closed_part_falls_back_to_the_seed_shell():
+def test_self_intersecting_closed_part_falls_back_to_the_eps_shell():
     """A closed, consistently wound sphere whose top vertex is pulled down through the bottom: its
     pseudo-normal sign is wrong where the spike pokes out, which must not leave a hollow result."""
     sphere3 = trimesh.creation.icosphere(subdivisions=3)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trimesh
-
 from bad_inputs import EXPECTED_REASON, make_bad_inputs, make_good_inputs
+
 from shapeflow import manifest as mf
 from shapeflow.cli import main
 from shapeflow.geometry.mesh import load_mesh
@@ -107,7 +107,15 @@ def test_manifest_input_with_a_missing_file(tmp_path):
     good = make_good_inputs(src / mf.OBJECTS)
     rows = []
     for i, path in enumerate(sorted(good.values())):
-        rows.append({"key": f"{i:064x}", "path": str(path.relative_to(src)), "category": "thing", "split": "train", "status": "ok"})
+        rows.append(
+            {
+                "key": f"{i:064x}",
+                "path": str(path.relative_to(src)),
+                "category": "thing",
+                "split": "train",
+                "status": "ok",
+            }
+        )
     rows.append({"key": "f" * 64, "path": "objects/gone.obj", "category": "thing", "split": "val", "status": "ok"})
     rows.append({"key": "e" * 64, "path": "", "category": "thing", "split": "val", "status": "failed"})
     mf.write_manifest(src / "manifest.csv", rows, ["key", "path", "category", "split", "status"])

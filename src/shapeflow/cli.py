@@ -1,7 +1,7 @@
 """`shapeflow <command>`: the one console script.
 
-Each stage module registers its own sub-command (`add_parser`) and runs it (`main(args) -> int`), so
-the command line of a stage lives beside its code.
+Each stage module (and evaluate_recon, which composes stages) registers its own sub-command
+(`add_parser`) and runs it (`main(args) -> int`), so the command line of a stage lives beside its code.
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ import argparse
 import logging
 import sys
 
-from shapeflow import __version__
+from shapeflow import __version__, evaluate_recon
 from shapeflow.config import ParamsError
 from shapeflow.manifest import ManifestError
-from shapeflow import generate
-from shapeflow.stages import evaluate, fetch, sample, train_dit, train_vae, watertight
+from shapeflow.stages import evaluate, fetch, generate, sample, train_dit, train_vae, watertight
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage in (fetch, watertight, sample, train_vae, train_dit, evaluate, generate):
-        stage.add_parser(commands)
+    for module in (fetch, watertight, sample, train_vae, train_dit, evaluate, evaluate_recon, generate):
+        module.add_parser(commands)
     return parser
 
 

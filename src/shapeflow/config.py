@@ -88,10 +88,10 @@ class FetchParams:
 @dataclass(frozen=True)
 class WatertightParams:
     resolution: int = 256
-    # Shell half-width in voxels: eps = eps_voxels * 2 / resolution (1.0 gives the seed's eps = 2/R).
+    # Shell half-width in voxels: eps = eps_voxels * 2 / resolution (1.0 gives the dense baseline's eps = 2/R).
     eps_voxels: float = 1.0
-    # Keep the input surface where the input is closed and consistently oriented (else the seed's
-    # eps-offset surface is produced everywhere).
+    # Keep the input surface where the input is closed and consistently oriented (else the eps-offset
+    # surface of the dense baseline is produced everywhere).
     keep_closed_surface: bool = True
     backend: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -143,7 +143,9 @@ class ComputeParams:
         if self.shards < 0:
             raise ParamsError(f"{where}.shards: 0 (one per worker) or more, got {self.shards}")
         if self.dask_address is not None and "://" not in self.dask_address:
-            raise ParamsError(f"{where}.dask_address: a scheduler address like tcp://127.0.0.1:8786, got {self.dask_address!r}")
+            raise ParamsError(
+                f"{where}.dask_address: a scheduler address like tcp://127.0.0.1:8786, got {self.dask_address!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,9 @@ class ShapeSamples(Dataset):
         return draw(load_arrays(self.objects[index].path), self.counts, generator=None) | {"index": torch.tensor(index)}
 
 
-def draw(arrays: dict[str, np.ndarray], counts: VAEDataParams, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+def draw(
+    arrays: dict[str, np.ndarray], counts: VAEDataParams, generator: torch.Generator | None
+) -> dict[str, torch.Tensor]:
     """One random training view of an object's arrays: the encoder view and the supervision."""
     t = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
     out = _encoder_view(t, counts, generator)
@@ -80,7 +82,9 @@ def draw(arrays: dict[str, np.ndarray], counts: VAEDataParams, generator: torch.
     return out
 
 
-def _encoder_view(t: dict[str, torch.Tensor], counts: VAEDataParams, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+def _encoder_view(
+    t: dict[str, torch.Tensor], counts: VAEDataParams, generator: torch.Generator | None
+) -> dict[str, torch.Tensor]:
     """Surface points with normals and salient points with normals, as the encoder reads them."""
     pick = _subset(len(t["surface_points"]), counts.input_points, generator)
     out = {"points": t["surface_points"][pick].float(), "normals": t["surface_normals"][pick].float()}

@@ -35,7 +35,9 @@ EXPERIMENTS_DIR = Path(".shapeflow") / "experiments"
 TAIL_LINES = 40
 # Exit statuses of a process killed by a signal: SIGKILL (OOM killer, `kill -9`) and SIGTERM.
 KILLED = {-signal.SIGKILL, -signal.SIGTERM, 128 + signal.SIGKILL, 128 + signal.SIGTERM}
-TRANSIENT_OUTPUT = re.compile(r"Unable to acquire lock|database is locked|Connection (refused|reset)|Killed", re.IGNORECASE)
+TRANSIENT_OUTPUT = re.compile(
+    r"Unable to acquire lock|database is locked|Connection (refused|reset)|Killed", re.IGNORECASE
+)
 
 
 class StageFailed(RuntimeError):
@@ -46,7 +48,11 @@ class StageFailed(RuntimeError):
         self.transient = returncode in KILLED or bool(TRANSIENT_OUTPUT.search(tail))
         kind = "killed or interrupted" if returncode in KILLED else f"exit status {returncode}"
         # The stage's own error line first (shapeflow prints `shapeflow <command>: error: ...`).
-        errors = [line for line in tail.splitlines() if "error:" in line.lower() and not line.startswith("ERROR: failed to reproduce")]
+        errors = [
+            line
+            for line in tail.splitlines()
+            if "error:" in line.lower() and not line.startswith("ERROR: failed to reproduce")
+        ]
         headline = f": {errors[0].strip()}" if errors else ""
         super().__init__(f"stage {stage!r} failed ({kind}){headline}\nlast lines of its output:\n{tail}")
 
@@ -82,7 +88,11 @@ def _under(path: str, folder: str) -> bool:
 def upstream(stages: Mapping[str, Stage]) -> dict[str, set[str]]:
     """For each stage, the stages whose outputs it depends on."""
     return {
-        s.name: {o.name for o in stages.values() if o.name != s.name and any(_under(d, out) for d in s.deps for out in o.outs)}
+        s.name: {
+            o.name
+            for o in stages.values()
+            if o.name != s.name and any(_under(d, out) for d in s.deps for out in o.outs)
+        }
         for s in stages.values()
     }
 
@@ -126,11 +136,19 @@ def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_logged(cmd: Sequence[str], cwd: Path, log: Callable[[str], None], env: Mapping[str, str] | None = None) -> tuple[int, str]:
+def run_logged(
+    cmd: Sequence[str], cwd: Path, log: Callable[[str], None], env: Mapping[str, str] | None = None
+) -> tuple[int, str]:
     """Run `cmd`, passing each output line to `log` as it comes; (exit status, the last lines)."""
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     proc = subprocess.Popen(
-        list(cmd), cwd=cwd, env=dict(env or tool_env()), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        list(cmd),
+        cwd=cwd,
+        env=dict(env or tool_env()),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
     )
     assert proc.stdout is not None
     try:
@@ -173,7 +191,11 @@ def stage_paths(repo: Path, stage: str) -> tuple[str, str]:
 def up_to_date(workdir: Path, stage: str, env: Mapping[str, str] | None = None) -> bool:
     """Whether DVC finds `stage` unchanged against dvc.lock (`dvc status STAGE` reports nothing)."""
     proc = subprocess.run(
-        [*dvc_command(), "status", "--json", stage], cwd=workdir, env=dict(env or tool_env()), capture_output=True, text=True
+        [*dvc_command(), "status", "--json", stage],
+        cwd=workdir,
+        env=dict(env or tool_env()),
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise StageFailed(stage, proc.returncode, proc.stderr[-4000:])
@@ -253,4 +275,3 @@ def save_experiment(ws: Path, name: str, log: Callable[[str], None]) -> None:
     code, tail = run_logged([*dvc_command(), "exp", "save", "--force", "-n", name], ws, log)
     if code != 0:
         raise RuntimeError(f"dvc exp save -n {name} in {ws} failed:\n{tail}")
-

@@ -4,9 +4,11 @@ Convention: z_t = (1 - t) * noise + t * data, so t = 0 is pure noise and t = 1 i
 velocity dz_t/dt = data - noise is what the network learns to predict. Sampling integrates
 dz/dt = v(z, t) from t = 0 (noise) to t = 1.
 
-A velocity function has the signature `velocity_fn(z, t) -> v`, with z (B, ...), t (B,) and v shaped
-like z; condition it with a closure, e.g. `lambda z, t: cfg_velocity(model, z, t, y, 3.0, null)`.
-Samplers are pure functions `sampler(velocity_fn, x0, steps) -> x1` (k-diffusion style).
+A velocity function has the signature `velocity_fn(z, t, **extra_args) -> v`, with z (B, ...), t (B,)
+and v shaped like z; `extra_args` (k-diffusion's name) carries what conditions it, e.g. {"y": labels}
+for a class-conditional model, or {"y": labels, "guidance": 3.0, "null_label": n} for
+`partial(cfg_velocity, model)`. `loss` and the samplers pass it through unchanged. Samplers are pure
+functions `sampler(velocity_fn, x0, steps, *, extra_args=None) -> x1`.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+VelocityFn = Callable[..., torch.Tensor]  # (z, t, **extra_args) -> v
 
 
 def shift_t(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -76,20 +79,20 @@ def velocity_target(data: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def loss(
-    velocity_fn: Callable[..., torch.Tensor],
+    velocity_fn: VelocityFn,
     data: torch.Tensor,
     noise: torch.Tensor,
     t: torch.Tensor,
     channel_weights: torch.Tensor | None = None,
-    **cond,
+    extra_args: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Per-sample flow-matching loss (B,): mean over each sample's elements of
-    (velocity_fn(z_t, t, **cond) - (data - noise))^2, in float32. Take `.mean()` for the batch loss.
+    (velocity_fn(z_t, t, **extra_args) - (data - noise))^2, in float32. Take `.mean()` for the batch loss.
 
     channel_weights (C,), over the last dim: a weighted mean instead, sum(w_c * err) / sum(w_c) per
     element position, so weights of all ones are the plain mean.
     """
-    pred = velocity_fn(interpolate(data, noise, t), t, **cond)
+    pred = velocity_fn(interpolate(data, noise, t), t, **(extra_args or {}))
     err = (pred.float() - velocity_target(data, noise).float()) ** 2
     if channel_weights is not None:
         w = channel_weights.to(err)
@@ -107,16 +110,24 @@ def time_grid(steps: int, shift: float = 1.0, device: torch.device | str | None 
 
 
 @torch.no_grad()
-def euler_sample(velocity_fn: VelocityFn, x0: torch.Tensor, steps: int, *, shift: float = 1.0) -> torch.Tensor:
-    """Integrate dz/dt = velocity_fn(z, t) from noise x0 at t = 0 to t = 1 with `steps` Euler steps.
+def euler_sample(
+    velocity_fn: VelocityFn,
+    x0: torch.Tensor,
+    steps: int,
+    *,
+    shift: float = 1.0,
+    extra_args: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Integrate dz/dt = velocity_fn(z, t, **extra_args) from noise x0 at t = 0 to t = 1 in `steps` Euler steps.
 
     The field is evaluated at the start of each step, t_0 = 0 ... t_{steps-1} < 1, never at t = 1.
     On the straight paths of a single data point the Euler step is exact for any step count.
     """
     ts = time_grid(steps, shift, device=x0.device)
+    extra_args = extra_args or {}
     x = x0
     for t, t_next in itertools.pairwise(ts):
-        v = velocity_fn(x, t.expand(x.shape[0]))
+        v = velocity_fn(x, t.expand(x.shape[0]), **extra_args)
         x = x + (t_next - t).to(x.dtype) * v
     return x
 
@@ -133,7 +144,8 @@ def cfg_velocity(
 
     v_cond = model(x, t, y), v_uncond = model(x, t, null_label). g = 1 is the conditional model alone
     and g = 0 the unconditional one (each one forward pass over B); any other g runs both branches as
-    one forward pass over 2B; g > 1 pushes samples further towards their class.
+    one forward pass over 2B; g > 1 pushes samples further towards their class. As a velocity
+    function: `partial(cfg_velocity, model)` with extra_args {"y": ..., "guidance": ..., "null_label": ...}.
     """
     if guidance == 1:
         return model(x, t, y)

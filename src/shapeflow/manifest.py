@@ -25,8 +25,6 @@ OBJECTS = "objects"
 OK = "ok"
 FAILED = "failed"
 
-MESH_SUFFIXES = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf")
-
 
 class ManifestError(ValueError):
     """A manifest is missing columns or cannot be read."""
@@ -38,10 +36,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def bytes_sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def split_for_key(key: str, val: float, test: float) -> str:

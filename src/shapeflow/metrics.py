@@ -1,4 +1,4 @@
-"""Shape metrics as pure functions (definitions in the README's Conventions section).
+"""Shape metrics as pure functions (definitions in docs/conventions.md).
 
 Distances are Euclidean (not squared) in normalised units, nearest neighbours through KD-trees, so
 memory stays O(N) however many points are compared.
@@ -7,11 +7,16 @@ memory stays O(N) however many points are compared.
 from __future__ import annotations
 
 import numpy as np
+import trimesh
 from scipy.spatial import cKDTree
 
 from shapeflow.geometry.sampling import sample_surface
 
-DEFAULT_POINTS = 10_000
+F_TAUS = (0.01, 0.02)
+# Points a side for reconstruction CD and F-score. The 10,000 of the Chamfer convention are too few
+# for F@0.02 on these shapes: two perfect samplings of one built-in mug (area ~15) agree to only
+# F@0.02 = 0.57 with 10,000 points, 0.99 with 50,000; 100,000 keeps that floor out of the figures.
+METRIC_POINTS = 100_000
 
 
 def nearest_distances(points_a: np.ndarray, points_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -37,14 +42,6 @@ def fscore(pred: np.ndarray, ref: np.ndarray, tau: float) -> float:
     return 2.0 * precision * recall / (precision + recall)
 
 
-def mesh_chamfer(mesh_a, mesh_b, n: int = DEFAULT_POINTS, seed: int = 0) -> float:
-    """Chamfer distance between two trimesh surfaces, `n` uniform points on each."""
-    rng = np.random.default_rng(seed)
-    a, _ = sample_surface(mesh_a, n, rng)
-    b, _ = sample_surface(mesh_b, n, rng)
-    return chamfer_distance(a, b)
-
-
 def volume_iou(pred_sdf: np.ndarray, ref_sdf: np.ndarray) -> float:
     """IoU = |{pred < 0} ∩ {ref < 0}| / |{pred < 0} ∪ {ref < 0}|, signed distances at the same points.
 
@@ -53,7 +50,9 @@ def volume_iou(pred_sdf: np.ndarray, ref_sdf: np.ndarray) -> float:
     """
     pred_sdf, ref_sdf = np.asarray(pred_sdf), np.asarray(ref_sdf)
     if pred_sdf.shape != ref_sdf.shape:
-        raise ValueError(f"volume_iou needs the same points: pred_sdf shape {pred_sdf.shape}, ref_sdf shape {ref_sdf.shape}")
+        raise ValueError(
+            f"volume_iou needs the same points: pred_sdf shape {pred_sdf.shape}, ref_sdf shape {ref_sdf.shape}"
+        )
     pred_in, ref_in = pred_sdf < 0, ref_sdf < 0
     union = np.count_nonzero(pred_in | ref_in)
     if union == 0:
@@ -68,7 +67,9 @@ def _unit(normals: np.ndarray) -> np.ndarray:
     return normals / np.where(length > 0, length, 1.0)
 
 
-def normal_consistency(points_a: np.ndarray, normals_a: np.ndarray, points_b: np.ndarray, normals_b: np.ndarray) -> float:
+def normal_consistency(
+    points_a: np.ndarray, normals_a: np.ndarray, points_b: np.ndarray, normals_b: np.ndarray
+) -> float:
     """NC = (mean_a |cos(n_a, n_b(a))| + mean_b |cos(n_b, n_a(b))|) / 2, n_b(a) the normal of a's nearest b.
 
     As in Occupancy Networks. Normals are normalised here (a zero-length one gives |cos| 0); in [0, 1],
@@ -80,6 +81,33 @@ def normal_consistency(points_a: np.ndarray, normals_a: np.ndarray, points_b: np
     a_to_b = np.abs(np.einsum("ij,ij->i", unit_a, unit_b[nearest_b])).mean()
     b_to_a = np.abs(np.einsum("ij,ij->i", unit_b, unit_a[nearest_a])).mean()
     return float(0.5 * (a_to_b + b_to_a))
+
+
+def surface_metrics(
+    mesh: trimesh.Trimesh, reference: np.ndarray, seed: int = 0, reference_normals: np.ndarray | None = None
+) -> dict[str, float]:
+    """Chamfer distance and F-scores of `mesh` against uniform reference surface points, and normal
+    consistency ('nc') when the reference normals are given.
+
+    As many points are sampled on `mesh` as `reference` holds. An empty mesh scores F = 0 and
+    CD = NaN (and nc = NaN).
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    if len(mesh.faces) == 0:
+        empty = {"cd": float("nan"), **{f"f@{tau}": 0.0 for tau in F_TAUS}}
+        return empty if reference_normals is None else empty | {"nc": float("nan")}
+    pred, pred_normals = sample_surface(mesh, len(ref), np.random.default_rng(seed))
+    return point_metrics(pred, ref, pred_normals, reference_normals)
+
+
+def point_metrics(
+    pred: np.ndarray, ref: np.ndarray, pred_normals: np.ndarray | None = None, ref_normals: np.ndarray | None = None
+) -> dict[str, float]:
+    """CD and F-scores between two surface samplings, and normal consistency when both have normals."""
+    scores = {"cd": chamfer_distance(pred, ref), **{f"f@{tau}": fscore(pred, ref, tau) for tau in F_TAUS}}
+    if pred_normals is not None and ref_normals is not None:
+        scores["nc"] = normal_consistency(pred, pred_normals, ref, ref_normals)
+    return scores
 
 
 def _tree_chamfer(points_a: np.ndarray, tree_a: cKDTree, points_b: np.ndarray, tree_b: cKDTree) -> float:

@@ -13,14 +13,38 @@ from typing import Any
 
 # (stage, metrics file, where its MLflow run id is recorded, keys shown)
 SOURCES = (
-    ("train_vae", "reports/train_vae/metrics.json", ("models/vae/config.json", ("meta", "mlflow_run_id")),
-     ("steps", "val_cd", "val_f@0.01", "val_f@0.02")),
-    ("train_dit", "reports/train_dit/metrics.json", ("models/dit/generator.json", ("mlflow_run_id",)),
-     ("steps", "val_loss_ema", "gen_watertight_share", "gen_category_match")),
-    ("evaluate", "eval/metrics.json", ("eval/run.json", ("mlflow_run_id",)),
-     ("recon.cd", "recon.f@0.01", "recon.f@0.02", "recon.nc", "recon.iou_volume", "recon.floor.cd", "recon.floor.f@0.02",
-      "generation.mmd_cd", "generation.cov_cd", "generation.1nna_cd", "generation.category_match", "generation.floor.mmd_cd")),
-)  # fmt: skip
+    (
+        "train_vae",
+        "reports/train_vae/metrics.json",
+        ("models/vae/config.json", ("meta", "mlflow_run_id")),
+        ("steps", "val_cd", "val_f@0.01", "val_f@0.02"),
+    ),
+    (
+        "train_dit",
+        "reports/train_dit/metrics.json",
+        ("models/dit/generator.json", ("mlflow_run_id",)),
+        ("steps", "val_loss_ema", "gen_watertight_share", "gen_category_match"),
+    ),
+    (
+        "evaluate",
+        "eval/metrics.json",
+        ("eval/run.json", ("mlflow_run_id",)),
+        (
+            "recon.cd",
+            "recon.f@0.01",
+            "recon.f@0.02",
+            "recon.nc",
+            "recon.iou_volume",
+            "recon.floor.cd",
+            "recon.floor.f@0.02",
+            "generation.mmd_cd",
+            "generation.cov_cd",
+            "generation.1nna_cd",
+            "generation.category_match",
+            "generation.floor.mmd_cd",
+        ),
+    ),
+)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -81,7 +105,12 @@ def metrics_markdown(workdir: Path, tracking_uri: str | None = None, ui_url: str
             continue
         found = True
         run_id = _get(_load(Path(workdir) / run_file), run_key)
-        lines += [f"## {stage} (MLflow run {run_link(run_id, tracking_uri, ui_url)})", "", "| metric | value |", "|---|---|"]
+        lines += [
+            f"## {stage} (MLflow run {run_link(run_id, tracking_uri, ui_url)})",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
         lines += [f"| {key} | {_fmt(_get(metrics, key))} |" for key in keys if _get(metrics, key) is not None]
         lines.append("")
     if not found:

@@ -23,6 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from shapeflow import manifest as mf
+from shapeflow.geometry.mesh import MESH_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def collect_tasks(src_dir: str | Path, split_val: float = 0.1, split_test: float
         if skipped:
             log.info("%s: %d object(s) failed upstream and are skipped", manifest_path, skipped)
     else:
-        for path in sorted(p for p in src_dir.rglob("*") if p.suffix.lower() in mf.MESH_SUFFIXES and p.is_file()):
+        for path in sorted(p for p in src_dir.rglob("*") if p.suffix.lower() in MESH_SUFFIXES and p.is_file()):
             key = mf.file_sha256(path)
             meta = {"source": str(path.relative_to(src_dir)), "split": mf.split_for_key(key, split_val, split_test)}
             tasks.append(Task(key=key, src=str(path), meta=meta))
@@ -97,7 +98,12 @@ def _done(out_dir: Path, task: Task, params_hash: str) -> dict[str, Any] | None:
 def _run_one(fn: ObjectFn, task: Task, out_dir: Path, params_hash: str) -> dict[str, Any]:
     """Run `fn` on one task and write its record; never raises for a bad object."""
     start = time.perf_counter()
-    record: dict[str, Any] = {"key": task.key, **task.meta, "params_hash": params_hash, "input_sha256": _input_sha256(task)}
+    record: dict[str, Any] = {
+        "key": task.key,
+        **task.meta,
+        "params_hash": params_hash,
+        "input_sha256": _input_sha256(task),
+    }
     try:
         fields = fn(task, out_dir)
     except Exception as exc:  # a per-object failure is recorded, never allowed to stop the others
@@ -259,8 +265,7 @@ def finish_manifest(
     keys = {t.key for t in tasks}
     records = [r for k in sorted(keys) if (r := mf.read_record(out_dir, k)) is not None]
     if len(records) < len(keys):
-        log.info("%d of %d objects have records; the manifest is written by the last shard",
-                 len(records), len(keys))
+        log.info("%d of %d objects have records; the manifest is written by the last shard", len(records), len(keys))
         return None
     _prune(out_dir, keys)
     path = out_dir / mf.MANIFEST
@@ -296,6 +301,10 @@ def exit_code(records: Sequence[dict[str, Any]]) -> int:
 
 def add_worker_arguments(parser) -> None:
     """--workers, --rank and --world-size, shared by every per-object stage command."""
-    parser.add_argument("--workers", type=int, help="local worker processes (default: params compute.workers; 0 = one per core)")
-    parser.add_argument("--rank", type=int, default=0, help="this shard's index when the objects are split over machines")
+    parser.add_argument(
+        "--workers", type=int, help="local worker processes (default: params compute.workers; 0 = one per core)"
+    )
+    parser.add_argument(
+        "--rank", type=int, default=0, help="this shard's index when the objects are split over machines"
+    )
     parser.add_argument("--world-size", type=int, default=1, help="number of shards")

@@ -1,33 +1,45 @@
-"""Pieces every training stage shares: Accelerate setup, LR schedule, checkpoints, MLflow, provenance.
+"""The training loop every training stage runs, and its parts: Accelerate setup, LR schedule, EMA,
+checkpoints and resume, CSV logs.
 
-Stages build their loop from these; nothing here knows about a particular model.
+A stage describes its training as a `Job` (model, data, losses, validation, what to save at the
+end); `fit` runs it. Nothing here knows about a particular model.
 """
 
 from __future__ import annotations
 
-import contextlib
+import argparse
+import csv
+import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-import yaml
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader, Dataset
+
+from shapeflow import config
+from shapeflow import manifest as mf
+from shapeflow.tracking import Tracker, run_name
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TRAINER_STATE = "trainer.json"  # written last into a checkpoint: its presence marks it complete
+CURVES = ("loss.csv", "val.csv")  # written beside the checkpoints, copied to the plots folder at the end
+LoopParams = config.TrainVAEParams | config.TrainDiTParams  # a training stage's params section
+# Its settings that change what the loop logs or checks, not the weights: a checkpoint resumes across them.
+LOOP_SETTINGS = ("log_every", "checkpoint_every", "keep_checkpoints", "val_every", "accelerate_config")
 
 
 def pick_precision(requested: str) -> str:
@@ -40,7 +52,8 @@ def pick_precision(requested: str) -> str:
 
 
 def make_accelerator(precision: str, grad_accum: int, seed: int) -> Accelerator:
-    """One process per device as `accelerate launch` / torchrun started it; CPU (gloo) without CUDA."""
+    """One process per device as `accelerate launch` / torchrun started it; CPU (gloo) without CUDA.
+    Every random generator is seeded with `seed`."""
     accelerator = Accelerator(
         mixed_precision=pick_precision(precision),
         gradient_accumulation_steps=grad_accum,
@@ -49,6 +62,7 @@ def make_accelerator(precision: str, grad_accum: int, seed: int) -> Accelerator:
     )
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))))
+    set_seed(seed)
     return accelerator
 
 
@@ -74,55 +88,29 @@ def cosine_schedule(warmup: int, total: int, min_ratio: float) -> Callable[[int]
     return factor
 
 
-class EMA:
-    """Exponential moving average of a model's floating-point weights, kept in float32.
+def ema_decay(decay: float, updates: int) -> float:
+    """The decay of an EMA update that follows `updates` earlier ones: min(decay, (1 + n) / (10 + n)),
+    the warm-up of timm's and diffusers' EMA. Without it the average of a short run would still hold
+    the early weights with weight decay^steps; with it the average follows the model at first and
+    the decay reaches its cap after about 10 / (1 - decay) updates."""
+    return min(decay, (1 + updates) / (10 + updates))
 
-    `update` after each optimizer step; `copy_to` writes the averages into a model of the same
-    architecture. It has `state_dict`/`load_state_dict`, so `accelerator.register_for_checkpointing`
-    saves and restores it with the rest of the training state.
 
-    The decay of update n (from 0) is min(decay, (1 + n) / (10 + n)), the warm-up of timm's and
-    diffusers' EMA: without it the average of a short run still holds the initial weights with
-    weight decay^steps (0.999^2000 = 0.14, zero-initialised output layers included), and the EMA
-    samples are worse than the raw ones. With it the early average follows the model and the
-    decay reaches its cap after about 10 / (1 - decay) updates.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
-        self.updates = 0
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-    def current_decay(self) -> float:
-        """The decay the next update applies."""
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+def ema(model: torch.nn.Module, decay: float, device: torch.device | str | None = None) -> AveragedModel:
+    """An exponential moving average of `model`'s parameters: a copy of the model (on `device`) in
+    `.module`. `update_parameters(model)` after each optimizer step: the first copies the model, the
+    next ones move the average by 1 - ema_decay(decay, updates so far). Its state (weights and count)
+    is a state_dict, so `accelerator.register_for_checkpointing` saves and restores it."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        weight = 1.0 - self.current_decay()
-        for name, value in model.state_dict().items():
-            if name in self.shadow:
-                self.shadow[name].lerp_(value.detach().float(), weight)
-        self.updates += 1
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        weight = 1.0 - ema_decay(decay, int(updates))
+        for avg, value in zip(averaged, current, strict=True):
+            avg.lerp_(value, weight)
 
-    @torch.no_grad()
-    def copy_to(self, model: torch.nn.Module) -> None:
-        state = model.state_dict()
-        for name, value in self.shadow.items():
-            state[name].copy_(value.to(state[name].dtype))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if set(state["shadow"]) != set(self.shadow):
-            raise ValueError("EMA state from another architecture: the weight names differ")
-        self.decay = float(state["decay"])
-        # A checkpoint from before the warm-up has no count: it resumes at the full decay.
-        self.updates = int(state.get("updates", 10**9))
-        self.shadow = {k: v.float().clone() for k, v in state["shadow"].items()}
+    return AveragedModel(model, device, multi_avg_fn=update)
 
 
 @dataclass(frozen=True)
@@ -181,6 +169,16 @@ class Checkpoints:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def fingerprint(p: LoopParams, not_in: tuple[str, ...], **parts: Any) -> str:
+    """What a checkpoint must match to be resumed, hashed: the params section but for the settings
+    that change what is logged, checked or scored, not the weights (the loop's own, LOOP_SETTINGS,
+    and the stage's, `not_in`), and `parts`: the resolved model config (a preset's fields can change
+    between versions), the seed, the data, the world size, ..."""
+    section = {k: v for k, v in dataclasses.asdict(p).items() if k not in LOOP_SETTINGS + not_in}
+    blob = json.dumps({"params": section, **parts}, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def resume(accelerator: Accelerator, ckpts: Checkpoints, fingerprint: str, total_steps: int) -> tuple[int, str | None]:
     """(step, MLflow run id) to go on from: the newest complete checkpoint made with this
     fingerprint, loaded into the accelerator's objects; (0, None) when there is none. Checkpoints
@@ -205,9 +203,7 @@ def require_batches(loader, objects: int, batch_size: int, world: int, stage: st
     """Raise a ParamsError naming the cause when the prepared loader gives a process no batch at all
     (too few objects for batch_size x processes), instead of failing later on an empty epoch."""
     if len(loader) == 0:
-        from shapeflow.config import ParamsError
-
-        raise ParamsError(
+        raise config.ParamsError(
             f"{stage}: {objects} training object(s) give none of the {world} processes a batch of {batch_size}; "
             f"lower {stage}.batch_size or the number of processes, or train on more objects"
         )
@@ -223,9 +219,8 @@ def epoch_batches(accelerator: Accelerator, loader, step: int, grad_accum: int):
 
 def rank_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[str]:
     """A sha256 of every rank's weights, gathered to all ranks; raises when they differ (DDP fell out of sync)."""
-    import hashlib
-
-    blob = b"".join(t.detach().float().cpu().numpy().tobytes() for t in accelerator.unwrap_model(model).state_dict().values())
+    state = accelerator.unwrap_model(model).state_dict()
+    blob = b"".join(t.detach().float().cpu().numpy().tobytes() for t in state.values())
     digest = torch.tensor(list(hashlib.sha256(blob).digest()), dtype=torch.uint8, device=accelerator.device)
     gathered = accelerator.gather(digest[None]).cpu().numpy()  # (world, 32)
     checksums = [bytes(row).hex()[:16] for row in gathered]
@@ -234,135 +229,239 @@ def rank_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[str
     return checksums
 
 
-def write_reports(metrics: Mapping[str, Any], metrics_path: Path, plots: Path, checkpoints: Path, curves: tuple[str, ...]) -> None:
+def fmt_cell(value: Any) -> Any:
+    """A CSV cell: floats with 6 significant digits, anything else as it is."""
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+class CsvLog:
+    """A CSV that survives resume: rows past the resumed step are dropped, new rows appended."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...], resume_step: int):
+        self.path, self.columns = path, columns
+        rows = []
+        if resume_step and path.is_file():
+            with open(path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with mf.atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        with open(self.path, "a", newline="") as fh:
+            csv.DictWriter(fh, self.columns).writerow({k: fmt_cell(row[k]) for k in self.columns})
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+
+
+class Outputs(Protocol):
+    """Where `fit` writes: checkpoints, with loss.csv and val.csv beside them, while it trains; at
+    the end the metrics JSON, the curves in `plots`, and `out` (the stage's saved model) to MLflow."""
+
+    @property
+    def out(self) -> Path: ...
+    @property
+    def checkpoints(self) -> Path: ...
+    @property
+    def metrics(self) -> Path: ...
+    @property
+    def plots(self) -> Path: ...
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
+    """A training stage's command options for its `Outputs` besides `out`: --checkpoints, --metrics
+    and --plots, by default checkpoints/<stage>, reports/<stage>/metrics.json and reports/<stage>."""
+    reports = Path("reports") / stage
+    add = parser.add_argument
+    add(
+        "--checkpoints", type=Path, default=Path("checkpoints") / stage, help="checkpoint folder (default: %(default)s)"
+    )
+    add("--metrics", type=Path, default=reports / "metrics.json", help="final metrics JSON (default: %(default)s)")
+    add("--plots", type=Path, default=reports, help="folder for loss.csv and val.csv (default: %(default)s)")
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A stage's validation: on rank 0 (the others wait), every `val_every` steps and after the last.
+    With no `scores` (nothing to validate on) val.csv is still written, with its header only, so the
+    stage's plots output exists."""
+
+    # (model, after the last step?) -> scores; None when there is nothing to validate on
+    scores: Callable[[torch.nn.Module, bool], dict[str, float]] | None
+    columns: tuple[str, ...]  # the scores' names, val.csv's columns after 'step'
+    prefix: str = ""  # a score's name in MLflow and the metrics JSON is prefix + its column
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a stage trains and how; `fit` does the rest."""
+
+    stage: str  # names the MLflow experiment (shapeflow-<stage>), the run and the errors
+    describe: str  # what is trained on what, for the opening log line: 'tiny VAE on 40 objects'
+    model: torch.nn.Module
+    dataset: Dataset  # shuffled into batches of batch_size per process
+    training_losses: Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]]  # (model, batch) -> terms
+    terms: tuple[str, ...]  # the terms averaged into loss.csv and MLflow; "loss" is minimised
+    fingerprint: str  # what a checkpoint must match to be resumed
+    tags: Mapping[str, str]  # MLflow tags
+    params: Mapping[str, Any]  # MLflow params besides the seed and the stage's params section
+    info: Mapping[str, Any]  # metrics JSON entries after steps and world_size
+    # After training, on rank 0: (model, step, MLflow run id) -> metrics to add. Writes the stage's outputs.
+    save: Callable[[torch.nn.Module, int, str | None], Mapping[str, Any]]
+    validation: Validation
+    ema: AveragedModel | None = None  # updated after every optimizer step and checkpointed
+    per_sample: Mapping[str, int] = field(default_factory=dict)  # more throughput columns: name -> units per sample
+    loader_workers: int = 0  # DataLoader worker processes per training process
+
+
+def fit(accelerator: Accelerator, p: LoopParams, seed: int, paths: Outputs, job: Job) -> dict[str, Any]:
+    """Train `job.model` for p.steps optimizer steps: AdamW with warm-up and cosine decay, gradient
+    accumulation and clipping, going on from the newest checkpoint made with `job.fingerprint`.
+    Logs every `log_every` steps, validates every `val_every`, checkpoints every `checkpoint_every`;
+    at the end saves (`job.save`), writes the metrics JSON and the curves, and ends the MLflow run
+    (one per training, written by rank 0, resumed with the checkpoint). -> the metrics (every rank)."""
+    optimizer = torch.optim.AdamW(job.model.parameters(), lr=p.lr, weight_decay=p.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(p.warmup_steps, p.steps, p.min_lr_ratio))
+    loader = DataLoader(
+        job.dataset,
+        batch_size=p.batch_size,
+        shuffle=True,
+        drop_last=len(job.dataset) >= p.batch_size,
+        num_workers=job.loader_workers,
+        persistent_workers=job.loader_workers > 0,
+    )
+    model, optimizer, loader = accelerator.prepare(job.model, optimizer, loader)
+    require_batches(loader, len(job.dataset), p.batch_size, accelerator.num_processes, job.stage)
+    for state in (scheduler, job.ema):
+        if state is not None:
+            accelerator.register_for_checkpointing(state)
+    ckpts = Checkpoints(paths.checkpoints, p.keep_checkpoints)
+    step, run_id = resume(accelerator, ckpts, job.fingerprint, p.steps)
+
+    tracker = Tracker(accelerator.is_main_process)
+    world = accelerator.num_processes
+    facts = {"world_size": str(world), "precision": accelerator.mixed_precision, "device": accelerator.device.type}
+    params = {"seed": seed, job.stage: dataclasses.asdict(p), **job.params}
+    run_id = tracker.start(f"shapeflow-{job.stage}", run_name(job.stage), run_id, {**job.tags, **facts}, params)
+    progress = _Progress(accelerator, tracker, job, p, step, paths.checkpoints)
+    grad_norm = torch.zeros(())
+    with tracker.ends_on_error():
+        while step < p.steps:
+            for batch in epoch_batches(accelerator, loader, step, p.grad_accum):
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        losses = job.training_losses(model, batch)
+                    accelerator.backward(losses["loss"])
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), p.grad_clip or float("inf"))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                progress.add(losses)
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                if job.ema is not None:
+                    job.ema.update_parameters(accelerator.unwrap_model(model))
+                step += 1
+                if step % p.log_every == 0 or step == p.steps:
+                    progress.log_losses(step, scheduler.get_last_lr()[0], float(grad_norm))
+                if job.validation.scores and ((p.val_every and step % p.val_every == 0) or step == p.steps):
+                    progress.validate(accelerator.unwrap_model(model), step)
+                if step % p.checkpoint_every == 0 and step < p.steps:
+                    ckpts.save(accelerator, step, {"fingerprint": job.fingerprint, "mlflow_run_id": run_id})
+                    progress.restart_clock()
+                if step >= p.steps:
+                    break
+
+    checksums = rank_checksums(accelerator, model)
+    metrics = {"steps": step, "world_size": world, **job.info, "rank_checksums": checksums, **progress.last_val}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        metrics |= job.save(accelerator.unwrap_model(model), step, run_id)
+        _write_reports(metrics, paths)
+        tracker.log_artifacts(paths.out, "model")
+        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, float)}, step)
+        tracker.end("FINISHED")
+        ckpts.clear()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+class _Progress:
+    """What `fit` reports as it goes. The loss terms, averaged over the micro-batches of every rank
+    since the last report, with the LR, gradient norm and throughput: a row of loss.csv, MLflow
+    metrics and a log line. Each validation: a row of val.csv, MLflow metrics and a log line. Rank 0
+    writes the CSVs, beside the checkpoints, so that they resume with them."""
+
+    def __init__(self, accelerator: Accelerator, tracker: Tracker, job: Job, p: LoopParams, step: int, folder: Path):
+        self.accelerator, self.tracker, self.job, self.p = accelerator, tracker, job, p
+        self.sums = torch.zeros(len(job.terms), device=accelerator.device)
+        self.micro_batches = 0
+        self.restart_clock()
+        self.last_val: dict[str, float] = {}
+        self.loss_log = self.val_log = None
+        if accelerator.is_main_process:
+            columns = ("step", *job.terms, "lr", "grad_norm", "samples_per_s", *job.per_sample)
+            self.loss_log = CsvLog(folder / CURVES[0], columns, step)
+            self.val_log = CsvLog(folder / CURVES[1], ("step", *job.validation.columns), step)
+            log.info(
+                "training %s (%.2fM parameters), %d process(es), %s (%d threads), precision %s, steps %d",
+                job.describe,
+                sum(t.numel() for t in job.model.parameters()) / 1e6,
+                accelerator.num_processes,
+                accelerator.device,
+                torch.get_num_threads(),
+                accelerator.mixed_precision,
+                p.steps,
+            )
+
+    def restart_clock(self) -> None:
+        """Throughput counts from now: after a report, a validation or a checkpoint."""
+        self.tic = time.perf_counter()
+
+    def add(self, losses: Mapping[str, torch.Tensor]) -> None:
+        self.sums += torch.stack([losses[t].detach().float() for t in self.job.terms])
+        self.micro_batches += 1
+
+    def log_losses(self, step: int, lr: float, grad_norm: float) -> None:
+        p = self.p
+        means = (self.accelerator.reduce(self.sums, "mean") / self.micro_batches).tolist()
+        samples = p.batch_size * self.accelerator.num_processes * self.micro_batches
+        samples_per_s = samples / (time.perf_counter() - self.tic)
+        row = {"step": step, **dict(zip(self.job.terms, means, strict=True)), "lr": lr, "grad_norm": grad_norm}
+        row |= {"samples_per_s": samples_per_s, **{k: n * samples_per_s for k, n in self.job.per_sample.items()}}
+        if self.loss_log is not None:
+            self.loss_log.append(row)
+            self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
+            terms = " ".join(f"{t} {row[t]:.4g}" for t in self.job.terms)
+            log.info("step %d/%d %s lr %.2e %.1f samples/s", step, p.steps, terms, lr, samples_per_s)
+        self.sums.zero_()
+        self.micro_batches = 0
+        self.restart_clock()
+
+    def validate(self, model: torch.nn.Module, step: int) -> None:
+        validation = self.job.validation
+        self.accelerator.wait_for_everyone()
+        if self.val_log is not None:
+            scores = validation.scores(model, step == self.p.steps)
+            self.last_val = {f"{validation.prefix}{k}": v for k, v in scores.items()}
+            self.val_log.append({"step": step, **scores})
+            self.tracker.log_metrics(self.last_val, step)
+            log.info("step %d val: %s", step, " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        self.accelerator.wait_for_everyone()
+        self.restart_clock()
+
+
+def _write_reports(metrics: Mapping[str, Any], paths: Outputs) -> None:
     """The final metrics JSON (DVC metrics), and the CSV curves kept beside the checkpoints copied to
     the plots folder (DVC plots); each written atomically."""
-    from shapeflow.manifest import atomic_write_text
-
-    atomic_write_text(metrics_path, json.dumps(dict(metrics), indent=2) + "\n")
-    plots.mkdir(parents=True, exist_ok=True)
-    for name in curves:
-        src = checkpoints / name
+    mf.atomic_write_text(paths.metrics, json.dumps(dict(metrics), indent=2) + "\n")
+    paths.plots.mkdir(parents=True, exist_ok=True)
+    for name in CURVES:
+        src = paths.checkpoints / name
         if src.is_file():
-            atomic_write_text(plots / name, src.read_text())
-
-
-def run_name(stage: str) -> str:
-    """The MLflow run name of a stage: the DVC experiment's name when `dvc exp run` started it, so
-    the train_vae, train_dit and evaluate runs of one experiment share a name (and the compare view
-    lines them up by it); otherwise the stage and the start time."""
-    experiment = os.environ.get("DVC_EXP_NAME")
-    return experiment if experiment else f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def pipeline_tags() -> dict[str, str]:
-    """Tags every stage's run carries: the DVC experiment it ran in, when it ran in one."""
-    experiment = os.environ.get("DVC_EXP_NAME")
-    return {"dvc_exp": experiment} if experiment else {}
-
-
-def git_commit(cwd: str | Path = ".") -> str:
-    """HEAD's commit, with '-dirty' when tracked files differ from it; 'unknown' outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def dvc_hash(data_dir: str | Path, lock_file: str | Path = "dvc.lock") -> str | None:
-    """The md5 that dvc.lock records for the stage output at `data_dir`, or None when not tracked."""
-    lock_path = Path(lock_file)
-    if not lock_path.is_file():
-        return None
-    try:
-        rel = Path(os.path.relpath(Path(data_dir).resolve(), lock_path.parent.resolve())).as_posix()
-    except ValueError:  # another drive on Windows
-        return None
-    lock = yaml.safe_load(lock_path.read_text()) or {}
-    for stage in (lock.get("stages") or {}).values():
-        for out in stage.get("outs") or []:
-            if out.get("path") == rel:
-                return out.get("md5")
-    return None
-
-
-def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}, for MLflow params."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat |= flatten(value, f"{name}.")
-        else:
-            flat[name] = value
-    return flat
-
-
-class Tracker:
-    """One MLflow run per training, written by rank 0 only (other ranks hold an inactive tracker).
-
-    The run id is kept in the checkpoints, so a resumed training goes on logging into its own run.
-    The tracking URI is $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
-    """
-
-    def __init__(self, active: bool):
-        self.active = active
-        self.run_id: str | None = None
-        self._client = None
-
-    def start(self, experiment: str, run_name: str, run_id: str | None, tags: Mapping[str, str], params: Mapping[str, Any]) -> str | None:
-        if not self.active:
-            return None
-        from mlflow.entities import Param, RunTag
-        from mlflow.tracking import MlflowClient
-
-        uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-        self._client = MlflowClient(tracking_uri=uri)
-        if run_id is not None:
-            self.run_id = run_id
-            self._client.update_run(run_id, status="RUNNING")
-            self._client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-            return run_id
-        found = self._client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
-        run = self._client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
-        self.run_id = run.info.run_id
-        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self._client.log_batch(self.run_id, params=items[i : i + 100])
-        return self.run_id
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        if not self.active:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._client.log_batch(self.run_id, metrics=[Metric(_metric_name(k), float(v), now, step) for k, v in metrics.items()])
-
-    def log_artifacts(self, folder: str | Path, artifact_path: str) -> None:
-        if self.active:
-            self._client.log_artifacts(self.run_id, str(folder), artifact_path)
-
-    def end(self, status: str = "FINISHED") -> None:
-        if self.active and self.run_id is not None:
-            self._client.set_terminated(self.run_id, status=status)
-
-    @contextlib.contextmanager
-    def ends_on_error(self):
-        """Around a training loop: an interrupt ends the run as KILLED, an error as FAILED (re-raised)."""
-        try:
-            yield
-        except KeyboardInterrupt:
-            self.end("KILLED")
-            raise
-        except Exception:
-            self.end("FAILED")
-            raise
-
-
-def _metric_name(name: str) -> str:
-    """MLflow metric names allow letters, digits, _ - . space : / only: 'f@0.02' -> 'f_0.02'."""
-    return re.sub(r"[^\w\-. :/]", "_", name)
+            mf.atomic_write_text(paths.plots / name, src.read_text())

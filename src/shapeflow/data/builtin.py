@@ -457,14 +457,6 @@ _FAMILIES: dict[str, Family] = {
 }
 
 
-def _concatenate(parts: Sequence[Part]) -> tuple[np.ndarray, np.ndarray]:
-    """Stack parts into one vertex and face array without welding anything."""
-    offsets = np.cumsum([0] + [len(p.vertices) for p in parts[:-1]])
-    vertices = np.concatenate([p.vertices for p in parts])  # (V, 3)
-    faces = np.concatenate([p.faces + o for p, o in zip(parts, offsets)])  # (F, 3)
-    return vertices, faces
-
-
 def _place(vertices: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Turn design space (Z up) into Y up, then give the object a random size and position."""
     vertices = vertices[:, [0, 2, 1]] * np.array([1.0, 1.0, -1.0])  # (x, y, z) -> (x, z, -y)
@@ -479,8 +471,8 @@ def make_shape(category: str, rng: np.random.Generator) -> trimesh.Trimesh:
     family = _FAMILIES.get(category)
     if family is None:
         raise ValueError(f"builtin: unknown category {category!r}; known: {', '.join(CATEGORIES)}")
-    vertices, faces = _concatenate(family(rng))
-    return trimesh.Trimesh(_place(vertices, rng), faces, process=False)
+    parts = trimesh.util.concatenate(family(rng))  # stacked, nothing welded
+    return trimesh.Trimesh(_place(np.asarray(parts.vertices), rng), parts.faces, process=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,7 +572,7 @@ def _loose_part(vertices: np.ndarray, faces: np.ndarray, rng: np.random.Generato
     axis, side = int(rng.integers(3)), int(rng.integers(2))
     centre[axis] = high[axis] + 2 * size if side else low[axis] - 2 * size
     part = _random_primitive(rng, centre, size)
-    return _concatenate_arrays((vertices, faces), (part.vertices, part.faces))
+    return trimesh.util.append_faces([vertices, part.vertices], [faces, part.faces])
 
 
 def _overlapping_parts(vertices: np.ndarray, faces: np.ndarray, rng: np.random.Generator) -> Arrays:
@@ -589,7 +581,7 @@ def _overlapping_parts(vertices: np.ndarray, faces: np.ndarray, rng: np.random.G
     face = int(rng.choice(len(faces), p=areas / areas.sum()))
     centre = vertices[faces[face]].mean(axis=0)
     part = _random_primitive(rng, centre, _extent(vertices) * _uniform(rng, 0.06, 0.18))
-    return _concatenate_arrays((vertices, faces), (part.vertices, part.faces))
+    return trimesh.util.append_faces([vertices, part.vertices], [faces, part.faces])
 
 
 def _random_primitive(rng: np.random.Generator, centre: np.ndarray, size: float) -> Part:
@@ -605,10 +597,6 @@ def _random_primitive(rng: np.random.Generator, centre: np.ndarray, size: float)
     rotation[:3, 3] = centre
     part.apply_transform(rotation)
     return part
-
-
-def _concatenate_arrays(first: Arrays, second: Arrays) -> Arrays:
-    return np.concatenate([first[0], second[0]]), np.concatenate([first[1], second[1] + len(first[0])])
 
 
 _DEFECT_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray, np.random.Generator], Arrays]] = {

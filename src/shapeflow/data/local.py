@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shapeflow import manifest as mf
-from shapeflow.geometry.mesh import gltf_to_glb
+from shapeflow.geometry.mesh import MESH_SUFFIXES, gltf_to_glb
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,9 @@ def list_mesh_files(folder: str | Path, recursive: bool = True) -> list[Path]:
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(
         p for p in candidates
-        if p.suffix.lower() in mf.MESH_SUFFIXES and p.is_file()
+        if p.suffix.lower() in MESH_SUFFIXES and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )  # fmt: skip
+    )
 
 
 def scan(folder: str | Path, recursive: bool = True) -> list[LocalFile]:
@@ -58,7 +58,7 @@ def scan(folder: str | Path, recursive: bool = True) -> list[LocalFile]:
     files = list_mesh_files(folder, recursive)
     if not files:
         where = "in it or its subfolders" if recursive else "in it (subfolders not searched)"
-        raise FileNotFoundError(f"{folder}: no mesh files ({', '.join(mf.MESH_SUFFIXES)}) {where}")
+        raise FileNotFoundError(f"{folder}: no mesh files ({', '.join(MESH_SUFFIXES)}) {where}")
     return [LocalFile(path=p, rel=p.relative_to(folder).as_posix(), key=mf.file_sha256(p)) for p in files]
 
 

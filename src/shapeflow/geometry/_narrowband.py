@@ -6,10 +6,10 @@ h = 2 / (R - 1). The field `val` holds, for every grid point within `r_band` of 
     min( min over closed parts c of  signed distance to c  (pseudo-normal sign, negative inside),
          udf to the open faces - eps )
 
-and +inf elsewhere. Open faces alone give the seed method's field (its zero level is the eps-offset
-surface); closed, consistently oriented parts keep their own surface. Blocks of BLOCK^3 grid points
-that hold no finite value ("untouched") are the bulk of the grid and are handled as whole blocks by
-the flood fill.
+and +inf elsewhere. Open faces alone give the dense baseline's field (its zero level is the
+eps-offset surface); closed, consistently oriented parts keep their own surface. Blocks of BLOCK^3
+grid points that hold no finite value ("untouched") are the bulk of the grid and are handled as
+whole blocks by the flood fill.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import numpy as np
 from numba import njit, prange
 
 BLOCK = 8  # flood-fill block edge, in grid points
+# The six face neighbours of a grid point or block: +x, -x, +y, -y, +z, -z.
+_NEIGHBOURS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], np.int64)
 
 # Closest-feature regions of a point-triangle query (Ericson, Real-Time Collision Detection 5.1.5).
 _FACE, _VA, _VB, _VC, _EAB, _EBC, _ECA = 0, 1, 2, 3, 4, 5, 6
@@ -138,7 +140,7 @@ def _face_into_slab(f, tris, part, face_n, edge_n, vert_n, h, r_band, eps, i0, i
                     continue
                 i, j, k = idx[0], idx[1], idx[2]
                 touched[i // BLOCK, j // BLOCK, k // BLOCK] = 1
-                if pid < 0:  # open face: the seed's eps-offset field
+                if pid < 0:  # open face: the baseline's eps-offset field
                     v = d - eps
                     if v < val[i, j, k]:
                         val[i, j, k] = v
@@ -199,38 +201,28 @@ def flood_outside(val, touched):
     pq_n = 0
     if touched[0, 0, 0] == 0:
         block_out[0, 0, 0] = 1
-        bq[0, 0] = 0
-        bq[0, 1] = 0
-        bq[0, 2] = 0
-        bq_n = 1
+        bq_n = _put(bq, bq_n, 0, 0, 0)
     elif val[0, 0, 0] > 0:
         point_out[0, 0, 0] = 1
-        pq[0, 0] = 0
-        pq[0, 1] = 0
-        pq[0, 2] = 0
-        pq_n = 1
-    steps = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
+        pq_n = _put(pq, pq_n, 0, 0, 0)
     while bq_n > 0 or pq_n > 0:
         while bq_n > 0:
             bq_n -= 1
             bi, bj, bk = bq[bq_n, 0], bq[bq_n, 1], bq[bq_n, 2]
             for s in range(6):
-                ni, nj, nk = bi + steps[s, 0], bj + steps[s, 1], bk + steps[s, 2]
-                if ni < 0 or nj < 0 or nk < 0 or ni >= nb or nj >= nb or nk >= nb:
+                ni, nj, nk = bi + _NEIGHBOURS[s, 0], bj + _NEIGHBOURS[s, 1], bk + _NEIGHBOURS[s, 2]
+                if not _on_grid(ni, nj, nk, nb):
                     continue
                 if touched[ni, nj, nk] == 0:
                     if block_out[ni, nj, nk] == 0:
                         block_out[ni, nj, nk] = 1
-                        bq[bq_n, 0] = ni
-                        bq[bq_n, 1] = nj
-                        bq[bq_n, 2] = nk
-                        bq_n += 1
+                        bq_n = _put(bq, bq_n, ni, nj, nk)
                     continue
                 # Enter the touched neighbour through the face it shares with this block.
                 r0 = np.array([ni * BLOCK, nj * BLOCK, nk * BLOCK])
                 r1 = np.minimum(r0 + BLOCK, R)
-                ax = 0 if steps[s, 0] != 0 else (1 if steps[s, 1] != 0 else 2)
-                face = r0[ax] if steps[s, ax] > 0 else r1[ax] - 1
+                ax = 0 if _NEIGHBOURS[s, 0] != 0 else (1 if _NEIGHBOURS[s, 1] != 0 else 2)
+                face = r0[ax] if _NEIGHBOURS[s, ax] > 0 else r1[ax] - 1
                 r0[ax] = face
                 r1[ax] = face + 1
                 for i in range(r0[0], r1[0]):
@@ -240,36 +232,42 @@ def flood_outside(val, touched):
                                 point_out[i, j, k] = 1
                                 if pq_n == pq.shape[0]:
                                     pq = _grow(pq)
-                                pq[pq_n, 0] = i
-                                pq[pq_n, 1] = j
-                                pq[pq_n, 2] = k
-                                pq_n += 1
+                                pq_n = _put(pq, pq_n, i, j, k)
         while pq_n > 0:
             pq_n -= 1
             i, j, k = pq[pq_n, 0], pq[pq_n, 1], pq[pq_n, 2]
             for s in range(6):
-                ni, nj, nk = i + steps[s, 0], j + steps[s, 1], k + steps[s, 2]
-                if ni < 0 or nj < 0 or nk < 0 or ni >= R or nj >= R or nk >= R:
+                ni, nj, nk = i + _NEIGHBOURS[s, 0], j + _NEIGHBOURS[s, 1], k + _NEIGHBOURS[s, 2]
+                if not _on_grid(ni, nj, nk, R):
                     continue
                 bi, bj, bk = ni // BLOCK, nj // BLOCK, nk // BLOCK
                 if touched[bi, bj, bk] == 0:
                     if block_out[bi, bj, bk] == 0:
                         block_out[bi, bj, bk] = 1
-                        bq[bq_n, 0] = bi
-                        bq[bq_n, 1] = bj
-                        bq[bq_n, 2] = bk
-                        bq_n += 1
+                        bq_n = _put(bq, bq_n, bi, bj, bk)
                 elif point_out[ni, nj, nk] == 0 and val[ni, nj, nk] > 0:
                     point_out[ni, nj, nk] = 1
                     if pq_n == pq.shape[0]:
                         pq = _grow(pq)
-                    pq[pq_n, 0] = ni
-                    pq[pq_n, 1] = nj
-                    pq[pq_n, 2] = nk
-                    pq_n += 1
+                    pq_n = _put(pq, pq_n, ni, nj, nk)
             if bq_n > 0:
                 break  # drain whole blocks first: they open up the most space per step
     return block_out, point_out
+
+
+@njit(cache=True, inline="always")
+def _on_grid(i, j, k, n):
+    # Lower bounds first: the order the compiled branches run fastest in.
+    return i >= 0 and j >= 0 and k >= 0 and i < n and j < n and k < n
+
+
+@njit(cache=True, inline="always")
+def _put(q, n, i, j, k):
+    """Put (i, j, k) on top of the stack `q` of `n` entries (it has room); returns n + 1."""
+    q[n, 0] = i
+    q[n, 1] = j
+    q[n, 2] = k
+    return n + 1
 
 
 @njit(cache=True)
@@ -284,10 +282,10 @@ def signed_blocks(val, touched, block_out, point_out, origins, size, r_band, nud
     """The signed field on (size+1)^3 corner blocks starting at `origins` (n, 3), for marching cubes.
 
     Points not reachable from outside are inside: a positive value there (a pocket enclosed by the
-    surface) is negated, as the seed's flood fill does. Points off the band get +-r_band. Values within
-    `nudge` of zero are pushed to +nudge so that no vertex lands exactly on a grid point, which is what
-    makes marching cubes emit zero-area triangles. Points on the grid's outer faces are never inside,
-    so the surface is closed even where the shell would cross the grid's edge.
+    surface) is negated, as the baseline's flood fill does. Points off the band get +-r_band. Values
+    within `nudge` of zero are pushed to +nudge so that no vertex lands exactly on a grid point, which
+    is what makes marching cubes emit zero-area triangles. Points on the grid's outer faces are never
+    inside, so the surface is closed even where the shell would cross the grid's edge.
     """
     R = val.shape[0]
     n = origins.shape[0]
@@ -337,21 +335,9 @@ def inner_edge_exposed(val, touched, block_out, point_out):
                         for k in range(bk * BLOCK, min((bk + 1) * BLOCK, R)):
                             if not val[i, j, k] < 0:
                                 continue
-                            for d in range(6):
-                                ni, nj, nk = i, j, k
-                                if d == 0:
-                                    ni += 1
-                                elif d == 1:
-                                    ni -= 1
-                                elif d == 2:
-                                    nj += 1
-                                elif d == 3:
-                                    nj -= 1
-                                elif d == 4:
-                                    nk += 1
-                                else:
-                                    nk -= 1
-                                if ni < 0 or nj < 0 or nk < 0 or ni >= R or nj >= R or nk >= R:
+                            for s in range(6):
+                                ni, nj, nk = i + _NEIGHBOURS[s, 0], j + _NEIGHBOURS[s, 1], k + _NEIGHBOURS[s, 2]
+                                if not _on_grid(ni, nj, nk, R):
                                     continue
                                 if math.isfinite(val[ni, nj, nk]):
                                     continue

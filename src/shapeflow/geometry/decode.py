@@ -1,4 +1,4 @@
-"""From a learned signed-distance field to a mesh, and how close that mesh is to a reference.
+"""From a learned signed-distance field to a mesh (how close it is to a reference: shapeflow.metrics).
 
 One helper for every stage that decodes: validation in train_vae, evaluate, sample export. The field
 is any callable mapping query points (Q, 3) in normalised space to signed distances (Q,), negative
@@ -17,9 +17,6 @@ import torch
 import torch.nn.functional as F
 import trimesh
 
-from shapeflow.metrics import chamfer_distance, fscore, normal_consistency
-from shapeflow.geometry.sampling import sample_surface
-
 FieldFn = Callable[[torch.Tensor], torch.Tensor]
 
 BOUND = 1.0  # the grid covers [-BOUND, BOUND]^3
@@ -29,11 +26,6 @@ COARSE_FACTOR = 2  # fine cells per coarse cell along an axis
 # default: far from the surface a learned field reads about +-truncation), or every cell would
 # qualify; at 128^3 half a coarse diagonal is 0.027.
 BAND_DIAGONALS = 0.5
-F_TAUS = (0.01, 0.02)
-# Points a side for reconstruction CD and F-score. The 10,000 of the Chamfer convention are too few
-# for F@0.02 on these shapes: two perfect samplings of one built-in mug (area ~15) agree to only
-# F@0.02 = 0.57 with 10,000 points, 0.99 with 50,000; 100,000 keeps that floor out of the figures.
-METRIC_POINTS = 100_000
 
 
 def grid_coordinates(resolution: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -57,14 +49,21 @@ def decode_grid(field: FieldFn, resolution: int, chunk: int = 65536, device: tor
     coarse_t = torch.from_numpy(coarse).to(device)
     # Corners of each coarse cell: min |sdf| and whether the sign changes.
     corners = torch.stack(
-        [coarse_t[i : coarse_res + i, j : coarse_res + j, k : coarse_res + k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+        [
+            coarse_t[i : coarse_res + i, j : coarse_res + j, k : coarse_res + k]
+            for i in (0, 1)
+            for j in (0, 1)
+            for k in (0, 1)
+        ]
     )  # (8, Rc, Rc, Rc)
     diagonal = 2 * BOUND / coarse_res * 3**0.5
     near = (corners.abs().amin(0) < BAND_DIAGONALS * diagonal) | ((corners > 0).any(0) & (corners < 0).any(0))
     fine = F.interpolate(coarse_t[None, None], size=(resolution + 1,) * 3, mode="trilinear", align_corners=True)[0, 0]
     # Every fine grid point that is a corner of a fine cell inside a refined coarse cell.
     mask = torch.zeros((resolution + 1,) * 3, dtype=torch.bool, device=device)
-    cells = near.repeat_interleave(COARSE_FACTOR, 0).repeat_interleave(COARSE_FACTOR, 1).repeat_interleave(COARSE_FACTOR, 2)
+    cells = (
+        near.repeat_interleave(COARSE_FACTOR, 0).repeat_interleave(COARSE_FACTOR, 1).repeat_interleave(COARSE_FACTOR, 2)
+    )
     for i in (0, 1):
         for j in (0, 1):
             for k in (0, 1):
@@ -101,32 +100,7 @@ def grid_to_mesh(values: np.ndarray) -> trimesh.Trimesh:
     return mesh
 
 
-def decode_mesh(field: FieldFn, resolution: int, chunk: int = 65536, device: torch.device | str = "cpu") -> trimesh.Trimesh:
+def decode_mesh(
+    field: FieldFn, resolution: int, chunk: int = 65536, device: torch.device | str = "cpu"
+) -> trimesh.Trimesh:
     return grid_to_mesh(decode_grid(field, resolution, chunk, device))
-
-
-def surface_metrics(
-    mesh: trimesh.Trimesh, reference: np.ndarray, seed: int = 0, reference_normals: np.ndarray | None = None
-) -> dict[str, float]:
-    """Chamfer distance and F-scores of `mesh` against uniform reference surface points, and normal
-    consistency ('nc') when the reference normals are given.
-
-    As many points are sampled on `mesh` as `reference` holds. An empty mesh scores F = 0 and
-    CD = NaN (and nc = NaN).
-    """
-    ref = np.asarray(reference, dtype=np.float64)
-    if len(mesh.faces) == 0:
-        empty = {"cd": float("nan"), **{f"f@{tau}": 0.0 for tau in F_TAUS}}
-        return empty if reference_normals is None else empty | {"nc": float("nan")}
-    pred, pred_normals = sample_surface(mesh, len(ref), np.random.default_rng(seed))
-    return point_metrics(pred, ref, pred_normals, reference_normals)
-
-
-def point_metrics(
-    pred: np.ndarray, ref: np.ndarray, pred_normals: np.ndarray | None = None, ref_normals: np.ndarray | None = None
-) -> dict[str, float]:
-    """CD and F-scores between two surface samplings, and normal consistency when both have normals."""
-    scores = {"cd": chamfer_distance(pred, ref), **{f"f@{tau}": fscore(pred, ref, tau) for tau in F_TAUS}}
-    if pred_normals is not None and ref_normals is not None:
-        scores["nc"] = normal_consistency(pred, pred_normals, ref, ref_normals)
-    return scores

@@ -1,9 +1,10 @@
-"""Load, clean and normalise triangle meshes.
+"""Load, clean and normalise triangle meshes; their edge topology and enclosed volume.
 
 Every stage reads meshes through `load_mesh`, so a file that cannot be trusted is rejected here once,
 with a `MeshError` that names the file and says what is wrong, instead of surfacing later as NaNs in
 a grid or a silent empty result. Loading keeps the faces as the file has them; `clean_mesh` is the
-single place where vertices are welded and junk faces dropped.
+single place where vertices are welded and junk faces dropped. `closed_mesh` and `sampled_frame`
+give a closed, outward mesh as the sample stage sees it.
 
 The numeric rules, relative to L, the longest side of the bounding box of the referenced vertices:
 
@@ -28,9 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import plyfile
+import scipy.sparse
 import trimesh
-
-from shapeflow.manifest import MESH_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ MERGE_RATIO = 1e-7
 DEGENERATE_RATIO = 1e-10
 FLAT_RATIO = 1e-5
 HALF_SPAN = 0.95  # the longest side of a normalised mesh spans [-HALF_SPAN, HALF_SPAN]
+MESH_SUFFIXES = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf")
 
 GLB_MAGIC = b"glTF"
 _GLB_JSON = 0x4E4F534A  # chunk type "JSON"
@@ -99,8 +100,9 @@ def load_mesh(path: str | Path) -> trimesh.Trimesh:
     except MeshError:
         raise
     except _PARSE_ERRORS as exc:
-        raise MeshError(f"{path}: cannot read as {suffix[1:].upper()} (corrupt or truncated file?): "
-                        f"{type(exc).__name__}: {exc}") from exc
+        raise MeshError(
+            f"{path}: cannot read as {suffix[1:].upper()} (corrupt or truncated file?): {type(exc).__name__}: {exc}"
+        ) from exc
     _check_geometry(path, vertices, faces)
     return trimesh.Trimesh(vertices=vertices, faces=faces, process=False)
 
@@ -124,8 +126,7 @@ def _read(path: Path, suffix: str, head: bytes) -> tuple[np.ndarray, np.ndarray]
     if suffix == ".ply" and b"element tristrips" in head.split(b"end_header", 1)[0]:
         return _read_ply_with_strips(path)
     if suffix == ".gltf":
-        loaded = trimesh.load(io.BytesIO(gltf_to_glb(path)), file_type="glb", process=False,
-                              skip_materials=True)
+        loaded = trimesh.load(io.BytesIO(gltf_to_glb(path)), file_type="glb", process=False, skip_materials=True)
     else:
         loaded = trimesh.load(path, file_type=suffix[1:], process=False, skip_materials=True)
     return _flatten(path, loaded)
@@ -137,10 +138,8 @@ def _flatten(path: Path, loaded: trimesh.parent.Geometry) -> tuple[np.ndarray, n
     meshes = [p for p in parts if isinstance(p, trimesh.Trimesh) and len(p.faces)]
     if not meshes:
         raise MeshError(f"{path}: no faces: {_describe(parts)}")
-    offsets = np.cumsum([0] + [len(m.vertices) for m in meshes[:-1]])
-    vertices = np.concatenate([np.asarray(m.vertices, dtype=np.float64) for m in meshes])  # (V, ...)
-    faces = np.concatenate([np.asarray(m.faces, dtype=np.int64) + o for m, o in zip(meshes, offsets)])
-    return vertices, faces
+    vertices, faces = trimesh.util.append_faces([m.vertices for m in meshes], [m.faces for m in meshes])
+    return np.asarray(vertices, dtype=np.float64), np.asarray(faces, dtype=np.int64)  # (V, ...), (F, 3)
 
 
 def _describe(parts: list) -> str:
@@ -212,13 +211,17 @@ def _fan_triangulate(polygons: list[np.ndarray]) -> np.ndarray:
 def _check_geometry(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None:
     """Reject what would poison later stages: broken indices, non-finite or extreme coordinates."""
     if vertices.ndim != 2 or vertices.shape[1] != 3:
-        raise MeshError(f"{path}: malformed vertices: 3 coordinates per vertex expected, got array of "
-                        f"shape {vertices.shape} (truncated or corrupt file?)")
+        raise MeshError(
+            f"{path}: malformed vertices: 3 coordinates per vertex expected, got array of "
+            f"shape {vertices.shape} (truncated or corrupt file?)"
+        )
     if len(faces) == 0:
         raise MeshError(f"{path}: no faces")
     if faces.min() < 0 or faces.max() >= len(vertices):
-        raise MeshError(f"{path}: faces refer to vertex {int(faces.max())} (min {int(faces.min())}) but "
-                        f"the file has {len(vertices)} vertices (truncated or corrupt file?)")
+        raise MeshError(
+            f"{path}: faces refer to vertex {int(faces.max())} (min {int(faces.min())}) but "
+            f"the file has {len(vertices)} vertices (truncated or corrupt file?)"
+        )
     finite = np.isfinite(vertices)
     if not finite.all():
         n_nan = int(np.isnan(vertices).sum())
@@ -228,17 +231,21 @@ def _check_geometry(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None
     used = vertices[np.unique(faces)]  # (U, 3) only what the faces reach
     reach = float(np.abs(used).max())
     if reach > MAX_ABS_COORD:
-        raise MeshError(f"{path}: huge coordinates: |coord| reaches {reach:.3g}, beyond {MAX_ABS_COORD:.0e} "
-                        "(corrupt file, or units that need rescaling first)")
+        raise MeshError(
+            f"{path}: huge coordinates: |coord| reaches {reach:.3g}, beyond {MAX_ABS_COORD:.0e} "
+            "(corrupt file, or units that need rescaling first)"
+        )
     longest = float(np.ptp(used, axis=0).max())
     edges = np.linalg.norm(vertices[faces[:, [1, 2, 0]]] - vertices[faces], axis=-1).ravel()  # (3F,)
     edges = edges[edges > 0]
     if len(edges) and longest > MAX_BOX_TO_EDGE * float(np.median(edges)):
         median = float(np.median(edges))
-        raise MeshError(f"{path}: extreme coordinate range: the bounding box (longest side {longest:.3g}) "
-                        f"is {longest / median:.3g} times the median edge length ({median:.3g}), over the "
-                        f"limit of {MAX_BOX_TO_EDGE:.0e}; normalised to float32 the shape would collapse "
-                        "(a stray vertex far from the rest?)")
+        raise MeshError(
+            f"{path}: extreme coordinate range: the bounding box (longest side {longest:.3g}) "
+            f"is {longest / median:.3g} times the median edge length ({median:.3g}), over the "
+            f"limit of {MAX_BOX_TO_EDGE:.0e}; normalised to float32 the shape would collapse "
+            "(a stray vertex far from the rest?)"
+        )
 
 
 # ----------------------------------------------------------------------------------------- glTF
@@ -266,8 +273,10 @@ def gltf_to_glb(path: str | Path) -> bytes:
             raise MeshError(f"{path}: buffer {i} has no uri (only a .glb may carry an embedded buffer)")
         data = _uri_bytes(path, buf["uri"], f"buffer {i}")
         if len(data) < buf["byteLength"]:
-            raise MeshError(f"{path}: buffer {i} holds {len(data)} bytes, fewer than its byteLength "
-                            f"{buf['byteLength']} (truncated?)")
+            raise MeshError(
+                f"{path}: buffer {i} holds {len(data)} bytes, fewer than its byteLength "
+                f"{buf['byteLength']} (truncated?)"
+            )
         starts.append(_append_aligned(blob, data[: buf["byteLength"]]))
     for view in gltf.get("bufferViews", []):
         view["byteOffset"] = view.get("byteOffset", 0) + starts[view["buffer"]]
@@ -315,8 +324,9 @@ def _mime_type(uri: str) -> str:
     if uri.startswith("data:"):
         return uri[5:].split(";", 1)[0]
     suffix = Path(urllib.parse.unquote(uri)).suffix.lower()
-    return {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
-            ".ktx2": "image/ktx2"}.get(suffix, "image/png")
+    return {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".ktx2": "image/ktx2"}.get(
+        suffix, "image/png"
+    )
 
 
 def _append_aligned(blob: bytearray, data: bytes) -> int:
@@ -361,13 +371,19 @@ def clean_mesh(mesh: trimesh.Trimesh, where: str = "") -> trimesh.Trimesh:
     unique = kept[np.sort(first)]
     n_dup = len(kept) - len(unique)
     if len(unique) == 0:
-        raise MeshError(f"{where}: no faces left after cleaning: {int(degenerate.sum())} of {len(faces)} "
-                        f"faces are degenerate (zero area), {n_dup} duplicate")
+        raise MeshError(
+            f"{where}: no faces left after cleaning: {int(degenerate.sum())} of {len(faces)} "
+            f"faces are degenerate (zero area), {n_dup} duplicate"
+        )
     vertices, unique = _drop_unreferenced(vertices, unique)
     _check_not_flat(where, vertices)
     cleaned = trimesh.Trimesh(vertices=vertices, faces=unique, process=False)
-    cleaned.metadata["clean"] = {"faces_in": len(mesh.faces), "degenerate": int(degenerate.sum()),
-                                 "duplicate": n_dup, "faces_out": len(unique)}
+    cleaned.metadata["clean"] = {
+        "faces_in": len(mesh.faces),
+        "degenerate": int(degenerate.sum()),
+        "duplicate": n_dup,
+        "faces_out": len(unique),
+    }
     return cleaned
 
 
@@ -402,8 +418,10 @@ def _check_not_flat(where: str, vertices: np.ndarray) -> None:
     _, axes = np.linalg.eigh(centred.T @ centred)  # ascending variance; axes[:, 0] is the plane normal
     thickness = float(np.ptp(centred @ axes[:, 0]))
     if size == 0 or thickness <= FLAT_RATIO * size:
-        raise MeshError(f"{where}: flat mesh: all vertices lie within {thickness:.3g} of one plane, "
-                        f"at most {FLAT_RATIO:.0e} of its size {size:.3g}; a 2-D surface has no inside")
+        raise MeshError(
+            f"{where}: flat mesh: all vertices lie within {thickness:.3g} of one plane, "
+            f"at most {FLAT_RATIO:.0e} of its size {size:.3g}; a 2-D surface has no inside"
+        )
 
 
 # ------------------------------------------------------------------------------------ normalise
@@ -429,3 +447,138 @@ def normalise(mesh: trimesh.Trimesh) -> tuple[trimesh.Trimesh, float, np.ndarray
 def load_clean(path: str | Path) -> trimesh.Trimesh:
     """`load_mesh` then `clean_mesh`, errors naming the file."""
     return clean_mesh(load_mesh(path), where=str(path))
+
+
+# ------------------------------------------------------------------------------------- topology
+
+
+def half_edges(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end vertex of every half-edge, (3F,) each: half-edge 3f+k runs from corner k to
+    corner k+1 of face f."""
+    return faces.ravel(), faces[:, [1, 2, 0]].ravel()
+
+
+def edge_keys(start: np.ndarray, stop: np.ndarray, n_vertices: int) -> np.ndarray:
+    """One int64 per undirected edge (start, stop), the same whichever way it runs."""
+    return np.minimum(start, stop) * n_vertices + np.maximum(start, stop)
+
+
+def adjacent_half_edges(start: np.ndarray, stop: np.ndarray, n_vertices: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two half-edges, (A,) and (A,), of every edge of exactly two distinct faces.
+
+    On a consistently oriented manifold (every closed mesh the sample stage accepts) each directed
+    half-edge occurs once and its twin runs the other way, so one sparse-matrix lookup finds every
+    twin. Other meshes fall back to sorting the undirected edges. Both are single numpy/scipy calls
+    over all edges.
+    """
+    twin = _twins(start, stop, n_vertices)
+    if twin is not None:
+        first = np.flatnonzero(twin > np.arange(len(twin)))  # each edge once, from one side
+        second = twin[first]
+    else:
+        first, second = _pairs_by_sorting(start, stop, n_vertices)
+    same_face = first // 3 == second // 3  # a face that repeats a vertex can meet itself
+    if same_face.any():
+        first, second = first[~same_face], second[~same_face]
+    return first, second
+
+
+def edge_defects(faces: np.ndarray, n_vertices: int) -> dict[str, int]:
+    """Counts of what keeps a mesh from being closed and consistently oriented.
+
+    `boundary`: edges with one face; `overshared`: edges with more than two; `misoriented`: edges
+    whose two faces run along them in the same direction (neighbours disagree on the outside).
+    All zero exactly when every half-edge has one twin running the other way.
+    """
+    faces = np.asarray(faces, dtype=np.int64)
+    start, stop = half_edges(faces)
+    twin = _twins(start, stop, n_vertices)
+    if twin is not None:  # every directed half-edge is unique: only boundaries can be left
+        return {"boundary": int((twin < 0).sum()), "overshared": 0, "misoriented": 0}
+    _, edge, count = np.unique(edge_keys(start, stop, n_vertices), return_inverse=True, return_counts=True)
+    forward = np.bincount(edge, weights=start < stop, minlength=len(count))  # (E,) faces running low -> high
+    return {
+        "boundary": int((count == 1).sum()),
+        "overshared": int((count > 2).sum()),
+        "misoriented": int(((count == 2) & (forward != 1)).sum()),
+    }
+
+
+def _twins(start: np.ndarray, stop: np.ndarray, n_vertices: int) -> np.ndarray | None:
+    """For every half-edge the one running the other way (-1 on a boundary), or None when some
+    directed half-edge occurs twice (an edge of more than two faces, or misoriented faces)."""
+    lookup = scipy.sparse.csr_matrix(
+        (np.arange(1, len(start) + 1), (start, stop)), shape=(n_vertices, n_vertices)
+    )  # entry (a, b) = 1 + the half-edge running a -> b; a repeated one would be summed away
+    if lookup.nnz != len(start):
+        return None
+    return np.asarray(lookup[stop, start]).ravel() - 1  # (3F,)
+
+
+def _pairs_by_sorting(start: np.ndarray, stop: np.ndarray, n_vertices: int) -> tuple[np.ndarray, np.ndarray]:
+    """Half-edge pairs of the undirected edges that occur exactly twice, found by one sort."""
+    key = edge_keys(start, stop, n_vertices)  # (3F,)
+    order = np.argsort(key)
+    same = key[order[1:]] == key[order[:-1]]  # (3F-1,) sorted neighbours on one edge
+    before = np.concatenate([[False], same[:-1]])
+    after = np.concatenate([same[1:], [False]])
+    twice = same & ~before & ~after  # a run of exactly two
+    return order[:-1][twice], order[1:][twice]
+
+
+def face_volumes(triangles: np.ndarray) -> np.ndarray:
+    """(F,) signed volume of the tetrahedron each triangle of `triangles` (F, 3, 3) spans with the origin.
+
+    Summed over a closed surface (over each closed part with np.bincount): the volume it encloses,
+    negative when its faces point inwards (divergence theorem). The one formula every volume here
+    uses; trimesh's `mass_properties` gives the same sum but computes the inertia integrals too, ten
+    times the cost.
+    """
+    return np.einsum("ij,ij->i", triangles[:, 0], np.cross(triangles[:, 1], triangles[:, 2])) / 6.0
+
+
+def is_watertight_shape(mesh: trimesh.Trimesh) -> bool:
+    """A non-empty mesh whose every edge is shared by exactly two faces, consistently wound."""
+    return len(mesh.faces) > 0 and bool(mesh.is_watertight) and bool(mesh.is_winding_consistent)
+
+
+# ----------------------------------------------------------------------------- closed and framed
+
+
+def closed_mesh(path: str | Path) -> tuple[trimesh.Trimesh, bool]:
+    """The mesh at `path`, checked closed and consistently oriented, and whether it was inside out.
+
+    Watertight-stage output is used as loaded. Anything else gets `clean_mesh` first (welding
+    turns an STL triangle soup or UV-split vertices into a connected surface) and must then pass.
+    """
+    mesh = load_mesh(path)
+    if any(edge_defects(mesh.faces, len(mesh.vertices)).values()):
+        mesh = clean_mesh(mesh, where=str(path))
+        defects = edge_defects(mesh.faces, len(mesh.vertices))
+        if defects["boundary"] or defects["overshared"]:
+            raise ValueError(
+                f"not watertight ({defects['boundary']} boundary edge(s), {defects['overshared']} edge(s) "
+                "shared by more than two faces): run `shapeflow watertight` first"
+            )
+        if defects["misoriented"]:
+            raise ValueError(
+                f"not consistently oriented ({defects['misoriented']} edge(s) whose two faces disagree on "
+                "the outside): run `shapeflow watertight` first"
+            )
+    # A closed mesh whose faces all point inwards has negative volume: turn it outside out so that
+    # inside means inside.
+    inverted = bool(face_volumes(mesh.triangles).sum() < 0)
+    if inverted:
+        mesh.invert()
+    return mesh, inverted
+
+
+def sampled_frame(path: str | Path) -> tuple[trimesh.Trimesh, bool, float, np.ndarray]:
+    """(mesh, inverted, scale, offset): the mesh at `path` exactly as the sample stage samples it,
+    closed, outward and normalised. Watertight-stage output is normalised already, but the
+    marching-cubes surface's box is not the source's (the shell adds up to eps on every side), so
+    normalising again rescales it by up to 1 + eps: stages that compare against these surfaces load
+    them through here."""
+    mesh, inverted = closed_mesh(path)
+    mesh, scale, offset = normalise(mesh)
+    return mesh, inverted, scale, offset

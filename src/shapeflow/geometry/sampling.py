@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import fpsample
 import numpy as np
-import scipy.sparse
 import trimesh
 
 from shapeflow.config import SampleParams
+from shapeflow.geometry.mesh import adjacent_half_edges, half_edges
 from shapeflow.geometry.sdf import Backend, signed_distance
 
 # Candidate points placed along the sharp edges per salient point finally kept: FPS then picks a
@@ -64,8 +64,8 @@ def sharp_edge_table(mesh: trimesh.Trimesh, angle_deg: float) -> tuple[np.ndarra
         raise ValueError(f"angle_deg: in (0, 180), got {angle_deg}")
     faces = np.asarray(mesh.faces, dtype=np.int64)
     normals, valid = _face_normals(np.asarray(mesh.vertices, dtype=np.float64), faces)  # (3, F), (F,)
-    start, stop = _half_edges(faces)
-    first, second = _adjacent_half_edges(start, stop, len(mesh.vertices))  # (A,) each
+    start, stop = half_edges(faces)
+    first, second = adjacent_half_edges(start, stop, len(mesh.vertices))  # (A,) each
     f0, f1 = first // 3, second // 3  # the two faces of each edge
     n0, n1 = np.take(normals, f0, axis=1), np.take(normals, f1, axis=1)  # (3, A) each
     cosine = np.clip(_dot3(n0, n1), -1.0, 1.0)  # (A,)
@@ -74,90 +74,6 @@ def sharp_edge_table(mesh: trimesh.Trimesh, angle_deg: float) -> tuple[np.ndarra
     edges = np.column_stack([np.minimum(start[first], stop[first]), np.maximum(start[first], stop[first])])
     edge_normals = (n0[:, sharp] + n1[:, sharp]).T  # (E, 3)
     return edges, _unit(edge_normals, fallback=n0[:, sharp].T)
-
-
-def face_pairs(faces: np.ndarray, n_vertices: int) -> tuple[np.ndarray, np.ndarray]:
-    """The two faces of every edge that has exactly two, (A, 2), and that edge's vertex ids, (A, 2)."""
-    start, stop = _half_edges(np.asarray(faces, dtype=np.int64))
-    first, second = _adjacent_half_edges(start, stop, n_vertices)
-    edges = np.column_stack([np.minimum(start[first], stop[first]), np.maximum(start[first], stop[first])])
-    return np.column_stack([first // 3, second // 3]), edges
-
-
-def _adjacent_half_edges(start: np.ndarray, stop: np.ndarray, n_vertices: int) -> tuple[np.ndarray, np.ndarray]:
-    """The two half-edges, (A,) and (A,), of every edge of exactly two distinct faces.
-
-    On a consistently oriented manifold (every closed mesh the sample stage accepts) each directed
-    half-edge occurs once and its twin runs the other way, so one sparse-matrix lookup finds every
-    twin. Other meshes fall back to sorting the undirected edges. Both are single numpy/scipy calls
-    over all edges.
-    """
-    twin = _twins(start, stop, n_vertices)
-    if twin is not None:
-        first = np.flatnonzero(twin > np.arange(len(twin)))  # each edge once, from one side
-        second = twin[first]
-    else:
-        first, second = _pairs_by_sorting(start, stop, n_vertices)
-    same_face = first // 3 == second // 3  # a face that repeats a vertex can meet itself
-    if same_face.any():
-        first, second = first[~same_face], second[~same_face]
-    return first, second
-
-
-def edge_defects(faces: np.ndarray, n_vertices: int) -> dict[str, int]:
-    """Counts of what keeps a mesh from being closed and consistently oriented.
-
-    `boundary`: edges with one face; `overshared`: edges with more than two; `misoriented`: edges
-    whose two faces run along them in the same direction (neighbours disagree on the outside).
-    All zero exactly when every half-edge has one twin running the other way.
-    """
-    faces = np.asarray(faces, dtype=np.int64)
-    start, stop = _half_edges(faces)
-    twin = _twins(start, stop, n_vertices)
-    if twin is not None:  # every directed half-edge is unique: only boundaries can be left
-        return {"boundary": int((twin < 0).sum()), "overshared": 0, "misoriented": 0}
-    key = np.minimum(start, stop) * n_vertices + np.maximum(start, stop)  # (3F,) undirected
-    _, edge, count = np.unique(key, return_inverse=True, return_counts=True)
-    forward = np.bincount(edge, weights=start < stop, minlength=len(count))  # (E,) faces running low -> high
-    return {
-        "boundary": int((count == 1).sum()),
-        "overshared": int((count > 2).sum()),
-        "misoriented": int(((count == 2) & (forward != 1)).sum()),
-    }
-
-
-def _half_edges(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Start and end vertex of every half-edge, (3F,) each: half-edge 3f+k runs from corner k to
-    corner k+1 of face f."""
-    return faces.ravel(), faces[:, [1, 2, 0]].ravel()
-
-
-def _twins(start: np.ndarray, stop: np.ndarray, n_vertices: int) -> np.ndarray | None:
-    """For every half-edge the one running the other way (-1 on a boundary), or None when some
-    directed half-edge occurs twice (an edge of more than two faces, or misoriented faces)."""
-    lookup = scipy.sparse.csr_matrix(
-        (np.arange(1, len(start) + 1), (start, stop)), shape=(n_vertices, n_vertices)
-    )  # entry (a, b) = 1 + the half-edge running a -> b; a repeated one would be summed away
-    if lookup.nnz != len(start):
-        return None
-    return np.asarray(lookup[stop, start]).ravel() - 1  # (3F,)
-
-
-def _pairs_by_sorting(start: np.ndarray, stop: np.ndarray, n_vertices: int) -> tuple[np.ndarray, np.ndarray]:
-    """Half-edge pairs of the undirected edges that occur exactly twice, found by one sort."""
-    key = np.minimum(start, stop) * n_vertices + np.maximum(start, stop)  # (3F,)
-    order = np.argsort(key)
-    same = key[order[1:]] == key[order[:-1]]  # (3F-1,) sorted neighbours on one edge
-    before = np.concatenate([[False], same[:-1]])
-    after = np.concatenate([same[1:], [False]])
-    twice = same & ~before & ~after  # a run of exactly two
-    return order[:-1][twice], order[1:][twice]
-
-
-def sharp_edges(mesh: trimesh.Trimesh, angle_deg: float) -> np.ndarray:
-    """End points of the unique edges whose dihedral angle exceeds `angle_deg`. (E, 2, 3)"""
-    edges, _ = sharp_edge_table(mesh, angle_deg)
-    return mesh.vertices[edges]
 
 
 def edge_candidates(
@@ -258,9 +174,7 @@ def sample_object(
     """
     rng = np.random.default_rng(seed)
     surface_points, surface_normals = sample_surface(mesh, params.surface, rng)
-    sharp_points, sharp_normals, sharp_is_edge, n_edges = sample_sharp(
-        mesh, params.sharp, params.sharp_angle_deg, rng
-    )
+    sharp_points, sharp_normals, sharp_is_edge, n_edges = sample_sharp(mesh, params.sharp, params.sharp_angle_deg, rng)
     vol_points = rng.uniform(-VOLUME_BOUND, VOLUME_BOUND, size=(params.volume, 3))
     near_points, near_scale = near_surface(mesh, params.near, params.near_scales, rng)
     # With no salient points asked for, points near the edges fall back to plain surface points.
@@ -297,11 +211,13 @@ def _face_normals(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, 
     corner = np.ascontiguousarray(vertices.T)  # (3, V)
     a, b, c = (np.take(corner, faces[:, k], axis=1) for k in range(3))  # (3, F) each
     ab, ac, bc = b - a, c - a, c - b
-    cross = np.stack([
-        ab[1] * ac[2] - ab[2] * ac[1],
-        ab[2] * ac[0] - ab[0] * ac[2],
-        ab[0] * ac[1] - ab[1] * ac[0],
-    ])  # (3, F), its length is twice the area
+    cross = np.stack(
+        [
+            ab[1] * ac[2] - ab[2] * ac[1],
+            ab[2] * ac[0] - ab[0] * ac[2],
+            ab[0] * ac[1] - ab[1] * ac[0],
+        ]
+    )  # (3, F), its length is twice the area
     twice_area = np.sqrt(_dot3(cross, cross))
     longest_sq = np.maximum(np.maximum(_dot3(ab, ab), _dot3(ac, ac)), _dot3(bc, bc))
     valid = twice_area > MIN_RELATIVE_HEIGHT * longest_sq

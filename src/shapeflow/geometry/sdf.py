@@ -7,11 +7,7 @@ Two back-ends behind one function:
   thresholded at 1/2, except for points the nearest face alone proves inside (see
   `behind_nearest_face`), which spares the winding number about half the points near the surface.
   The winding number is right where a closed mesh overlaps itself (built-in shapes are unions of
-  overlapping closed parts). We measured the alternatives before choosing: libigl's pseudo-normal
-  sign flips points up to 0.16 from the surface of `cow.obj` (a closed mesh that crosses itself)
-  and of marching-cubes meshes with zero-area triangles; `igl.signed_distance(...,
-  FAST_WINDING_NUMBER)` returns distances off by up to 3e-3; the exact (hierarchical) winding
-  number gives our signs but takes 3-7x as long.
+  overlapping closed parts) and beside zero-area triangles, where a pseudo-normal sign is not.
 - CUDA (cubvh): a GPU BVH, float32. The sign comes from ray stabbing: a point is inside when rays
   in every one of cubvh's directions hit the surface. That agrees with the winding number
   everywhere except inside a void the surface encloses completely (a hollow ball's cavity), which

@@ -1,8 +1,8 @@
 """Watertight remeshing: any triangle soup in, a closed, outward-oriented mesh out.
 
-The seed method: unsigned distance on an R^3 grid over [-1, 1]^3, a thin shell `udf < eps`, a flood
-fill from the corner to find the outside, the signed field `udf - eps` outside and negative inside,
-marching cubes. Its surface sits eps outside the input everywhere.
+The dense baseline: unsigned distance on an R^3 grid over [-1, 1]^3, a thin shell `udf < eps`, a
+flood fill from the corner to find the outside, the signed field `udf - eps` outside and negative
+inside, marching cubes. Its surface sits eps outside the input everywhere.
 
 What runs here does the same work where it matters and skips the rest:
 - distances are exact, and computed only within a narrow band around the surface (CPU: numba kernels
@@ -10,26 +10,27 @@ What runs here does the same work where it matters and skips the rest:
 - the flood fill moves through the empty bulk of the grid in whole blocks;
 - marching cubes (PyMCubes) runs only on the blocks the surface crosses;
 - parts that are already closed and consistently oriented keep their own surface (sign from their
-  pseudo-normals) instead of growing by eps; open parts get the seed's eps-offset shell. The union of
-  all parts is taken with min(), so overlapping parts merge and every part is kept.
+  pseudo-normals) instead of growing by eps; open parts get the baseline's eps-offset shell. The
+  union of all parts is taken with min(), so overlapping parts merge and every part is kept.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import mcubes
 import numba
 import numpy as np
+import trimesh
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from shapeflow.geometry import _narrowband as nb
-from shapeflow.geometry.sampling import edge_defects
+from shapeflow.geometry.mesh import edge_defects, edge_keys, face_volumes, half_edges
 
 MC_BLOCK = 16  # marching-cubes block edge, in cells
 BAND_VOXELS = 1.8  # band beyond eps, in grid steps: covers every cell a zero crossing can be in (sqrt 3)
@@ -54,9 +55,9 @@ class WatertightResult:
     vertices: np.ndarray  # (V, 3) float64, normalised space
     faces: np.ndarray  # (F, 3) int64, outward
     closed_parts: int  # input parts kept on their own surface
-    open_parts: int  # input parts given the seed's eps shell
+    open_parts: int  # input parts given the baseline's eps shell
     components: int  # connected components of the output
-    sign_fallback: bool  # closed parts gave an inconsistent sign: the seed's shell was used instead
+    sign_fallback: bool  # closed parts gave an inconsistent sign: the baseline's shell was used instead
     volume: float
     area: float
     backend: str
@@ -69,25 +70,19 @@ def grid_step(resolution: int) -> float:
 def _label_parts(vertices: np.ndarray, faces: np.ndarray):
     """Edge-connected parts: (part of each face, part has only paired opposite edges, part volume)."""
     n_faces = len(faces)
-    directed = faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)  # (3F, 2): edges ab, bc, ca per face
-    lo = directed.min(axis=1)
-    hi = directed.max(axis=1)
-    keys, edge_id, counts = np.unique(lo * (len(vertices) + 1) + hi, return_inverse=True, return_counts=True)
+    start, stop = half_edges(faces)  # (3F,) each: edges ab, bc, ca per face
+    keys, edge_id, counts = np.unique(edge_keys(start, stop, len(vertices)), return_inverse=True, return_counts=True)
     face_of = np.repeat(np.arange(n_faces), 3)
     # Faces and edges as one graph: parts are its connected components.
-    graph = coo_matrix(
-        (np.ones(len(face_of)), (face_of, n_faces + edge_id)), shape=(n_faces + len(keys),) * 2
-    )
+    graph = coo_matrix((np.ones(len(face_of)), (face_of, n_faces + edge_id)), shape=(n_faces + len(keys),) * 2)
     _, labels = connected_components(graph, directed=False)
     _, part_of_face = np.unique(labels[:n_faces], return_inverse=True)
     n_parts = part_of_face.max() + 1
-    forward = np.bincount(edge_id, weights=(directed[:, 0] < directed[:, 1]), minlength=len(keys))
+    forward = np.bincount(edge_id, weights=(start < stop), minlength=len(keys))
     good_edge = (counts == 2) & (forward == 1)
     closed = np.ones(n_parts, bool)
     closed[part_of_face[face_of[~good_edge[edge_id]]]] = False
-    tri = vertices[faces]
-    signed = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])) / 6.0
-    volume = np.bincount(part_of_face, weights=signed, minlength=n_parts)
+    volume = np.bincount(part_of_face, weights=face_volumes(vertices[faces]), minlength=n_parts)
     return part_of_face, closed, volume
 
 
@@ -125,11 +120,8 @@ def _pseudo_normals(vertices: np.ndarray, faces: np.ndarray, part: np.ndarray):
     vert_sum = np.zeros((corner_id.max() + 1, 3))
     np.add.at(vert_sum, corner_id.ravel(), (angles[:, :, None] * face_n[:, None, :]).reshape(-1, 3))
     vert_n = vert_sum[corner_id]  # (F, 3, 3)
-    directed = faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
-    edge_key = np.sort(directed, axis=1)
-    edge_key = (np.repeat(part.astype(np.int64), 3) + 1) * (len(vertices) + 1) ** 2 + edge_key[:, 0] * (
-        len(vertices) + 1
-    ) + edge_key[:, 1]
+    n = len(vertices)
+    edge_key = (np.repeat(part.astype(np.int64), 3) + 1) * n * n + edge_keys(*half_edges(faces), n)  # (part, edge)
     _, edge_id = np.unique(edge_key, return_inverse=True)
     edge_sum = np.zeros((edge_id.max() + 1, 3))
     np.add.at(edge_sum, edge_id, np.repeat(face_n, 3, axis=0))
@@ -199,17 +191,14 @@ def _march_blocks(values: np.ndarray, origins: np.ndarray):
     """PyMCubes on each block with a sign change; vertices in grid-index units."""
     lo = values.reshape(len(values), -1).min(axis=1)
     hi = values.reshape(len(values), -1).max(axis=1)
-    verts, faces, base = [], [], 0
+    verts, faces = [], []
     for b in np.flatnonzero((lo < 0) & (hi > 0)):
         v, f = mcubes.marching_cubes(values[b], 0.0)
         if len(f) == 0:
             continue
         verts.append(v + origins[b])
-        faces.append(f.astype(np.int64) + base)
-        base += len(v)
-    if not faces:
-        return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
-    return np.concatenate(verts), np.concatenate(faces)
+        faces.append(f.astype(np.int64))
+    return trimesh.util.append_faces(verts, faces)
 
 
 def _weld(verts: np.ndarray, faces: np.ndarray, resolution: int):
@@ -238,9 +227,7 @@ def _finish(verts_idx: np.ndarray, faces: np.ndarray, resolution: int) -> tuple:
     n = len(verts)
     graph = coo_matrix((np.ones(2 * len(faces)), (faces[:, [0, 1]].ravel(), faces[:, [1, 2]].ravel())), shape=(n, n))
     n_comp, comp = connected_components(graph, directed=False)
-    tri = verts[faces]
-    signed = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])) / 6.0
-    volume = np.bincount(comp[faces[:, 0]], weights=signed, minlength=n_comp)
+    volume = np.bincount(comp[faces[:, 0]], weights=face_volumes(verts[faces]), minlength=n_comp)
     # Marching cubes leaves a few stray fragments around isolated grid points that barely dip below
     # zero: drop every part smaller than one grid cell; no real part is that small at this resolution.
     keep = volume > h**3
@@ -295,7 +282,7 @@ def watertight(
     fallback = bool(parts.n_closed) and nb.inner_edge_exposed(val, touched, block_out, point_out)
     if fallback:
         # A closed part folds through itself somewhere, so its pseudo-normal sign cannot be trusted:
-        # give the whole object the seed's eps shell, which needs no sign.
+        # give the whole object the baseline's eps shell, which needs no sign.
         parts = find_parts(vertices, faces, keep_closed=False)
         val, touched, block_out, point_out = _field_and_outside(vertices, parts, resolution, eps, r_band, backend)
     origins = _mc_origins(touched, resolution)
@@ -326,7 +313,7 @@ def _result(verts, faces, parts: Parts, n_comp: int, backend: str, fallback: boo
         open_parts=parts.n_open,
         components=n_comp,
         sign_fallback=fallback,
-        volume=float(np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6.0),
+        volume=float(face_volumes(tri).sum()),
         area=float(0.5 * np.linalg.norm(cross, axis=1).sum()),
         backend=backend,
     )
@@ -337,7 +324,9 @@ def _touched_blocks(val: np.ndarray) -> np.ndarray:
     n_blocks = -(-R // nb.BLOCK)
     pad = n_blocks * nb.BLOCK - R
     finite = np.pad(np.isfinite(val), ((0, pad),) * 3)
-    return finite.reshape(n_blocks, nb.BLOCK, n_blocks, nb.BLOCK, n_blocks, nb.BLOCK).any(axis=(1, 3, 5)).astype(np.uint8)
+    return (
+        finite.reshape(n_blocks, nb.BLOCK, n_blocks, nb.BLOCK, n_blocks, nb.BLOCK).any(axis=(1, 3, 5)).astype(np.uint8)
+    )
 
 
 def _grid_points(resolution: int) -> np.ndarray:
@@ -369,11 +358,15 @@ def _dense_field_cubvh(vertices: np.ndarray, parts: Parts, resolution: int, eps:
     return field.reshape((resolution,) * 3).cpu().numpy()
 
 
-def seed_method(
-    vertices: np.ndarray, faces: np.ndarray, resolution: int, udf: Callable[[np.ndarray], np.ndarray], eps_voxels: float = 1.0
+def dense_baseline(
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    resolution: int,
+    udf: Callable[[np.ndarray], np.ndarray],
+    eps_voxels: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The reference recipe, kept as the baseline: udf at all R^3 points with `udf`, shell, flood fill
-    with scipy's labelling over the whole grid, marching cubes over the whole grid."""
+    """The dense baseline (module docstring): udf at all R^3 points with `udf`, shell, flood fill with
+    scipy's labelling over the whole grid, marching cubes over the whole grid."""
     eps = eps_voxels * 2.0 / resolution
     h = grid_step(resolution)
     d = udf(_grid_points(resolution)).reshape((resolution,) * 3).astype(np.float32)
@@ -388,4 +381,3 @@ def seed_method(
     verts_idx, mc_faces = mcubes.marching_cubes(sdf, 0.0)
     verts, out_faces, _ = _finish(verts_idx, mc_faces.astype(np.int64), resolution)
     return verts, out_faces
-

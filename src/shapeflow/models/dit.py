@@ -10,7 +10,6 @@ rectified-flow velocity; the flow itself (t, interpolation, target, sampler, CFG
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,9 @@ from shapeflow.models.layers import MLP
 
 
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(io.ModelConfig):
+    KIND = "DiT"
+
     latent_dim: int = 16  # channels per input token (the VAE's latent_dim)
     num_tokens: int = 64  # tokens per set the sampler draws; the network itself accepts any count
     width: int = 128
@@ -37,9 +38,7 @@ class DiTConfig:
     cond_tokens: int = 1  # condition tokens each class embedding becomes (cross-attention context)
 
     def check(self) -> None:
-        for name in ("latent_dim", "num_tokens", "width", "depth", "heads", "mlp_ratio", "cond_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.check_at_least_one("latent_dim", "num_tokens", "width", "depth", "heads", "mlp_ratio", "cond_tokens")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be 0 (unconditional) or more, got {self.num_classes}")
         if self.width % self.heads:
@@ -49,19 +48,6 @@ class DiTConfig:
     def null_label(self) -> int:
         """The label that means "no class" (classifier-free guidance's unconditional branch)."""
         return self.num_classes
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> DiTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"unknown DiT config key(s) {unknown}; known: {sorted(known)}")
-        config = cls(**raw)
-        config.check()
-        return config
 
 
 PRESETS: dict[str, DiTConfig] = {
@@ -74,9 +60,7 @@ PRESETS: dict[str, DiTConfig] = {
 
 def dit_config(preset: str, overrides: dict[str, Any] | None = None) -> DiTConfig:
     """A named preset with some fields replaced; raises ValueError naming a bad preset or key."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown DiT preset {preset!r}; known: {sorted(PRESETS)}")
-    return DiTConfig.from_dict(PRESETS[preset].to_dict() | dict(overrides or {}))
+    return DiTConfig.from_preset(PRESETS, preset, overrides)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -254,12 +238,10 @@ FORMAT = "shapeflow.dit/1"
 
 def save_pretrained(model: DiT, folder: str | Path, meta: dict[str, Any] | None = None) -> None:
     """model.safetensors and config.json ({format, config, meta}) in `folder`, each written atomically."""
-    io.save(model, folder, FORMAT, model.config.to_dict(), meta)
+    io.save(model, folder, FORMAT, meta)
 
 
 def load_pretrained(folder: str | Path, device: torch.device | str = "cpu") -> DiT:
     """The DiT saved by `save_pretrained` in `folder`, in eval mode."""
-    config, state = io.load(folder, FORMAT, "train the DiT first (dvc repro train_dit)")
-    model = DiT(DiTConfig.from_dict(config))
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    build = lambda config: DiT(DiTConfig.from_dict(config))  # noqa: E731
+    return io.load(folder, FORMAT, "train the DiT first (dvc repro train_dit)", build, device)

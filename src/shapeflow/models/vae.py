@@ -9,8 +9,8 @@ query:  Fourier-embedded query points cross-attend to the tokens -> signed dista
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -31,7 +31,9 @@ from shapeflow.models.layers import (
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(io.ModelConfig):
+    KIND = "VAE"
+
     num_latents: int = 64  # latent tokens per shape
     latent_channels: int = 16  # channels per latent token
     width: int = 128  # transformer width
@@ -68,9 +70,7 @@ class VAEConfig:
     def check(self) -> None:
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must be a multiple of heads {self.heads}")
-        for name in ("num_latents", "latent_channels", "width", "heads", "num_freqs", "neighbours"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.check_at_least_one("num_latents", "latent_channels", "width", "heads", "num_freqs", "neighbours")
         if self.encoder_neighbours < 0:
             raise ValueError(f"encoder_neighbours must be 0 or more, got {self.encoder_neighbours}")
         if self.encoder_neighbours and not self.anchored:
@@ -93,31 +93,19 @@ class VAEConfig:
         """Channels per latent token as the DiT sees them: the anchor's xyz first when anchored."""
         return self.latent_channels + 3 * int(self.anchored)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> VAEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"unknown VAE config key(s) {unknown}; known: {sorted(known)}")
-        if "locality" in raw:
+    def from_dict(cls, raw: Mapping[str, Any]) -> VAEConfig:
+        if "locality" in raw:  # a list in JSON
             raw = {**raw, "locality": tuple(float(r) for r in raw["locality"])}
-        config = cls(**raw)
-        config.check()
-        return config
+        return super().from_dict(raw)
 
 
 PRESETS: dict[str, VAEConfig] = {
-    # Small enough to train on a 2-core CPU in minutes. Output scale 0.1 as in `local`: at scale 1 the
-    # one-chair overfit (tests/test_train_vae.py) ended anywhere between F@0.02 0.50 and 0.999 with
-    # the seed or the thread count; at 0.1 it reached 1.0 for each of four seeds.
+    # Small enough to train on a 2-core CPU in minutes; output scale 0.1, near the loss's truncation.
     "tiny": VAEConfig(output_scale=0.1),
     # tiny's width with 256 anchored tokens, each also reading its 16 nearest input points and
     # predicting a tangent plane, decoded by the local query decoder at output scale 0.1: the default
-    # for training on the built-in set on a CPU, at about 3x tiny's cost per step (see the README's
-    # train_vae status for what each piece did).
+    # for training on the built-in set on a CPU.
     "local": VAEConfig(num_latents=256, anchored=True, encoder_neighbours=16, planes=True, output_scale=0.1),
     # The size published VecSet models use (3DShape2VecSet, Dora, CraftsMan3D): 512 x 64 latents,
     # width 768, 8 encoder and 16 decoder blocks.
@@ -129,9 +117,7 @@ PRESETS: dict[str, VAEConfig] = {
 
 def vae_config(preset: str, overrides: dict[str, Any] | None = None) -> VAEConfig:
     """A named preset with some fields replaced; raises ValueError naming a bad preset or key."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown VAE preset {preset!r}; known: {sorted(PRESETS)}")
-    return VAEConfig.from_dict(PRESETS[preset].to_dict() | dict(overrides or {}))
+    return VAEConfig.from_preset(PRESETS, preset, overrides)
 
 
 INITIAL_LOGVAR = -6.0
@@ -191,8 +177,9 @@ class LocalityBias(nn.Module):
 
 
 def _read_neighbours(
-    centres: torch.Tensor, items: torch.Tensor, item_xyz: torch.Tensor, k: int, rel: PointEmbed, to_value_logit: nn.Linear, heads: int,
-) -> torch.Tensor:  # fmt: skip
+    centres: torch.Tensor, items: torch.Tensor, item_xyz: torch.Tensor, k: int,
+    rel: PointEmbed, to_value_logit: nn.Linear, heads: int,
+) -> torch.Tensor:
     """For each centre (B, Q, 3), its k nearest items (B, M, C) at item_xyz (B, M, 3), each seen from
     its offset: hidden = gelu(item + rel(offset)); one Linear to a value and a logit per head; the
     values averaged over the k neighbours with the softmax of their logits. -> (B, Q, C)"""
@@ -285,7 +272,23 @@ class Decoded(NamedTuple):
     anchors: torch.Tensor | None  # (B, M, 3)
 
 
-class QueryDecoder(nn.Module):
+class _FieldDecoder(nn.Module):
+    """What both query decoders end with: features per query (B, Q, C) -> a residual MLP, a norm and
+    one Linear -> signed distances (B, Q), times output_scale."""
+
+    def _add_field_head(self, c: VAEConfig) -> None:
+        self.norm_mlp = nn.LayerNorm(c.width)
+        self.mlp = MLP(c.width)
+        self.norm = nn.LayerNorm(c.width)
+        self.out = nn.Linear(c.width, 1)
+        self.scale = c.output_scale
+
+    def _field(self, x: torch.Tensor) -> torch.Tensor:  # (B, Q, C) -> (B, Q)
+        x = x + self.mlp(self.norm_mlp(x))
+        return self.out(self.norm(x)).squeeze(-1) * self.scale
+
+
+class QueryDecoder(_FieldDecoder):
     """Query points cross-attend to the decoded tokens -> one signed distance each."""
 
     def __init__(self, config: VAEConfig):
@@ -295,22 +298,16 @@ class QueryDecoder(nn.Module):
         self.norm_q = nn.LayerNorm(c.width)
         self.norm_ctx = nn.LayerNorm(c.width)
         self.attn = Attention(c.width, c.heads, c.width, c.qkv_bias)
-        self.norm_mlp = nn.LayerNorm(c.width)
-        self.mlp = MLP(c.width)
-        self.norm = nn.LayerNorm(c.width)
-        self.out = nn.Linear(c.width, 1)
-        self.scale = c.output_scale
+        self._add_field_head(c)
 
     def forward(self, queries: torch.Tensor, decoded: Decoded) -> torch.Tensor:  # (B, Q, 3) -> (B, Q)
         q = self.embed(queries)  # (B, Q, C)
-        # The query's own embedding stays in the residual stream: without it (3DShape2VecSet's
-        # decoder) the tiny preset collapsed to one constant field within 300 steps on the built-in set.
-        x = q + self.attn(self.norm_q(q), self.norm_ctx(decoded.tokens))  # (B, Q, C)
-        x = x + self.mlp(self.norm_mlp(x))
-        return self.out(self.norm(x)).squeeze(-1) * self.scale
+        # The query's own embedding stays in the residual stream (3DShape2VecSet's decoder drops it),
+        # so the field depends on where it is asked even before the attention has learnt to.
+        return self._field(q + self.attn(self.norm_q(q), self.norm_ctx(decoded.tokens)))
 
 
-class LocalQueryDecoder(nn.Module):
+class LocalQueryDecoder(_FieldDecoder):
     """Anchored latents: each query reads its `neighbours` nearest tokens, each seen from the query's
     offset to the token's anchor (as POCO does with point features), and attends over them.
 
@@ -334,18 +331,14 @@ class LocalQueryDecoder(nn.Module):
             self.plane_fourier = FourierEmbedder(c.num_freqs)
             self.from_plane = nn.Linear(2 * c.num_freqs + 1, c.width)
             self.log_reach = nn.Parameter(torch.tensor(math.log(0.1)))
-        self.norm_mlp = nn.LayerNorm(c.width)
-        self.mlp = MLP(c.width)
-        self.norm = nn.LayerNorm(c.width)
-        self.out = nn.Linear(c.width, 1)
-        self.scale = c.output_scale
+        self._add_field_head(c)
 
     def forward(self, queries: torch.Tensor, decoded: Decoded) -> torch.Tensor:  # (B, Q, 3) -> (B, Q)
         normed = self.norm_tok(decoded.tokens)
         tokens = self.from_token(normed)  # (B, M, C)
         if not self.planes:
-            x = _read_neighbours(queries, tokens, decoded.anchors, self.k, self.rel, self.to_value_logit, self.heads)  # (B, Q, C)
-            return self._field(x)
+            x = _read_neighbours(queries, tokens, decoded.anchors, self.k, self.rel, self.to_value_logit, self.heads)
+            return self._field(x)  # from (B, Q, C)
         anchors, width = decoded.anchors, tokens.shape[-1]
         plane = self.to_plane(normed)  # (B, M, 4)
         items = torch.cat([tokens, F.normalize(plane[..., :3], dim=-1), plane[..., 3:]], dim=-1)  # (B, M, C + 4)
@@ -363,10 +356,6 @@ class LocalQueryDecoder(nn.Module):
         blend = (plane_logit.softmax(dim=2) * dist).sum(dim=(2, 3))  # (B, Q)
         reach = self.log_reach.exp()
         return self._field(x) + reach * torch.tanh(blend / reach)
-
-    def _field(self, x: torch.Tensor) -> torch.Tensor:  # (B, Q, C) -> (B, Q)
-        x = x + self.mlp(self.norm_mlp(x))
-        return self.out(self.norm(x)).squeeze(-1) * self.scale
 
 
 class VecSetVAE(nn.Module):
@@ -444,8 +433,9 @@ def field_loss(pred: torch.Tensor, sdf: torch.Tensor, kind: LossKind, truncation
     """Per-point loss of a predicted field against the true signed distance. Same shape as `pred`.
 
     l1 / mse: truncated SDF regression: the target is clipped to +-truncation (far from the surface
-    only the sign matters); the prediction is not, so a wrong sign always has a gradient. bce: occupancy, with -pred read as the logit of "inside", so the surface is the
-    zero level set for every kind and one decoder serves them all.
+    only the sign matters); the prediction is not, so a wrong sign always has a gradient.
+    bce: occupancy, with -pred read as the logit of "inside", so the surface is the zero level set
+    for every kind and one decoder serves them all.
     """
     pred = pred.float()
     if kind == "bce":
@@ -463,12 +453,10 @@ FORMAT = "shapeflow.vecset_vae/1"
 
 def save_pretrained(model: VecSetVAE, folder: str | Path, meta: dict[str, Any] | None = None) -> None:
     """model.safetensors and config.json ({format, config, meta}) in `folder`, each written atomically."""
-    io.save(model, folder, FORMAT, model.config.to_dict(), meta)
+    io.save(model, folder, FORMAT, meta)
 
 
 def load_pretrained(folder: str | Path, device: torch.device | str = "cpu") -> VecSetVAE:
     """The VAE saved by `save_pretrained` in `folder`, in eval mode."""
-    config, state = io.load(folder, FORMAT, "train the VAE first (dvc repro train_vae)")
-    model = VecSetVAE(VAEConfig.from_dict(config))
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    build = lambda config: VecSetVAE(VAEConfig.from_dict(config))  # noqa: E731
+    return io.load(folder, FORMAT, "train the VAE first (dvc repro train_vae)", build, device)

@@ -14,8 +14,7 @@
 OUT gets metrics.json (the headline figures, DVC metrics), plots/*.csv (per object, per sample, per
 category), samples/ (meshes and preview.png of the generated shapes) and recon/ (reference beside
 reconstruction for the first objects). One MLflow run in `shapeflow-evaluate`, tagged with the runs
-of the VAE and DiT it scored. `evaluate_recon` (`shapeflow evaluate-recon`) runs any folder of meshes
-through watertight and sample and scores the VAE on them.
+of the VAE and DiT it scored.
 """
 
 from __future__ import annotations
@@ -35,15 +34,17 @@ import numpy as np
 import torch
 import trimesh
 
-from shapeflow import config, manifest as mf, training
+from shapeflow import config, tracking, training
+from shapeflow import manifest as mf
 from shapeflow.dataset import SampleObject, list_objects, load_arrays
-from shapeflow.generate import GENERATOR_FILE, Generator, is_watertight_shape, preview_grid, write_outputs
-from shapeflow.geometry.decode import F_TAUS, evaluate_points, point_metrics, surface_metrics
+from shapeflow.geometry.decode import evaluate_points
+from shapeflow.geometry.mesh import is_watertight_shape, sampled_frame
 from shapeflow.geometry.sampling import sample_surface
-from shapeflow.metrics import generation_metrics, pairwise_chamfer, volume_iou
-from shapeflow.models.vae import VecSetVAE, load_pretrained as load_vae
-from shapeflow.stages.sample import sampled_frame
-from shapeflow.stages.train_vae import reconstruct
+from shapeflow.inference import GENERATOR_FILE, ShapePipeline, reconstruct
+from shapeflow.metrics import F_TAUS, generation_metrics, pairwise_chamfer, point_metrics, surface_metrics, volume_iou
+from shapeflow.models.vae import VecSetVAE
+from shapeflow.models.vae import load_pretrained as load_vae
+from shapeflow.render import preview_grid, write_samples
 
 log = logging.getLogger("shapeflow.evaluate")
 
@@ -51,7 +52,16 @@ STAGE = "evaluate"
 SURFACE_KEYS = ("cd", *(f"f@{tau}" for tau in F_TAUS), "nc")
 RECON_KEYS = (*SURFACE_KEYS, "iou_volume", "iou_near")
 GEN_KEYS = ("mmd_cd", "cov_cd", "1nna_cd")
-RECON_COLUMNS = ("key", "category", "status", "reason", *RECON_KEYS, "faces", "watertight", *(f"floor_{k}" for k in SURFACE_KEYS))
+RECON_COLUMNS = (
+    "key",
+    "category",
+    "status",
+    "reason",
+    *RECON_KEYS,
+    "faces",
+    "watertight",
+    *(f"floor_{k}" for k in SURFACE_KEYS),
+)
 SAMPLE_COLUMNS = ("sample", "category", "faces", "watertight", "nearest_cd", "nearest_key", "nearest_category")
 GEN_CATEGORY_COLUMNS = ("category", "samples", "references", "empty", *GEN_KEYS, *(f"floor_{k}" for k in GEN_KEYS))
 FIELD_CHUNK = 65536
@@ -95,9 +105,14 @@ def reference_paths(meshes: Path) -> dict[str, Path]:
 
 
 def recon_object(
-    vae: VecSetVAE, obj: SampleObject, ref_path: Path | None, p: config.EvaluateParams, data: config.VAEDataParams,
-    seed: int, device: torch.device,
-) -> tuple[dict[str, Any], trimesh.Trimesh | None, Reference | None]:  # fmt: skip
+    vae: VecSetVAE,
+    obj: SampleObject,
+    ref_path: Path | None,
+    p: config.EvaluateParams,
+    data: config.VAEDataParams,
+    seed: int,
+    device: torch.device,
+) -> tuple[dict[str, Any], trimesh.Trimesh | None, Reference | None]:
     """(record, reconstruction, reference) of one object; the record says why when it failed."""
     record: dict[str, Any] = {"key": obj.key, "category": obj.category, "status": mf.OK, "reason": ""}
     try:
@@ -157,7 +172,9 @@ def recon_summary(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[d
 # -- generation ----------------------------------------------------------------------------------------
 
 
-def sample_plan(generator: Generator, objects: list[SampleObject], per_category: int) -> list[tuple[str | None, int]]:
+def sample_plan(
+    generator: ShapePipeline, objects: list[SampleObject], per_category: int
+) -> list[tuple[str | None, int]]:
     """(category, how many) to generate: per category of the split the DiT knows, or all at once
     when it is unconditional."""
     if not generator.classes:
@@ -178,9 +195,13 @@ def cloud_metrics(gen: list[np.ndarray], ref: list[np.ndarray]) -> dict[str, flo
 
 
 def evaluate_generation(
-    generator: Generator, objects: list[SampleObject], refs: dict[str, Reference], p: config.EvaluateParams,
-    g: config.GenerateParams, seed: int,
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], list[tuple[str, trimesh.Trimesh]]]:  # fmt: skip
+    generator: ShapePipeline,
+    objects: list[SampleObject],
+    refs: dict[str, Reference],
+    p: config.EvaluateParams,
+    g: config.GenerateParams,
+    seed: int,
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], list[tuple[str, trimesh.Trimesh]]]:
     """(overall figures, one row per sample, one row per category, the samples)."""
     scored = [o for o in objects if o.key in refs]
     ref_clouds = {o.key: refs[o.key].sample(p.gen_points, seed)[0] for o in scored}
@@ -199,12 +220,23 @@ def evaluate_generation(
     category_of = {o.key: o.category for o in scored}
     dist = pairwise_chamfer([c for c in clouds if c is not None], [ref_clouds[k] for k in keys]) if keys else None
     sample_rows, j = [], 0
-    for i, ((category, mesh), cloud) in enumerate(zip(results, clouds)):
-        row = {"sample": i, "category": category, "faces": len(mesh.faces), "watertight": is_watertight_shape(mesh),
-               "nearest_cd": float("nan"), "nearest_key": "", "nearest_category": ""}  # fmt: skip
+    for i, ((category, mesh), cloud) in enumerate(zip(results, clouds, strict=True)):
+        row = {
+            "sample": i,
+            "category": category,
+            "faces": len(mesh.faces),
+            "watertight": is_watertight_shape(mesh),
+            "nearest_cd": float("nan"),
+            "nearest_key": "",
+            "nearest_category": "",
+        }
         if cloud is not None and dist is not None:
             nearest = int(np.argmin(dist[j]))
-            row |= {"nearest_cd": float(dist[j, nearest]), "nearest_key": keys[nearest], "nearest_category": category_of[keys[nearest]]}
+            row |= {
+                "nearest_cd": float(dist[j, nearest]),
+                "nearest_key": keys[nearest],
+                "nearest_category": category_of[keys[nearest]],
+            }
             j += 1
         sample_rows.append(row)
 
@@ -220,9 +252,13 @@ def evaluate_generation(
     if generator.classes:
         for category in sorted({c for c, _ in results}):
             idx = [i for i, (c, _) in enumerate(results) if c == category]
-            category_rows.append({"category": category, **figures(idx, [k for k in keys if category_of[k] == category])})
+            category_rows.append(
+                {"category": category, **figures(idx, [k for k in keys if category_of[k] == category])}
+            )
     summary: dict[str, Any] = {k: overall[k] for k in ("samples", "references", "empty", *GEN_KEYS)}
-    summary["watertight_share"] = float(np.mean([r["watertight"] for r in sample_rows])) if sample_rows else float("nan")
+    summary["watertight_share"] = (
+        float(np.mean([r["watertight"] for r in sample_rows])) if sample_rows else float("nan")
+    )
     if generator.classes:
         matched = [r["nearest_category"] == r["category"] for r in sample_rows if r["nearest_key"]]
         summary["category_match"] = float(np.mean(matched)) if matched else float("nan")
@@ -248,7 +284,7 @@ def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) 
         writer = csv.DictWriter(fh, columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items() if k in columns})
+            writer.writerow({k: training.fmt_cell(v) for k, v in row.items() if k in columns})
 
 
 def write_recon_preview(pairs: list[tuple[str, trimesh.Trimesh, trimesh.Trimesh]], folder: Path) -> None:
@@ -290,9 +326,9 @@ def model_run_id(folder: Path, file: str) -> str:
 # -- the stage -----------------------------------------------------------------------------------------
 
 
-def open_models(paths: Paths, device: torch.device) -> tuple[VecSetVAE, Generator | None]:
+def open_models(paths: Paths, device: torch.device) -> tuple[VecSetVAE, ShapePipeline | None]:
     vae = load_vae(paths.vae, device)
-    return vae, Generator.load(paths.dit, paths.vae, device) if paths.dit is not None else None
+    return vae, ShapePipeline.load(paths.dit, paths.vae, device) if paths.dit is not None else None
 
 
 def run(params: config.Params, paths: Paths) -> dict[str, Any]:
@@ -305,46 +341,56 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
         raise mf.ManifestError(f"{paths.samples / mf.MANIFEST}: no objects with status ok in the {p.split!r} split")
     ref_paths = reference_paths(paths.meshes)
 
-    tracker = training.Tracker(True)
-    tags = training.pipeline_tags() | {
-        "stage": STAGE,
-        "git_commit": training.git_commit(),
+    tracker = tracking.Tracker(True)
+    inputs = {"vae": paths.vae, "samples": paths.samples, "watertight": paths.meshes}
+    if paths.dit is not None:
+        inputs["dit"] = paths.dit
+    tags = tracking.provenance_tags(STAGE, **inputs) | {
         "vae_run_id": model_run_id(paths.vae, "config.json"),
-        "dvc_vae_hash": training.dvc_hash(paths.vae) or "untracked",
-        "dvc_samples_hash": training.dvc_hash(paths.samples) or "untracked",
-        "dvc_watertight_hash": training.dvc_hash(paths.meshes) or "untracked",
         "data_manifest_sha256": mf.file_sha256(paths.samples / mf.MANIFEST),
         "device": device.type,
     }
     if paths.dit is not None:
-        tags |= {"dit_run_id": model_run_id(paths.dit, GENERATOR_FILE), "dvc_dit_hash": training.dvc_hash(paths.dit) or "untracked"}
+        tags["dit_run_id"] = model_run_id(paths.dit, GENERATOR_FILE)
     # The sections that made the models go in too, so runs line up by them in MLflow's compare view.
     logged = {"seed": params.seed, STAGE: dataclasses.asdict(p), "train_vae": dataclasses.asdict(params.train_vae)}
     if paths.dit is not None:
         logged["train_dit"] = dataclasses.asdict(params.train_dit)
-    tracker.start("shapeflow-evaluate", training.run_name(STAGE), None, tags, logged)
+    tracker.start("shapeflow-evaluate", tracking.run_name(STAGE), None, tags, logged)
 
     with tracker.ends_on_error():
         chosen = objects[: p.recon_objects] if p.recon_objects else objects
         records, pairs, refs = [], [], {}
         tic = time.perf_counter()
         for i, obj in enumerate(chosen):
-            record, mesh, reference = recon_object(vae, obj, ref_paths.get(obj.key), p, params.train_vae.data, params.seed + i, device)
+            record, mesh, reference = recon_object(
+                vae, obj, ref_paths.get(obj.key), p, params.train_vae.data, params.seed + i, device
+            )
             records.append(record)
             if reference is not None:
                 refs[obj.key] = reference  # loaded once: generation scores against it too
                 if len(pairs) < p.previews:
                     pairs.append((obj.key[:12], reference.mesh, mesh))
             if record["status"] == mf.OK:
-                log.info("evaluate: %d/%d %s %s: CD %.4f F@0.02 %.3f IoU %.3f", i + 1, len(chosen), obj.key[:12],
-                         obj.category, record["cd"], record["f@0.02"], record["iou_volume"])  # fmt: skip
+                log.info(
+                    "evaluate: %d/%d %s %s: CD %.4f F@0.02 %.3f IoU %.3f",
+                    i + 1,
+                    len(chosen),
+                    obj.key[:12],
+                    obj.category,
+                    record["cd"],
+                    record["f@0.02"],
+                    record["iou_volume"],
+                )
         recon, recon_rows = recon_summary(records)
         timings = {"recon_objects": len(records), "recon_s": time.perf_counter() - tic}
         log.info("evaluate: %d reconstructions in %.1f s", len(records), timings["recon_s"])
         metrics: dict[str, Any] = {"split": p.split, "recon": recon}
         write_csv(paths.plots / "recon.csv", RECON_COLUMNS, records)
         write_csv(
-            paths.plots / "recon_categories.csv", ("category", "objects", *RECON_KEYS, *(f"floor_{k}" for k in SURFACE_KEYS)), recon_rows
+            paths.plots / "recon_categories.csv",
+            ("category", "objects", *RECON_KEYS, *(f"floor_{k}" for k in SURFACE_KEYS)),
+            recon_rows,
         )
         write_recon_preview(pairs, paths.out / "recon")
 
@@ -356,13 +402,15 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
                     except (OSError, ValueError) as exc:
                         log.error("evaluate: %s: reference mesh unusable for generation metrics: %s", obj.key, exc)
             tic = time.perf_counter()
-            gen, sample_rows, gen_rows, results = evaluate_generation(generator, objects, refs, p, params.train_dit.generate, params.seed)
+            gen, sample_rows, gen_rows, results = evaluate_generation(
+                generator, objects, refs, p, params.train_dit.generate, params.seed
+            )
             timings |= {"samples": len(results), "generation_s": time.perf_counter() - tic}
             log.info("evaluate: %d samples generated and scored in %.1f s", len(results), timings["generation_s"])
             metrics["generation"] = gen
             write_csv(paths.plots / "generation.csv", SAMPLE_COLUMNS, sample_rows)
             write_csv(paths.plots / "generation_categories.csv", GEN_CATEGORY_COLUMNS, gen_rows)
-            write_outputs(results[: p.previews], paths.out / "samples", params.seed)
+            write_samples(results[: p.previews], paths.out / "samples", params.seed)
 
         per_category = {"recon": {r["category"]: r for r in recon_rows}}
         if generator is not None:
@@ -375,84 +423,23 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
         # models, data and params).
         run_info = {"mlflow_run_id": tracker.run_id, "device": device.type, "timings": timings}
         mf.atomic_write_text(paths.out / RUN_FILE, json.dumps(run_info, indent=2) + "\n")
-        mf.atomic_write_text(paths.metrics, json.dumps(finite_or_none(metrics), indent=2) + "\n")  # last: marks a complete run
+        mf.atomic_write_text(
+            paths.metrics, json.dumps(finite_or_none(metrics), indent=2) + "\n"
+        )  # last: marks a complete run
     tracker.end("FINISHED")
     return metrics
 
 
-# -- any folder of meshes --------------------------------------------------------------------------------
-
-
-def evaluate_recon(params: config.Params, mesh_dir: Path, vae_dir: Path, work: Path) -> dict[str, Any]:
-    """Every mesh file under `mesh_dir` through fetch (local source), watertight and sample into
-    `work` (resumable: a rerun redoes only what changed), then the VAE's reconstruction metrics per
-    mesh and their mean. Each record's `source` is the file's path under `mesh_dir`; meshes that
-    failed on the way are listed with the stage and the reason."""
-    from shapeflow.stages import fetch, sample, watertight
-
-    if not mesh_dir.is_dir():
-        raise NotADirectoryError(f"{mesh_dir}: not a folder of meshes")
-    local = config.replace(params.fetch.local, path=str(mesh_dir.resolve()))
-    params = dataclasses.replace(params, fetch=dataclasses.replace(params.fetch, source="local", local=local))
-    fetch.run(params, work / "raw")
-    watertight.run(params, work / "raw", work / "watertight")
-    sample.run(params, work / "watertight", work / "samples")
-
-    source = {}
-    failed = []
-    for stage in ("raw", "watertight", "samples"):
-        for row in mf.read_manifest(work / stage / mf.MANIFEST, required=("key", "status")):
-            source.setdefault(row["key"], row.get("source", row["key"]).removeprefix("local:"))
-            if row["status"] != mf.OK and all(f["key"] != row["key"] for f in failed):
-                failed.append({"key": row["key"], "source": source[row["key"]], "status": mf.FAILED,
-                               "reason": f"{stage}: {row.get('reason', '')}"})  # fmt: skip
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vae = load_vae(vae_dir, device)
-    ref_paths = reference_paths(work / "watertight")
-    p = params.evaluate
-    records = []
-    for i, obj in enumerate(list_objects(work / "samples")):
-        record, _, _ = recon_object(vae, obj, ref_paths.get(obj.key), p, params.train_vae.data, params.seed + i, device)
-        records.append({"source": source.get(obj.key, obj.key)} | record)
-    summary, _ = recon_summary(records + failed)
-    report = {"mesh_dir": str(mesh_dir), "vae": str(vae_dir), "mean": summary, "objects": records + failed}
-    mf.atomic_write_text(work / "report.json", json.dumps(finite_or_none(report), indent=2) + "\n")
-    return report
-
-
-def format_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    """A plain-text table of per-object reconstruction figures and their mean."""
-    header = f"{'mesh':<32} {'CD':>8} {'F@0.01':>7} {'F@0.02':>7} {'NC':>6} {'IoU':>6} {'IoU near':>8}"
-    lines = [header, "-" * len(header)]
-
-    def fmt(r: dict[str, Any]) -> str:
-        cells = [r.get(k, float("nan")) for k in ("cd", "f@0.01", "f@0.02", "nc", "iou_volume", "iou_near")]
-        return " ".join(f"{v:>{w}.{d}f}" for v, w, d in zip(cells, (8, 7, 7, 6, 6, 8), (4, 3, 3, 3, 3, 3)))
-
-    for r in records:
-        name = str(r.get("source", r["key"]))[-32:]
-        lines.append(f"{name:<32} {fmt(r)}" if r["status"] == mf.OK else f"{name:<32} failed: {r['reason']}")
-    lines.append("-" * len(header))
-    lines.append(f"{'mean of ' + str(summary['objects']) + ' meshes':<32} {fmt(summary)}")
-    return "\n".join(lines)
-
-
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("evaluate", help="reconstruction and generation metrics on a split (evaluate section of params)")
+    p = commands.add_parser(
+        "evaluate", help="reconstruction and generation metrics on a split (evaluate section of params)"
+    )
     p.add_argument("vae", type=Path, help="train_vae output (model.safetensors + config.json)")
     p.add_argument("dit", type=Path, help="train_dit output (raw/, ema/, generator.json); 'none' skips generation")
     p.add_argument("samples", type=Path, help="sample-stage output")
     p.add_argument("meshes", type=Path, help="watertight-stage output: the reference surfaces")
     p.add_argument("out", type=Path, help="output folder: metrics.json, plots/, samples/, recon/")
     p.set_defaults(func=main)
-
-    r = commands.add_parser("evaluate-recon", help="run a folder of meshes through watertight and sample and score the VAE on them")
-    r.add_argument("mesh_dir", type=Path, help="folder of obj/ply/stl/off/glb/gltf files")
-    r.add_argument("--vae", type=Path, default=Path("models/vae"), help="train_vae output (default: %(default)s)")
-    r.add_argument(
-        "--work", type=Path, help="folder for the intermediate stages and report.json (default: cache/evaluate-recon/<folder name>)"
-    )
-    r.set_defaults(func=main_recon)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -461,19 +448,14 @@ def main(args: argparse.Namespace) -> int:
     metrics = run(params, Paths(args.vae, dit, args.samples, args.meshes, args.out))
     recon = metrics["recon"]
     line = (
-        f"evaluate: {recon['objects']} reconstructions, CD {recon['cd']:.4f}, F@0.02 {recon['f@0.02']:.3f}, IoU {recon['iou_volume']:.3f}"
+        f"evaluate: {recon['objects']} reconstructions, CD {recon['cd']:.4f}, "
+        f"F@0.02 {recon['f@0.02']:.3f}, IoU {recon['iou_volume']:.3f}"
     )
     if "generation" in metrics:
         gen = metrics["generation"]
-        line += f"; {gen['samples']} samples, MMD-CD {gen['mmd_cd']:.4f}, COV {gen['cov_cd']:.2f}, 1-NNA {gen['1nna_cd']:.2f}"
+        line += (
+            f"; {gen['samples']} samples, MMD-CD {gen['mmd_cd']:.4f}, "
+            f"COV {gen['cov_cd']:.2f}, 1-NNA {gen['1nna_cd']:.2f}"
+        )
     print(line)
     return 0 if recon["objects"] else 1
-
-
-def main_recon(args: argparse.Namespace) -> int:
-    params = config.load_params(args.params)
-    work = args.work or Path("cache/evaluate-recon") / args.mesh_dir.resolve().name
-    report = evaluate_recon(params, args.mesh_dir, args.vae, work)
-    print(format_table(report["objects"], report["mean"]))
-    print(f"report: {work / 'report.json'}")
-    return 0 if report["mean"]["objects"] else 1

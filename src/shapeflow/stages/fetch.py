@@ -22,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from shapeflow import config, manifest as mf, runner
+from shapeflow import config, runner
+from shapeflow import manifest as mf
 from shapeflow.data import builtin, local, objaverse
 from shapeflow.geometry.mesh import clean_mesh, load_mesh
 from shapeflow.runner import Task
@@ -78,8 +79,14 @@ def builtin_tasks(params: config.Params) -> tuple[list[Task], dict[str, bytes]]:
         key = hashlib.sha256(data).hexdigest()
         blobs[key] = data
         source = f"builtin:{obj.name}"
-        meta = _meta(key, params.fetch.split, source=source, category=obj.category, license=BUILTIN_LICENSE,
-                     defects=";".join(obj.defects))
+        meta = _meta(
+            key,
+            params.fetch.split,
+            source=source,
+            category=obj.category,
+            license=BUILTIN_LICENSE,
+            defects=";".join(obj.defects),
+        )
         tasks.append(Task(key=key, src=source, meta=meta))
     return tasks, blobs
 
@@ -87,10 +94,13 @@ def builtin_tasks(params: config.Params) -> tuple[list[Task], dict[str, bytes]]:
 def local_tasks(fetch: config.FetchParams) -> list[Task]:
     """One task per mesh file of the local folder; the category is its top subfolder."""
     return [
-        Task(key=f.key, src=str(f.path),
-             meta=_meta(f.key, fetch.split, source=f"local:{f.rel}", category=f.category, license=""))
+        Task(
+            key=f.key,
+            src=str(f.path),
+            meta=_meta(f.key, fetch.split, source=f"local:{f.rel}", category=f.category, license=""),
+        )
         for f in local.scan(fetch.local.path, fetch.local.recursive)
-    ]  # fmt: skip
+    ]
 
 
 def objaverse_tasks(
@@ -105,9 +115,12 @@ def objaverse_tasks(
     rows = objaverse.read_uid_list(section.list, section.limit)
     done = _done_by_source(out_dir)
     fetched = objaverse.fetch_objects(
-        [r for r in rows if _source(r) not in done], section.cache_dir, client=client,
-        processes=section.processes, retries=section.retries,
-    )  # fmt: skip
+        [r for r in rows if _source(r) not in done],
+        section.cache_dir,
+        client=client,
+        processes=section.processes,
+        retries=section.retries,
+    )
     new = [r.uid for r in rows if not r.license and r.uid in fetched and fetched[r.uid].path is not None]
     licences = objaverse.licences(new, section.cache_dir, client)
     tasks, failures = [], []
@@ -142,8 +155,12 @@ def _done_by_source(out_dir: Path) -> dict[str, dict[str, Any]]:
     done = {}
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         record = mf.read_record(out_dir, path.stem)
-        if (record and record.get("status") == mf.OK and record.get("params_hash") == PARAMS_HASH
-                and (out_dir / record.get("path", "")).is_file()):
+        if (
+            record
+            and record.get("status") == mf.OK
+            and record.get("params_hash") == PARAMS_HASH
+            and (out_dir / record.get("path", "")).is_file()
+        ):
             done[record.get("source", "")] = record
     return done
 
@@ -199,8 +216,14 @@ def _refresh(out_dir: Path, record: dict[str, Any], meta: dict[str, str]) -> dic
 
 def _record_failure(out_dir: Path, task: Task, reason: str) -> dict[str, Any]:
     """The record of an object that never got a file (not downloadable, download failed)."""
-    record = {"key": task.key, **task.meta, "params_hash": PARAMS_HASH, "status": mf.FAILED,
-              "reason": f"{task.src}: {reason}", "path": ""}
+    record = {
+        "key": task.key,
+        **task.meta,
+        "params_hash": PARAMS_HASH,
+        "status": mf.FAILED,
+        "reason": f"{task.src}: {reason}",
+        "path": "",
+    }
     mf.write_record(out_dir, record)
     return record
 
@@ -220,9 +243,11 @@ def with_overrides(
     local_section = config.replace(fetch.local, path=path)
     objaverse_section = config.replace(fetch.objaverse, list=uid_list, limit=limit)
     fetch = config.replace(
-        fetch, source=source, local=dataclasses.asdict(local_section),
+        fetch,
+        source=source,
+        local=dataclasses.asdict(local_section),
         objaverse=dataclasses.asdict(objaverse_section),
-    )  # fmt: skip
+    )
     return dataclasses.replace(params, fetch=fetch)
 
 
@@ -233,8 +258,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--path", help="folder of mesh files for --source local (params fetch.local.path)")
     p.add_argument("--list", dest="uid_list", help="uid list csv for --source objaverse (params fetch.objaverse.list)")
     p.add_argument("--limit", type=int, help="first N rows of the uid list (params fetch.objaverse.limit)")
-    p.add_argument("--workers", type=int,
-                   help="local worker processes (default: params compute.workers; 0 = one per core)")
+    p.add_argument(
+        "--workers", type=int, help="local worker processes (default: params compute.workers; 0 = one per core)"
+    )
     p.set_defaults(func=main)
 
 

@@ -16,16 +16,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import trimesh
 
-from shapeflow import config, manifest as mf, runner
-from shapeflow.geometry.mesh import clean_mesh, load_mesh, normalise
-from shapeflow.geometry.sampling import edge_defects, sample_object
+from shapeflow import config, runner
+from shapeflow import manifest as mf
+from shapeflow.geometry.mesh import sampled_frame
+from shapeflow.geometry.sampling import sample_object
 
 COLUMNS = (
-    "key", "path", "status", "reason", "source", "category", "split", "license",
-    "n_faces", "n_sharp_edges", "inverted", "scale", "offset_x", "offset_y", "offset_z", "params_hash",
-)  # fmt: skip
+    "key",
+    "path",
+    "status",
+    "reason",
+    "source",
+    "category",
+    "split",
+    "license",
+    "n_faces",
+    "n_sharp_edges",
+    "inverted",
+    "scale",
+    "offset_x",
+    "offset_y",
+    "offset_z",
+    "params_hash",
+)
 
 # Bumped when the npz layout changes, so outputs written by older code are redone.
 FORMAT_VERSION = 1
@@ -41,50 +55,6 @@ def params_hash(params: config.Params) -> str:
     """What an output depends on besides its input file: the sample section, the seed, the format."""
     blob = f"{config.section_hash(params.sample)}:{params.seed}:{FORMAT_VERSION}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def closed_mesh(path: str) -> tuple[trimesh.Trimesh, bool]:
-    """The mesh at `path`, checked closed and consistently oriented, and whether it was inside out.
-
-    Watertight-stage output is used as loaded. Anything else gets `clean_mesh` first (welding
-    turns an STL triangle soup or UV-split vertices into a connected surface) and must then pass.
-    """
-    mesh = load_mesh(path)
-    if any(edge_defects(mesh.faces, len(mesh.vertices)).values()):
-        mesh = clean_mesh(mesh, where=path)
-        defects = edge_defects(mesh.faces, len(mesh.vertices))
-        if defects["boundary"] or defects["overshared"]:
-            raise ValueError(
-                f"not watertight ({defects['boundary']} boundary edge(s), {defects['overshared']} edge(s) "
-                "shared by more than two faces): run `shapeflow watertight` first"
-            )
-        if defects["misoriented"]:
-            raise ValueError(
-                f"not consistently oriented ({defects['misoriented']} edge(s) whose two faces disagree on "
-                "the outside): run `shapeflow watertight` first"
-            )
-    # A closed mesh whose faces all point inwards has negative volume: turn it outside out so that
-    # inside means inside.
-    inverted = signed_volume(mesh) < 0
-    if inverted:
-        mesh.invert()
-    return mesh, inverted
-
-
-def signed_volume(mesh: trimesh.Trimesh) -> float:
-    """Volume enclosed by a closed mesh, negative when its faces point inwards (divergence theorem)."""
-    corners = np.asarray(mesh.vertices)[np.asarray(mesh.faces)]  # (F, 3, 3)
-    return float(np.einsum("ij,ij->", corners[:, 0], np.cross(corners[:, 1], corners[:, 2]))) / 6.0
-
-
-def sampled_frame(path: str | Path) -> tuple[trimesh.Trimesh, bool, float, np.ndarray]:
-    """(mesh, inverted, scale, offset): the mesh at `path` exactly as this stage samples it, closed,
-    outward and normalised. Watertight-stage output is normalised already, but the marching-cubes
-    surface's box is not the source's (the shell adds up to eps on every side), so normalising again
-    rescales it by up to 1 + eps: stages that compare against these surfaces load them through here."""
-    mesh, inverted = closed_mesh(str(path))
-    mesh, scale, offset = normalise(mesh)
-    return mesh, inverted, scale, offset
 
 
 def process_object(task: runner.Task, out_dir: Path, params: config.Params) -> dict[str, Any]:

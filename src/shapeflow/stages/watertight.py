@@ -15,17 +15,37 @@ from typing import Any
 
 import trimesh
 
-from shapeflow import config, manifest as mf, runner
+from shapeflow import config, runner
+from shapeflow import manifest as mf
 from shapeflow.geometry.mesh import load_clean, normalise
 from shapeflow.geometry.watertight import watertight
 
 log = logging.getLogger(__name__)
 
 COLUMNS = (
-    "key", "path", "status", "reason", "source", "category", "split", "license",
-    "scale", "offset_x", "offset_y", "offset_z", "resolution", "backend",
-    "closed_parts", "open_parts", "sign_fallback", "components", "n_vertices", "n_faces", "shell_ratio", "params_hash",
-)  # fmt: skip
+    "key",
+    "path",
+    "status",
+    "reason",
+    "source",
+    "category",
+    "split",
+    "license",
+    "scale",
+    "offset_x",
+    "offset_y",
+    "offset_z",
+    "resolution",
+    "backend",
+    "closed_parts",
+    "open_parts",
+    "sign_fallback",
+    "components",
+    "n_vertices",
+    "n_faces",
+    "shell_ratio",
+    "params_hash",
+)
 
 
 def process_object(task: runner.Task, out_dir: Path, params: config.WatertightParams) -> dict[str, Any]:
@@ -101,8 +121,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     params = config.load_params(args.params)
     records = run(
-        params, args.src, args.dst, resolution=args.resolution, workers=args.workers,
-        rank=args.rank, world_size=args.world_size,
-    )  # fmt: skip
+        params,
+        args.src,
+        args.dst,
+        resolution=args.resolution,
+        workers=args.workers,
+        rank=args.rank,
+        world_size=args.world_size,
+    )
     print(runner.summarize(records, "watertight"))
     return runner.exit_code(records)
