@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup pipeline test bench clean-venv services stop-services deploy
+.PHONY: setup pipeline test test-fast lint bench clean-venv services stop-services deploy
 
 setup: $(VENV)/.installed
 
@@ -19,8 +19,16 @@ pipeline: setup
 
 # Two test processes (pytest-xdist, a module per process), each torch process on one thread: on the
 # 2-core CI machine two processes with two threads each would spin against each other.
-test: setup
+test: lint
 	OMP_NUM_THREADS=1 SHAPEFLOW_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# For developers: the suite without the tests marked slow (subprocess trainings, real services).
+test-fast: lint
+	OMP_NUM_THREADS=1 SHAPEFLOW_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Benchmarks need the dense baseline's distance library (pysdf), which compiles against Eigen
 # (Debian/Ubuntu: apt-get install libeigen3-dev).
