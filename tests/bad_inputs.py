@@ -30,6 +30,8 @@ EXPECTED_REASON = {
     "bad_glb": r"glb|glTF",
     "not_a_mesh": r"not a mesh.*PNG",
     "text_as_obj": r"no faces.*not a mesh",
+    "same_point": r"all 42 vertices are at the same point",
+    "bad_draco": r"Draco-compressed data cannot be decoded",
 }
 
 # A closed unit cube: 8 corners, 12 outward-facing triangles.
@@ -188,6 +190,56 @@ def two_node_scene(extra_points: bool = True) -> tuple[dict, bytes]:
     return gltf, binary
 
 
+def draco_glb_bytes(vertices: np.ndarray, faces: np.ndarray, translation=(0.0, 0.0, 0.0), plain_cube=False) -> bytes:
+    """A GLB whose one mesh is Draco-compressed (KHR_draco_mesh_compression), placed by a node at
+    `translation` and scaled by 2; with `plain_cube`, a second node holds the uncompressed unit cube.
+
+    The accessors of the compressed primitive carry counts but no buffer view, as the extension
+    specifies: a reader without a decoder has nothing but zeros to show for them.
+    """
+    import DracoPy
+
+    draco = DracoPy.encode(
+        np.asarray(vertices, dtype=np.float32), np.asarray(faces, dtype=np.uint32), preserve_order=True
+    )
+    _, cube = two_node_scene(extra_points=False)  # the cube's positions (96 bytes), then its indices
+    binary = draco + b"\x00" * (-len(draco) % 4)
+    gltf = {
+        "asset": {"version": "2.0"},
+        "extensionsUsed": ["KHR_draco_mesh_compression"],
+        "extensionsRequired": ["KHR_draco_mesh_compression"],
+        "scene": 0,
+        "scenes": [{"nodes": [0, 1] if plain_cube else [0]}],
+        "nodes": [{"mesh": 0, "translation": list(translation), "scale": [2.0, 2.0, 2.0]}, {"mesh": 1}],
+        "meshes": [
+            {
+                "primitives": [
+                    {
+                        "attributes": {"POSITION": 0},
+                        "indices": 1,
+                        "mode": 4,
+                        "extensions": {"KHR_draco_mesh_compression": {"bufferView": 0, "attributes": {"POSITION": 0}}},
+                    }
+                ]
+            },
+            {"primitives": [{"attributes": {"POSITION": 2}, "indices": 3, "mode": 4}]},
+        ],
+        "buffers": [{"byteLength": len(binary) + len(cube)}],
+        "bufferViews": [
+            {"buffer": 0, "byteOffset": 0, "byteLength": len(draco)},
+            {"buffer": 0, "byteOffset": len(binary), "byteLength": 96},
+            {"buffer": 0, "byteOffset": len(binary) + 96, "byteLength": 144},
+        ],
+        "accessors": [
+            {"componentType": 5126, "count": len(vertices), "type": "VEC3", "min": [-1, -1, -1], "max": [1, 1, 1]},
+            {"componentType": 5125, "count": 3 * len(faces), "type": "SCALAR"},
+            {"bufferView": 1, "componentType": 5126, "count": 8, "type": "VEC3", "min": [0, 0, 0], "max": [1, 1, 1]},
+            {"bufferView": 2, "componentType": 5125, "count": 36, "type": "SCALAR"},
+        ],
+    }
+    return glb_bytes(gltf, binary + cube)
+
+
 def make_bad_inputs(folder: Path) -> dict[str, Path]:
     """Write one unusable mesh file per case of `EXPECTED_REASON` into `folder`."""
     folder = Path(folder)
@@ -226,6 +278,15 @@ def make_bad_inputs(folder: Path) -> dict[str, Path]:
     files["bad_glb"] = ("bad.glb", scene[: len(scene) // 2])
     files["not_a_mesh"] = ("image.obj", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     files["text_as_obj"] = ("notes.obj", b"Shopping list:\n- milk\n- bread\n")
+    # Every vertex at the origin: what a Draco-compressed glTF gives a reader without a decoder.
+    files["same_point"] = ("same_point.obj", obj_text(sphere_v * 0.0, sphere_f).encode())
+    # A Draco-compressed primitive whose compressed bytes are not Draco data.
+    gltf, binary = two_node_scene(extra_points=False)
+    gltf["extensionsUsed"] = ["KHR_draco_mesh_compression"]
+    gltf["meshes"][0]["primitives"][0]["extensions"] = {
+        "KHR_draco_mesh_compression": {"bufferView": 0, "attributes": {"POSITION": 0}}
+    }
+    files["bad_draco"] = ("bad_draco.glb", glb_bytes(gltf, binary))
     return _write_all(folder, files)
 
 

@@ -63,6 +63,65 @@ def test_experiment_names_are_stable_per_override_set():
     assert dp.experiment_name(["a.b=1"]) != dp.experiment_name(["a.b=2"])
 
 
+def test_a_meshes_run_is_named_after_the_folder_and_fetches_it_locally(tmp_path):
+    folder = tmp_path / "my meshes#1" / "quaternius"
+    folder.mkdir(parents=True)
+    name, overrides = dp.meshes_experiment(folder)
+    assert name == "quaternius" and overrides[0] == "fetch.source=local"
+    params = tmp_path / "params.yaml"
+    params.write_text("fetch: {source: builtin}\n")
+    dp.apply_overrides(params, overrides)
+    assert yaml.safe_load(params.read_text())["fetch"] == {"source": "local", "local": {"path": str(folder)}}
+    (tmp_path / ".hidden").mkdir()
+    with pytest.raises(ValueError, match="must match"):
+        dp.meshes_experiment(tmp_path / ".hidden")
+    with pytest.raises(NotADirectoryError):
+        dp.meshes_experiment(tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_run_experiment_saves_a_named_experiment_and_a_second_run_redoes_only_fetch(tmp_path):
+    """A two-stage repository: fetch writes the folder path it is given, `later` copies that."""
+    import subprocess
+
+    read = "import yaml; p = yaml.safe_load(open('params.yaml'))['fetch']; open('raw.txt', 'w').write(str(p))"
+    (tmp_path / "params.yaml").write_text("fetch: {source: builtin}\n")
+    (tmp_path / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "fetch": {"cmd": f'python -c "{read}"', "params": ["fetch"], "outs": ["raw.txt"]},
+                    "later": {"cmd": "cp raw.txt later.txt", "deps": ["raw.txt"], "outs": ["later.txt"]},
+                }
+            }
+        )
+    )
+    (tmp_path / ".gitignore").write_text(".shapeflow/\n")
+    for cmd in (["git", "init", "-q"], [*dp.dvc_command(), "init", "-q"], ["git", "add", "-A"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True)
+    subprocess.run(["git", "commit", "-qm", "two stages"], cwd=tmp_path, check=True)
+    overrides = ["fetch.source=local", 'fetch.local.path="/data/meshes"']
+    first: list[str] = []
+    ws = dp.run_experiment(tmp_path, "meshes", overrides, first.append)
+    assert "/data/meshes" in (ws / "later.txt").read_text()
+    assert any("Running stage 'fetch'" in line for line in first)
+    assert any("Running stage 'later'" in line for line in first)
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == {"fetch": {"source": "builtin"}}
+    listed = subprocess.run([*dp.dvc_command(), "exp", "list", "--name-only"], cwd=tmp_path, capture_output=True)
+    assert listed.stdout.decode().split() == ["meshes"]
+    second: list[str] = []
+    dp.run_experiment(tmp_path, "meshes", overrides, second.append)
+    assert any("Running stage 'fetch'" in line for line in second)  # the folder is read again
+    assert not any("Running stage 'later'" in line for line in second)  # nothing else changed
+    # A new commit that changes no stage: the workspace follows HEAD and still redoes only fetch.
+    (tmp_path / "README").write_text("notes\n")
+    subprocess.run(["git", "add", "README"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "commit", "-qm", "notes"], cwd=tmp_path, check=True)
+    third: list[str] = []
+    dp.run_experiment(tmp_path, "meshes", overrides, third.append)
+    assert (ws / "README").is_file() and not any("Running stage 'later'" in line for line in third)
+
+
 def test_only_killed_or_locked_stages_count_as_transient():
     assert dp.StageFailed("train_vae", -signal.SIGKILL, "").transient
     assert dp.StageFailed("train_vae", 137, "").transient

@@ -29,6 +29,7 @@ def test_evaluate_recon_scores_a_folder_of_meshes_and_lists_the_ones_that_failed
     trimesh.creation.box((1.0, 0.6, 0.4)).export(meshes / "box.obj")
     trimesh.creation.icosphere(3, 0.5).export(meshes / "ball.ply")
     (meshes / "broken.obj").write_text("v 0 0 0\nv 1 0 0\n")  # vertices, no faces
+    (meshes / "box_again.obj").write_bytes((meshes / "box.obj").read_bytes())  # scored once, as box.obj
     params_file = tmp_path / "params.yaml"
     params_file.write_text(
         yaml.safe_dump(
@@ -54,7 +55,7 @@ def test_evaluate_recon_scores_a_folder_of_meshes_and_lists_the_ones_that_failed
     assert cli.main(argv) == 0
     table = capsys.readouterr().out
     report = json.loads((tmp_path / "work" / "report.json").read_text())
-    by_name = {Path(r["source"]).name: r for r in report["objects"]}
+    by_name = {r["source"]: r for r in report["objects"]}
     assert set(by_name) == {"box.obj", "ball.ply", "broken.obj"}
     assert by_name["box.obj"]["status"] == "ok" and by_name["ball.ply"]["status"] == "ok"
     assert by_name["broken.obj"]["status"] == "failed" and by_name["broken.obj"]["reason"].startswith("raw: ")

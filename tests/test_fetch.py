@@ -14,12 +14,12 @@ from pathlib import Path
 import bad_inputs
 import pytest
 
-from shapeflow import cli, config
+from shapeflow import cli, config, runner
 from shapeflow import manifest as mf
 from shapeflow.data import builtin, local, objaverse
 from shapeflow.stages import fetch
 
-REQUIRED = ["key", "source", "path", "category", "license", "n_faces", "split", "status", "reason"]
+REQUIRED = ["key", "source", "path", "category", "license", "n_faces", "split", "group", "status", "reason"]
 
 
 @pytest.fixture(autouse=True)
@@ -136,13 +136,13 @@ def test_local_fetch_takes_good_files_and_records_bad_ones(tmp_path):
     rows = {r["source"]: r for r in read_rows(out)}
     assert len(rows) == len(bad) + len(good)
     for path in good.values():
-        row = rows[f"local:good/{path.name}"]
+        row = rows[f"local:meshes/good/{path.name}"]
         assert row["status"] == "ok", row["reason"]
         assert row["key"] == mf.file_sha256(path) and row["category"] == "good"
         assert row["path"] == f"objects/{row['key']}{'.glb' if path.suffix == '.gltf' else path.suffix}"
         assert (out / row["path"]).is_file()
     for name, path in bad.items():
-        row = rows[f"local:bad/{path.name}"]
+        row = rows[f"local:meshes/bad/{path.name}"]
         assert row["status"] == "failed" and row["path"] == ""
         assert re.search(bad_inputs.EXPECTED_REASON[name], row["reason"], re.IGNORECASE), row["reason"]
         assert str(path.resolve()) in row["reason"]
@@ -187,6 +187,148 @@ def test_switching_source_prunes_the_old_objects(tmp_path):
     rows = read_rows(out)
     assert {r["source"].split(":")[0] for r in rows} == {"local"} and len(rows) == len(good)
     assert len(list((out / "objects").iterdir())) == len(good)
+
+
+# ------------------------------------------------------------------ several sources, duplicates, groups
+
+
+def write_box(path: Path, stretch: float = 1.0) -> Path:
+    """A closed box OBJ at `path`; `stretch` along y makes its bytes (and key) its own."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(bad_inputs.obj_text(bad_inputs.CUBE_VERTICES * [1.0, stretch, 1.0], bad_inputs.CUBE_FACES))
+    return path
+
+
+def test_several_sources_make_one_dataset_and_duplicates_are_reported_once(tmp_path, capsys):
+    shop, scans = tmp_path / "shop", tmp_path / "scans"
+    box = write_box(shop / "chair" / "box.obj")
+    (shop / "chair" / "box_copy.obj").write_bytes(box.read_bytes())  # the same file twice in one folder
+    sphere_v, sphere_f = bad_inputs.icosphere(2)
+    (shop / "lamp").mkdir()
+    (shop / "lamp" / "shade.glb").write_bytes(bad_inputs.draco_glb_bytes(sphere_v, sphere_f))
+    write_box(scans / "table" / "box.obj")  # the same file again, from the other folder
+    write_box(scans / "table" / "long.obj", stretch=3.0)
+    out = tmp_path / "raw"
+    params = write_params(
+        tmp_path,
+        f"""
+seed: 3
+fetch:
+  source: local
+  extra_sources: [builtin]
+  local: {{path: {shop}, extra_paths: [{scans}]}}
+  builtin: {{per_category: 1, defect_share: 0.0}}
+  split: {{val: 0.25, test: 0.25}}
+compute: {{workers: 1}}
+""",
+    )
+    assert fetch_cli(params, out) == 0
+    assert "fetch local+builtin: 11 ok, 0 failed, 2 duplicate" in capsys.readouterr().out
+    rows = {r["source"]: r for r in read_rows(out)}
+    generated = [r for s, r in rows.items() if s.startswith("builtin:")]
+    assert sorted(r["category"] for r in generated) == sorted(builtin.CATEGORIES)
+    assert all(r["group"] == r["key"] and r["split"] == mf.split_for_key(r["key"], 0.25, 0.25) for r in generated)
+    kept = rows["local:shop/chair/box.obj"]
+    assert (kept["status"], kept["category"], kept["key"]) == ("ok", "chair", mf.file_sha256(box))
+    assert rows["local:scans/table/long.obj"]["category"] == "table"
+    shade = rows["local:shop/lamp/shade.glb"]
+    assert shade["status"] == "ok" and int(shade["n_faces"]) == len(sphere_f)  # Draco decoded
+    for source in ("local:shop/chair/box_copy.obj", "local:scans/table/box.obj"):
+        row = rows[source]
+        assert row["status"] == "duplicate" and row["path"] == "" and row["split"] == ""
+        assert row["reason"] == f"duplicate of {kept['key']}: the same file as local:shop/chair/box.obj"
+        assert row["key"] == hashlib.sha256(source.encode()).hexdigest()
+    ok = {r["key"] for r in rows.values() if r["status"] == "ok"}
+    assert len(ok) == 11 and len(rows) == 13
+    assert {p.name.split(".")[0] for p in (out / "objects").iterdir()} == ok
+    # The later stages take the objects once: duplicate rows are skipped like failed ones.
+    assert {t.key for t in runner.collect_tasks(out)} == ok
+    manifest = (out / mf.MANIFEST).read_text()
+    assert fetch_cli(params, out) == 0
+    assert (out / mf.MANIFEST).read_text() == manifest
+
+
+def test_sources_and_folders_are_checked(tmp_path):
+    with pytest.raises(config.ParamsError, match="each source once"):
+        config.FetchParams(source="builtin", extra_sources=("builtin",)).check("fetch")
+    with pytest.raises(config.ParamsError, match="local.path: required"):
+        config.FetchParams(extra_sources=("local",)).check("fetch")
+    same_name = config.LocalParams(path=str(tmp_path / "a" / "meshes"), extra_paths=(str(tmp_path / "b" / "meshes"),))
+    with pytest.raises(config.ParamsError, match="must have different names"):
+        config.FetchParams(source="local", local=same_name).check("fetch")
+    with pytest.raises(config.ParamsError, match="variant_words"):
+        config.SplitParams(variant_words=("Snow",)).check("fetch.split")
+
+
+def test_group_name_drops_variant_words_but_keeps_numbers_and_first_word():
+    words = config.SplitParams().variant_words
+    assert local.group_name("tree/nature__BirchTree_Dead_Snow_1.obj", words) == "tree/nature_birchtree_1"
+    assert local.group_name("tree/nature__BirchTree_2.obj", words) == "tree/nature_birchtree_2"
+    assert local.group_name("potion/rpg__Potion1_Filled.obj", words) == "potion/rpg_potion1"
+    assert local.group_name("Snow-Globe.glb", words) == "snow_globe"
+    assert local.group_name("chair/1a2b/models/model.obj", words) == "chair/1a2b/models/model"
+
+
+VARIANTS = ["Oak_1", "Oak_Autumn_1", "Oak_Snow_1", "Oak_Dead_Snow_1", "Oak_Golden_1", "Oak_winter_1"]
+
+
+def test_variants_share_a_split_that_stays_when_objects_are_added(tmp_path):
+    folder = tmp_path / "assets"
+    for i, name in enumerate(VARIANTS):
+        write_box(folder / "tree" / f"pack__{name}.obj", stretch=1.0 + 0.1 * i)
+    for i in range(6):
+        write_box(folder / "rock" / f"Rock_{i}.obj", stretch=2.0 + 0.1 * i)
+    params = write_params(
+        tmp_path, f"fetch: {{source: local, local: {{path: {folder}}}, split: {{val: 0.3, test: 0.3}}}}\n"
+    )
+    out = tmp_path / "raw"
+    assert fetch_cli(params, out) == 0
+    rows = {r["source"]: r for r in read_rows(out)}
+    oak = [rows[f"local:assets/tree/pack__{name}.obj"] for name in VARIANTS]
+    assert len({mf.split_for_key(r["key"], 0.3, 0.3) for r in oak}) > 1  # by key they would straddle splits
+    assert {r["group"] for r in oak} == {"tree/pack_oak_1"}
+    assert {r["split"] for r in oak} == {mf.split_for_group("tree/pack_oak_1", 0.3, 0.3)}
+    rocks = [r for r in rows.values() if r["category"] == "rock"]
+    assert len({r["group"] for r in rocks}) == 6 and len({r["split"] for r in rocks}) > 1
+
+    # More objects, a new variant of the oak, and a second folder with another: nothing moves.
+    write_box(folder / "tree" / "pack__Oak_Spring_1.obj", stretch=5.0)
+    for i in range(6):
+        write_box(folder / "rock" / f"Boulder_{i}.obj", stretch=6.0 + 0.1 * i)
+    more = write_box(tmp_path / "more" / "tree" / "pack__Oak_Summer_1.obj", stretch=7.0)
+    params.write_text(params.read_text().replace("path: ", f"extra_paths: [{more.parents[1]}], path: "))
+    assert fetch_cli(params, out) == 0
+    after = {r["source"]: r for r in read_rows(out)}
+    assert all((after[s]["group"], after[s]["split"]) == (r["group"], r["split"]) for s, r in rows.items())
+    for source in ("local:assets/tree/pack__Oak_Spring_1.obj", "local:more/tree/pack__Oak_Summer_1.obj"):
+        assert (after[source]["group"], after[source]["split"]) == ("tree/pack_oak_1", oak[0]["split"])
+
+
+def test_a_split_moved_by_fetch_reaches_the_records_of_later_stages(tmp_path):
+    """Objects a later stage did before keep their outputs but take the fetch manifest's new split."""
+    raw, later = tmp_path / "raw", tmp_path / "later"
+    calls = []
+
+    def copy(task, out_dir):
+        calls.append(task.key)
+        rel = f"objects/{task.key}.txt"
+        (out_dir / "objects").mkdir(exist_ok=True)
+        (out_dir / rel).write_text(task.key)
+        return {"path": rel}
+
+    def stage():
+        tasks = runner.collect_tasks(raw)
+        runner.run_objects(copy, tasks, later, "later-v1", workers=1)
+        runner.finish_manifest(later, tasks, ("key", "path", "split", "status"))
+        return {r["key"]: r["split"] for r in mf.read_manifest(later / mf.MANIFEST)}
+
+    assert fetch_cli(write_params(tmp_path, BUILTIN_PARAMS % 1), raw) == 0
+    assert stage() == {r["key"]: r["split"] for r in read_rows(raw)}
+    done = len(calls)
+    assert fetch_cli(write_params(tmp_path, (BUILTIN_PARAMS % 1).replace("val: 0.25", "val: 0.5")), raw) == 0
+    moved = {r["key"]: r["split"] for r in read_rows(raw)}
+    assert moved != {k: mf.split_for_key(k, 0.25, 0.25) for k in moved}  # some object did move
+    assert stage() == moved and len(calls) == done  # nothing was redone
 
 
 # ------------------------------------------------------------------------------------ objaverse

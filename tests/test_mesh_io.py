@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import bad_inputs
@@ -16,6 +17,7 @@ from shapeflow.geometry.mesh import (
     MeshError,
     adjacent_half_edges,
     clean_mesh,
+    decode_draco,
     decode_tristrips,
     edge_defects,
     gltf_to_glb,
@@ -23,10 +25,12 @@ from shapeflow.geometry.mesh import (
     load_clean,
     load_mesh,
     normalise,
+    unpack_glb,
 )
 
 DATA = Path(__file__).parent / "data"
 SHARED_MESHES = Path("/work/shared/meshes")
+SHARED_DATASETS = Path("/work/shared/datasets")
 
 
 def pieces(mesh: trimesh.Trimesh) -> int:
@@ -131,6 +135,59 @@ def test_gltf_not_json_is_mesh_error(tmp_path):
     path.write_text('{"asset": {"version": "2.0"}, "buffers": [')
     with pytest.raises(MeshError, match="not valid JSON"):
         load_mesh(path)
+
+
+def test_draco_glb_decodes_to_the_encoded_mesh_with_node_transforms(tmp_path):
+    vertices, faces = bad_inputs.icosphere(2)
+    path = tmp_path / "draco.glb"
+    path.write_bytes(bad_inputs.draco_glb_bytes(vertices, faces, translation=(5.0, 0.0, -1.0), plain_cube=True))
+    mesh = load_mesh(path)
+    assert len(mesh.vertices) == len(vertices) + 8 and len(mesh.faces) == len(faces) + 12  # the sphere and a cube
+    # The two meshes are appended in the scene's order; the sphere's vertices keep the encoded order.
+    start = 8 if np.allclose(mesh.vertices[:8], bad_inputs.CUBE_VERTICES) else 0
+    cube = np.r_[0:start, start + len(vertices) : len(mesh.vertices)]
+    np.testing.assert_allclose(mesh.vertices[cube], bad_inputs.CUBE_VERTICES)
+    sphere = mesh.vertices[start : start + len(vertices)]
+    # Draco quantises positions to 14 bits over the box (side ~2): steps of ~1.2e-4.
+    np.testing.assert_allclose(sphere, vertices * 2.0 + [5.0, 0.0, -1.0], atol=5e-4)
+    sphere_faces = mesh.faces[(mesh.faces >= start).all(axis=1) & (mesh.faces < start + len(vertices)).all(axis=1)]
+    np.testing.assert_array_equal(sphere_faces - start, faces)
+    closed = clean_mesh(mesh, "draco")
+    assert pieces(closed) == 2 and closed.is_watertight
+    # What trimesh is given: plain accessors, the extension gone.
+    gltf, _ = unpack_glb(path, decode_draco(path, path.read_bytes()))
+    assert "extensionsUsed" not in gltf and "extensionsRequired" not in gltf
+    assert all("extensions" not in p for m in gltf["meshes"] for p in m["primitives"])
+
+
+def test_draco_glb_without_dracopy_is_a_mesh_error_naming_it(tmp_path, monkeypatch):
+    vertices, faces = bad_inputs.icosphere(1)
+    path = tmp_path / "draco.glb"
+    path.write_bytes(bad_inputs.draco_glb_bytes(vertices, faces))
+    monkeypatch.setitem(sys.modules, "DracoPy", None)  # import DracoPy now raises ImportError
+    with pytest.raises(MeshError, match=r"Draco-compressed.*DracoPy .*not installed"):
+        load_mesh(path)
+
+
+def test_all_zero_vertices_are_refused_whatever_the_format(tmp_path):
+    vertices, faces = bad_inputs.icosphere(1)
+    path = tmp_path / "zeros.ply"
+    path.write_bytes(bad_inputs._ascii_ply(vertices * 0.0 + [1.5, -2.0, 0.25], faces))
+    with pytest.raises(MeshError, match=r"all 42 vertices are at the same point \(1\.5, -2\.0, 0\.25\)"):
+        load_mesh(path)
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATASETS / "draco").is_dir(), reason=f"{SHARED_DATASETS} (real datasets) is not on this machine"
+)
+def test_shared_draco_glb_matches_the_same_asset_as_obj():
+    """A real Draco-compressed GLB against the uncompressed OBJ of the same Quaternius bush."""
+    draco = load_mesh(SHARED_DATASETS / "draco" / "draco_bush.glb")
+    plain = load_mesh(SHARED_DATASETS / "quaternius" / "bush" / "ultimate_space_pack__Bush_1.obj")
+    np.testing.assert_allclose(draco.bounds, plain.bounds, atol=1e-4 * plain.extents.max())
+    a, b = clean_mesh(draco, "draco"), clean_mesh(plain, "plain")
+    assert (len(a.vertices), len(a.faces)) == (len(b.vertices), len(b.faces)) == (1146, 2300)
+    assert a.area == pytest.approx(b.area, rel=1e-6)
 
 
 def test_uv_seam_obj_welds_into_one_closed_piece():

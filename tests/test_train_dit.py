@@ -228,3 +228,38 @@ def test_anchor_weight_lands_on_an_anchored_vaes_xyz_only_and_must_be_positive(t
     path.write_text(yaml.safe_dump({"train_dit": {"anchor_weight": 0}}))
     with pytest.raises(config.ParamsError, match="train_dit.anchor_weight"):
         config.load_params(path)
+
+
+def test_the_thin_shells_train_vae_leaves_out_are_left_out_of_the_dit_train_latents(
+    builtin_samples, small_vae, tmp_path
+):
+    import dataclasses
+
+    import torch
+    from accelerate import Accelerator
+
+    from shapeflow import config
+    from shapeflow.dataset import list_objects, shell_ratios
+    from shapeflow.stages import train_dit
+
+    meshes = builtin_samples.parent / "watertight"
+    ratios = shell_ratios(meshes)
+    train_keys = [o.key for o in list_objects(builtin_samples, "train")]
+    threshold = sorted(ratios[k] for k in train_keys)[len(train_keys) // 2]  # about half the objects are below
+    thin = sorted(k for k in train_keys if ratios[k] < threshold)
+    assert thin
+    data = config.VAEDataParams(**VAE_DATA)
+    params = config.Params(train_vae=config.TrainVAEParams(data=data))
+    paths = train_dit.Paths(
+        small_vae, builtin_samples, tmp_path / "dit", tmp_path / "ck", tmp_path / "m.json", tmp_path, tmp_path, meshes
+    )
+    accelerator = Accelerator(cpu=True)
+    every = train_dit.training_data(params, paths, accelerator)
+    filtered = dataclasses.replace(params.train_vae, data=dataclasses.replace(data, min_shell_ratio=threshold))
+    kept = train_dit.training_data(dataclasses.replace(params, train_vae=filtered), paths, accelerator)
+    assert every.left_out == [] and kept.left_out == thin
+    rows = [i for i, o in enumerate(every.train.objects) if o.key not in thin]
+    assert [o.key for o in kept.train.objects] == [every.train.objects[i].key for i in rows]
+    assert kept.key == every.key and len(list(tmp_path.glob("latents-*.npz"))) == 1  # one encoding serves both
+    torch.testing.assert_close(kept.train.latents, every.train.latents[rows])
+    assert [o.key for o in kept.val.objects] == [o.key for o in every.val.objects]  # val is not filtered

@@ -233,3 +233,25 @@ def test_a_checkpoint_of_another_architecture_under_the_same_params_is_not_resum
     now = fingerprint(params, vae_config("local"), "data", 1)
     assert now == fingerprint(params, vae_config("local"), "data", 1)
     assert now != fingerprint(params, vae_config("local", {"planes": False}), "data", 1)
+
+
+@pytest.mark.slow
+def test_thin_shells_left_out_and_balanced_epochs_are_recorded_in_the_metrics_and_mlflow(two_samples, tmp_path):
+    from shapeflow.dataset import list_objects, shell_ratios
+
+    ratios = shell_ratios(two_samples.parent / "watertight")
+    low, high = sorted(ratios[o.key] for o in list_objects(two_samples, "train"))
+    assert low < high
+    threshold = (low + high) / 2  # one of the two objects is below it
+    data = TINY_VAE["data"] | {"min_shell_ratio": threshold}
+    params = write_params(tmp_path, steps=2, val_every=0, val_objects=1, balance="category", data=data)
+    proc = train(tmp_path, two_samples, params, "--val-split", "train")
+    assert proc.returncode == 0, proc.stderr
+    assert f"left out 1 of 2 objects whose watertight shell_ratio is below {threshold:g}" in proc.stderr
+    assert "VAE on 1 objects, 1 categories balanced" in proc.stderr
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics["train_objects"] == 1 and metrics["thin_shells_left_out"] == 1
+    _, found = runs(tmp_path)
+    logged = found[0].data.params
+    assert logged["train_vae.balance"] == "category" and logged["thin_shells_left_out"] == "1"
+    assert float(logged["train_vae.data.min_shell_ratio"]) == threshold

@@ -168,3 +168,85 @@ def test_too_few_objects_for_the_batch_and_processes_is_a_params_error_naming_th
     training.require_batches(
         accelerator.prepare(DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=8)), 8, 8, 1, "train_vae"
     )
+
+
+# -- category-balanced epochs (train_vae.balance / train_dit.balance) -------------------------------
+
+
+def prepared(loader, seed: int, rank: int = 0, world: int = 1):
+    """`loader` as accelerator.prepare hands it to process `rank` of `world`, with the dataloader
+    settings of make_accelerator (seedable sampler, data_seed)."""
+    from accelerate.data_loader import prepare_data_loader
+
+    return prepare_data_loader(
+        loader, num_processes=world, process_index=rank, use_seedable_sampler=True, data_seed=seed
+    )
+
+
+UNBALANCED = ["tree"] * 600 + ["rock"] * 300 + ["fish"] * 100
+
+
+def test_a_balanced_epoch_draws_every_category_about_equally_often():
+    from collections import Counter
+
+    sampler = training.WeightedEpochSampler(training.category_weights(UNBALANCED), seed=0)
+    drawn = list(sampler)
+    assert len(drawn) == len(UNBALANCED)  # an epoch is as long as the data set
+    counts = Counter(UNBALANCED[i] for i in drawn)
+    # 1000 draws, a third each expected: the binomial's standard deviation is about 15.
+    assert set(counts) == {"tree", "rock", "fish"} and all(abs(n - 1000 / 3) < 60 for n in counts.values()), counts
+
+
+def test_a_balanced_epoch_is_a_function_of_the_seed_and_the_epoch():
+    weights = training.category_weights(UNBALANCED)
+
+    def epoch(seed: int, number: int) -> list[int]:
+        sampler = training.WeightedEpochSampler(weights, seed)
+        sampler.set_epoch(number)
+        return list(sampler)
+
+    assert epoch(0, 3) == epoch(0, 3)
+    assert epoch(0, 3) != epoch(0, 4) and epoch(0, 3) != epoch(1, 3)
+    assert training.epoch_seed(0, 1) != training.epoch_seed(1, 0)  # not seed + epoch
+
+
+def test_ranks_share_a_balanced_epoch_and_a_resumed_run_draws_the_batches_it_stopped_at(accelerator):
+    from torch.utils.data import TensorDataset
+
+    dataset = TensorDataset(torch.arange(16))
+    weights = training.category_weights(["tree"] * 12 + ["rock"] * 4)
+    sampler = training.WeightedEpochSampler(weights, seed=3)
+    sampler.set_epoch(1)
+    drawn = list(sampler)
+    batches = [drawn[i : i + 2] for i in range(0, 16, 2)]
+
+    def rank_batches(rank: int, step: int) -> list[list[int]]:
+        # A fresh loader, as a (resumed) run builds it; 4 batches a rank, so step 4 starts epoch 1.
+        loader = prepared(training.data_loader(dataset, 2, weights, seed=3), 3, rank, world=2)
+        assert len(loader) == 4
+        return [b[0].tolist() for b in training.epoch_batches(accelerator, loader, step, grad_accum=1)]
+
+    # Accelerate hands the processes the batches of one draw in turn.
+    assert [rank_batches(r, 4) for r in (0, 1)] == [batches[0::2], batches[1::2]]
+    assert rank_batches(0, 0) != batches[0::2]  # epoch 0 is another draw
+    # Resumed two steps into epoch 1: the same epoch, less the batches already trained on.
+    assert [rank_batches(r, 6) for r in (0, 1)] == [batches[4::2], batches[5::2]]
+
+
+def test_without_weights_the_loader_gives_the_batches_of_a_plain_shuffle():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    dataset = TensorDataset(torch.arange(10))
+    before = DataLoader(dataset, batch_size=4, shuffle=True, drop_last=True)  # what fit built before weights
+    ours, theirs = prepared(training.data_loader(dataset, 4, None, seed=5), 5), prepared(before, 5)
+    for epoch in (0, 1):
+        ours.set_epoch(epoch)
+        theirs.set_epoch(epoch)
+        assert [b[0].tolist() for b in ours] == [b[0].tolist() for b in theirs]
+
+
+def test_sampling_weights_must_match_the_dataset():
+    from torch.utils.data import TensorDataset
+
+    with pytest.raises(ValueError, match="3 sampling weights for 4 items"):
+        training.data_loader(TensorDataset(torch.zeros(4)), 2, [1.0, 1.0, 1.0], seed=0)

@@ -27,6 +27,15 @@ class ParamsError(ValueError):
 class SplitParams:
     val: float = 0.1
     test: float = 0.1
+    # Words that mark a variant of an asset in a local file's name (BirchTree_Autumn_1 is a variant of
+    # BirchTree_1): left out of the name when it is made into the object's group, which decides the
+    # split (shapeflow.data.local.group_name; docs/conventions.md).
+    variant_words: tuple[str, ...] = (
+        "autumn", "fall", "spring", "summer", "winter", "snow", "snowy", "frozen",
+        "dead", "dry", "burnt", "damaged", "broken", "moss", "mossy", "empty", "filled", "full",
+        "harvested", "fruit", "golden", "gold", "silver", "white", "black", "red", "green", "blue",
+        "yellow", "orange", "purple", "pink", "brown",
+    )  # fmt: skip
 
     def check(self, where: str) -> None:
         for name in ("val", "test"):
@@ -35,6 +44,9 @@ class SplitParams:
                 raise ParamsError(f"{where}.{name}: a share in [0, 1) is required, got {share}")
         if self.val + self.test >= 1.0:
             raise ParamsError(f"{where}: val + test must leave room for train, got {self.val + self.test}")
+        bad = [w for w in self.variant_words if not w.isalnum() or w != w.lower()]
+        if bad:
+            raise ParamsError(f"{where}.variant_words: lower-case letters and digits only, got {bad}")
 
 
 @dataclass(frozen=True)
@@ -52,7 +64,13 @@ class BuiltinParams:
 @dataclass(frozen=True)
 class LocalParams:
     path: str | None = None
+    extra_paths: tuple[str, ...] = ()  # more folders, each read like `path`, into the same dataset
     recursive: bool = True
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """Every folder to read: `path`, then `extra_paths`."""
+        return (self.path, *self.extra_paths) if self.path else self.extra_paths
 
 
 @dataclass(frozen=True)
@@ -73,16 +91,31 @@ class ObjaverseParams:
 @dataclass(frozen=True)
 class FetchParams:
     source: Literal["builtin", "local", "objaverse"] = "builtin"
+    # More sources fetched into the same dataset after `source`, e.g. [builtin] beside source: local.
+    extra_sources: tuple[Literal["builtin", "local", "objaverse"], ...] = ()
     builtin: BuiltinParams = field(default_factory=BuiltinParams)
     local: LocalParams = field(default_factory=LocalParams)
     objaverse: ObjaverseParams = field(default_factory=ObjaverseParams)
     split: SplitParams = field(default_factory=SplitParams)
 
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Every source, in the order they are read: `source`, then `extra_sources`."""
+        return (self.source, *self.extra_sources)
+
     def check(self, where: str) -> None:
-        if self.source == "local" and not self.local.path:
-            raise ParamsError(f"{where}.local.path: required when {where}.source is 'local'")
-        if self.source == "objaverse" and not self.objaverse.list:
-            raise ParamsError(f"{where}.objaverse.list: required when {where}.source is 'objaverse'")
+        if len(set(self.sources)) < len(self.sources):
+            raise ParamsError(f"{where}.extra_sources: each source once, got {list(self.sources)} with source")
+        if "local" in self.sources and not self.local.path:
+            raise ParamsError(f"{where}.local.path: required when 'local' is one of the sources")
+        if "objaverse" in self.sources and not self.objaverse.list:
+            raise ParamsError(f"{where}.objaverse.list: required when 'objaverse' is one of the sources")
+        names = [Path(p).resolve().name for p in self.local.paths]
+        if len(set(names)) < len(names):
+            raise ParamsError(
+                f"{where}.local: the folders {list(self.local.paths)} must have different names (a file's "
+                "source is recorded as local:<folder name>/<path in it>)"
+            )
 
 
 @dataclass(frozen=True)
@@ -173,12 +206,15 @@ class VAEDataParams:
     near_points: int = 1024
     sharp_near_points: int = 512
     loader_workers: int = 0  # DataLoader worker processes per training process
+    # Train objects whose watertight output has a shell_ratio below this are left out of training
+    # (train_vae and train_dit alike): about 1 is a thin double-walled shell. 0 keeps every object.
+    min_shell_ratio: float = 0.0
 
     def check(self, where: str) -> None:
         for name in ("input_points", "volume_points", "near_points"):
             if getattr(self, name) < 1:
                 raise ParamsError(f"{where}.{name}: at least 1, got {getattr(self, name)}")
-        for name in ("sharp_points", "sharp_near_points", "loader_workers"):
+        for name in ("sharp_points", "sharp_near_points", "loader_workers", "min_shell_ratio"):
             if getattr(self, name) < 0:
                 raise ParamsError(f"{where}.{name}: 0 or more, got {getattr(self, name)}")
 
@@ -206,6 +242,9 @@ class TrainVAEParams:
     model: dict[str, Any] = field(default_factory=dict)
     loss: VAELossParams = field(default_factory=VAELossParams)
     data: VAEDataParams = field(default_factory=VAEDataParams)
+    # category: every epoch draws the categories equally often (objects drawn with replacement,
+    # weighted 1 / their category's count); none: every epoch is a shuffle of every object.
+    balance: Literal["none", "category"] = "none"
     steps: int = 2000  # optimizer steps
     batch_size: int = 8  # shapes per process and micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -263,6 +302,7 @@ class TrainDiTParams:
     cond_dropout: float = 0.1  # share of training labels replaced by the null label (for guidance)
     anchor_weight: float = 4.0  # flow-loss weight of an anchored VAE's xyz channels, the others 1
     flow: FlowParams = field(default_factory=FlowParams)
+    balance: Literal["none", "category"] = "none"  # as train_vae.balance, over the train latents
     steps: int = 2000
     batch_size: int = 16  # latent sets per process and micro-batch
     grad_accum: int = 1

@@ -7,6 +7,7 @@ and volume / near-surface / near-edge supervision points with their signed dista
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import torch
 from torch.utils.data import Dataset
 
 from shapeflow import manifest as mf
-from shapeflow.config import VAEDataParams
+from shapeflow.config import ParamsError, VAEDataParams
 
+log = logging.getLogger(__name__)
 SUPERVISION = ("vol", "near", "sharp_near")  # npz prefixes: <kind>_points, <kind>_sdf
 ENCODER_ARRAYS = ("surface_points", "surface_normals", "sharp_points", "sharp_normals")
 
@@ -39,6 +41,43 @@ def list_objects(root: str | Path, split: str | None = None) -> list[SampleObjec
         if row["status"] == mf.OK and (split is None or row["split"] == split)
     ]
     return sorted(objects, key=lambda o: o.key)
+
+
+def shell_ratios(meshes: str | Path) -> dict[str, float]:
+    """shell_ratio by key from a watertight-stage output's manifest: the objects with status ok and a value."""
+    rows = mf.read_manifest(Path(meshes) / mf.MANIFEST, required=("key", "status", "shell_ratio"))
+    return {r["key"]: float(r["shell_ratio"]) for r in rows if r["status"] == mf.OK and r["shell_ratio"]}
+
+
+def drop_thin_shells(
+    objects: list[SampleObject], meshes: str | Path | None, min_ratio: float
+) -> tuple[list[SampleObject], list[SampleObject]]:
+    """(kept, left out): the objects whose watertight output has a shell_ratio below `min_ratio`
+    (thin double-walled shells: about 1) are left out, as the log says. The ratios come from the
+    watertight-stage manifest in `meshes`; an object it gives none for is kept, with a warning.
+    min_ratio 0 keeps every object and reads nothing."""
+    if min_ratio <= 0:
+        return objects, []
+    if meshes is None:
+        raise ParamsError(
+            f"train_vae.data.min_shell_ratio: {min_ratio} needs the watertight stage's manifest (--meshes)"
+        )
+    ratios = shell_ratios(meshes)
+    unknown = [o for o in objects if o.key not in ratios]
+    if unknown:
+        log.warning(
+            "%d of %d objects have no shell_ratio in %s: kept", len(unknown), len(objects), Path(meshes) / mf.MANIFEST
+        )
+    thin = [ratios.get(o.key, np.inf) < min_ratio for o in objects]
+    kept = [o for o, t in zip(objects, thin, strict=True) if not t]
+    left_out = [o for o, t in zip(objects, thin, strict=True) if t]
+    log.info(
+        "left out %d of %d objects whose watertight shell_ratio is below %g (thin shells)",
+        len(left_out),
+        len(objects),
+        min_ratio,
+    )
+    return kept, left_out
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:

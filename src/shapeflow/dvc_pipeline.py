@@ -10,10 +10,14 @@ to its params.yaml (the main workspace's params.yaml is never touched). Stages r
 one, and `dvc exp save` records the result as a DVC experiment of that name, which `dvc exp show`
 in the main workspace lists. A rerun with the same name reuses the worktree, so finished stages are
 skipped and training resumes from its checkpoints there.
+
+`python -m shapeflow.dvc_pipeline DIR` (what `make pipeline MESHES=DIR` runs) is the whole pipeline
+on a folder of meshes that way, without Prefect: the experiment is named after the folder.
 """
 
 from __future__ import annotations
 
+import argparse
 import graphlib
 import hashlib
 import json
@@ -248,10 +252,20 @@ def experiment_workspace(repo: Path, name: str, overrides: Sequence[str], log: C
     """The worktree of experiment `name` with `overrides` applied, created on first use.
 
     It checks out HEAD, points its DVC cache at the repository's (so outputs of unchanged stages come
-    from the cache instead of being recomputed) and checks the tracked outputs out.
+    from the cache instead of being recomputed) and checks the tracked outputs out. A worktree made
+    at an earlier HEAD is moved to the current one, keeping its own dvc.lock (what its stages last
+    ran with), so DVC reruns only the stages whose code or params changed since.
     """
     repo = Path(repo).resolve()
     ws = repo / EXPERIMENTS_DIR / name
+    head = git(repo, "rev-parse", "HEAD")
+    if (ws / ".git").exists() and git(ws, "rev-parse", "HEAD") != head:
+        lock = ws / "dvc.lock"
+        kept = lock.read_bytes() if lock.is_file() else None
+        git(ws, "checkout", "--quiet", "--force", "--detach", head)
+        if kept is not None:
+            lock.write_bytes(kept)
+        log(f"experiment workspace {ws} moved to HEAD {head[:7]}")
     if not (ws / ".git").exists():
         if ws.exists():
             shutil.rmtree(ws)  # a half-made worktree from an interrupted run
@@ -275,3 +289,71 @@ def save_experiment(ws: Path, name: str, log: Callable[[str], None]) -> None:
     code, tail = run_logged([*dvc_command(), "exp", "save", "--force", "-n", name], ws, log)
     if code != 0:
         raise RuntimeError(f"dvc exp save -n {name} in {ws} failed:\n{tail}")
+
+
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def meshes_experiment(meshes: str | Path) -> tuple[str, list[str]]:
+    """(name, overrides) of the pipeline on the meshes in folder `meshes`, whose top-level sub-folders
+    are the categories: the folder's name, and a local fetch of its absolute path."""
+    folder = Path(meshes).expanduser().resolve()
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{meshes}: not a folder of meshes")
+    if not EXPERIMENT_NAME.fullmatch(folder.name):
+        raise ValueError(
+            f"{folder}: the folder's name {folder.name!r} names the experiment and must match "
+            f"{EXPERIMENT_NAME.pattern}; rename the folder or link it under another name"
+        )
+    # The path as a JSON string: YAML reads it back verbatim, whatever characters it holds.
+    return folder.name, ["fetch.source=local", f"fetch.local.path={json.dumps(str(folder))}"]
+
+
+def run_experiment(
+    repo: Path, name: str, overrides: Sequence[str], log: Callable[[str], None], force: Sequence[str] = ("fetch",)
+) -> Path:
+    """The whole pipeline as DVC experiment `name` in its workspace; returns the workspace.
+
+    The `force` stages run even when DVC finds them up to date: fetch reads a folder whose contents
+    are no DVC dependency, and rerunning it costs little (it redoes no object it has), while a
+    folder that did not change leaves its output, and so every later stage, as it was. Then `dvc
+    repro` runs what is stale and `dvc exp save` records the experiment. The stages' MLflow runs are
+    named after the experiment and go to $MLFLOW_TRACKING_URI, else to the repository's mlflow.db.
+    """
+    repo = Path(repo).resolve()
+    ws = experiment_workspace(repo, name, overrides, log)
+    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo / 'mlflow.db'}"
+    env = tool_env({"DVC_EXP_NAME": name, "MLFLOW_TRACKING_URI": tracking})
+    for stage in force:
+        code, tail = run_logged([*dvc_command(), "repro", "--force", "--single-item", stage], ws, log, env)
+        if code != 0:
+            raise StageFailed(stage, code, tail)
+    code, tail = run_logged([*dvc_command(), "repro"], ws, log, env)
+    if code != 0:
+        raise StageFailed("pipeline", code, tail)
+    save_experiment(ws, name, log)
+    return ws
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m shapeflow.dvc_pipeline",
+        description="Run the whole pipeline on a folder of meshes (its top-level sub-folders are the categories) "
+        "as the DVC experiment named after the folder, in .shapeflow/experiments/<name>.",
+    )
+    parser.add_argument("meshes", type=Path, help="folder of mesh files, one sub-folder per category")
+    args = parser.parse_args(argv)
+    try:
+        name, overrides = meshes_experiment(args.meshes)
+        repo = Path(git(Path.cwd(), "rev-parse", "--show-toplevel"))
+        print(f"experiment {name}: {' '.join(overrides)}", flush=True)
+        ws = run_experiment(repo, name, overrides, lambda line: print(line, flush=True))
+    except (NotADirectoryError, ValueError, RuntimeError) as exc:  # StageFailed is a RuntimeError
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"experiment {name} saved (`dvc exp show`); its outputs are in {ws}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,20 +28,25 @@ def evaluate_recon(params: config.Params, mesh_dir: Path, vae_dir: Path, work: P
     """Every mesh file under `mesh_dir` through fetch (local source), watertight and sample into
     `work` (resumable: a rerun redoes only what changed), then the VAE's reconstruction metrics per
     mesh and their mean. Each record's `source` is the file's path under `mesh_dir`; meshes that
-    failed on the way are listed with the stage and the reason."""
+    failed on the way are listed with the stage and the reason, a file that repeats another's bytes
+    is scored once."""
     if not mesh_dir.is_dir():
         raise NotADirectoryError(f"{mesh_dir}: not a folder of meshes")
-    local = config.replace(params.fetch.local, path=str(mesh_dir.resolve()))
-    params = dataclasses.replace(params, fetch=dataclasses.replace(params.fetch, source="local", local=local))
+    local = config.replace(params.fetch.local, path=str(mesh_dir.resolve()), extra_paths=())
+    fetch_params = dataclasses.replace(params.fetch, source="local", extra_sources=(), local=local)
+    params = dataclasses.replace(params, fetch=fetch_params)
     fetch.run(params, work / "raw")
     watertight.run(params, work / "raw", work / "watertight")
     sample.run(params, work / "watertight", work / "samples")
 
     source = {}
     failed = []
+    prefix = f"local:{mesh_dir.resolve().name}/"  # fetch's source of a file: local:<folder name>/<path>
     for stage in ("raw", "watertight", "samples"):
         for row in mf.read_manifest(work / stage / mf.MANIFEST, required=("key", "status")):
-            source.setdefault(row["key"], row.get("source", row["key"]).removeprefix("local:"))
+            if row["status"] == mf.DUPLICATE:
+                continue
+            source.setdefault(row["key"], row.get("source", row["key"]).removeprefix(prefix))
             if row["status"] != mf.OK and all(f["key"] != row["key"] for f in failed):
                 failed.append(
                     {

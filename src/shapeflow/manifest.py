@@ -24,6 +24,7 @@ OBJECTS = "objects"
 
 OK = "ok"
 FAILED = "failed"
+DUPLICATE = "duplicate"  # a fetch row whose file is byte-identical to an object kept under another row
 
 
 class ManifestError(ValueError):
@@ -46,6 +47,17 @@ def split_for_key(key: str, val: float, test: float) -> str:
     if u < test + val:
         return "val"
     return "train"
+
+
+def split_for_group(group: str, val: float, test: float) -> str:
+    """The split of every object of `group`, a fixed function of the group's name.
+
+    An object that is a group of its own is named by its key (64 hex digits) and splits as the key
+    does; any other name is hashed first.
+    """
+    if len(group) != 64 or any(c not in "0123456789abcdef" for c in group):
+        group = hashlib.sha256(group.encode()).hexdigest()
+    return split_for_key(group, val, test)
 
 
 @contextlib.contextmanager

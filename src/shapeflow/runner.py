@@ -42,12 +42,16 @@ TIMINGS = "timings.csv"
 # Columns an input manifest may carry that later stages keep (a stage's own fields win; the
 # transform back to the source's frame, scale and offset, is composed by stages that renormalise).
 CARRIED = ("source", "category", "license", "split", "scale", "offset_x", "offset_y", "offset_z")
+# The carried columns that describe the object rather than a stage's result: an object done earlier
+# takes their current values (a split moved by a change of fetch.split, say) without being redone.
+LABELS = ("source", "category", "license", "split")
 
 
 def collect_tasks(src_dir: str | Path, split_val: float = 0.1, split_test: float = 0.1) -> list[Task]:
     """Tasks for every object in `src_dir`: from its manifest.csv, or from the mesh files in it.
 
-    Objects that failed upstream are left out (their reason stays in the upstream manifest).
+    Objects that failed upstream, and fetch's duplicate rows, are left out (their reason stays in the
+    upstream manifest).
     """
     src_dir = Path(src_dir).resolve()
     if not src_dir.is_dir():
@@ -61,9 +65,10 @@ def collect_tasks(src_dir: str | Path, split_val: float = 0.1, split_test: float
                 continue
             meta = {k: row[k] for k in CARRIED if row.get(k)}
             tasks.append(Task(key=row["key"], src=str(src_dir / row["path"]), meta=meta))
-        skipped = len(rows) - len(tasks)
-        if skipped:
-            log.info("%s: %d object(s) failed upstream and are skipped", manifest_path, skipped)
+        duplicates = sum(row.get("status") == mf.DUPLICATE for row in rows)
+        failed = len(rows) - len(tasks) - duplicates
+        if failed or duplicates:
+            log.info("%s: %d failed upstream, %d duplicate row(s), skipped", manifest_path, failed, duplicates)
     else:
         for path in sorted(p for p in src_dir.rglob("*") if p.suffix.lower() in MESH_SUFFIXES and p.is_file()):
             key = mf.file_sha256(path)
@@ -92,6 +97,16 @@ def _done(out_dir: Path, task: Task, params_hash: str) -> dict[str, Any] | None:
         return None
     if record.get("input_sha256") != _input_sha256(task):
         return None
+    return record
+
+
+def _relabel(out_dir: Path, record: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """`record` with the LABELS columns of `meta` (the input manifest's), rewritten when they differ."""
+    labels = {k: meta[k] for k in LABELS if k in meta}
+    if all(record.get(k) == v for k, v in labels.items()):
+        return record
+    record = {**record, **labels}
+    mf.write_record(out_dir, record)
     return record
 
 
@@ -159,7 +174,7 @@ def run_objects(
     for task in shard:
         done = _done(out_dir, task, params_hash)
         if done is not None:
-            records[task.key] = done
+            records[task.key] = _relabel(out_dir, done, task.meta)
         else:
             todo.append(task)
     if records:
@@ -284,8 +299,10 @@ def _prune(out_dir: Path, keys: set[str]) -> None:
 
 
 def summarize(records: Sequence[dict[str, Any]], desc: str) -> str:
-    failed = [r for r in records if r.get("status") != mf.OK]
-    lines = [f"{desc}: {len(records) - len(failed)} ok, {len(failed)} failed"]
+    failed = [r for r in records if r.get("status") not in (mf.OK, mf.DUPLICATE)]
+    ok = sum(r.get("status") == mf.OK for r in records)
+    duplicates = len(records) - ok - len(failed)
+    lines = [f"{desc}: {ok} ok, {len(failed)} failed" + (f", {duplicates} duplicate" if duplicates else "")]
     lines += [f"  failed {r['key'][:12]}: {r.get('reason', '')}" for r in failed[:20]]
     if len(failed) > 20:
         lines.append(f"  ... and {len(failed) - 20} more (see manifest.csv)")

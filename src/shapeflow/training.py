@@ -18,7 +18,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from shapeflow import config
 from shapeflow import manifest as mf
@@ -209,6 +210,64 @@ def require_batches(loader, objects: int, batch_size: int, world: int, stage: st
         )
 
 
+def category_weights(categories: Sequence[str]) -> list[float]:
+    """Per-item sampling weights that give every category the same share of the draws: 1 / the
+    number of items of the item's category, so each category's weights sum to 1."""
+    counts = Counter(categories)
+    return [1.0 / counts[c] for c in categories]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 64-bit seed for one epoch's draw: a function of (seed, epoch) only, distinct across both."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little")
+
+
+class WeightedEpochSampler(Sampler[int]):
+    """An epoch of len(weights) indices drawn with replacement, index i with probability
+    weights[i] / sum(weights). The draw is a function of (seed, epoch): every process draws the same
+    sequence, from which Accelerate's BatchSamplerShard hands each process its own batches, and a
+    resumed run draws the epoch it stopped in again. `set_epoch` picks the epoch; the prepared
+    loader's `set_epoch` reaches it (DataLoaderShard.set_epoch looks for the sampler of its batch
+    sampler, and of the batch sampler that one wraps)."""
+
+    def __init__(self, weights: Sequence[float], seed: int):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        if self.weights.ndim != 1 or not len(self.weights) or (self.weights < 0).any() or not self.weights.sum() > 0:
+            raise ValueError("sampling weights must be a non-empty list of non-negative numbers, not all 0")
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        yield from torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator).tolist()
+
+
+def data_loader(
+    dataset: Dataset, batch_size: int, weights: Sequence[float] | None, seed: int, workers: int = 0
+) -> DataLoader:
+    """The training DataLoader, before `accelerator.prepare`. Without weights, a shuffle of every item
+    per epoch (prepare swaps its RandomSampler for Accelerate's SeedableRandomSampler, seeded by
+    make_accelerator's data_seed); with weights, a WeightedEpochSampler seeded by `seed`. A last
+    incomplete batch is dropped unless it is the only one."""
+    if weights is not None and len(weights) != len(dataset):
+        raise ValueError(f"{len(weights)} sampling weights for {len(dataset)} items")
+    order = {"shuffle": True} if weights is None else {"sampler": WeightedEpochSampler(weights, seed)}
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        drop_last=len(dataset) >= batch_size,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        **order,
+    )
+
+
 def epoch_batches(accelerator: Accelerator, loader, step: int, grad_accum: int):
     """The loader's batches for the epoch that optimizer step `step` falls in, past the ones a
     resumed run has already seen, with the sampler's epoch set so every rank shuffles alike."""
@@ -302,7 +361,7 @@ class Job:
     stage: str  # names the MLflow experiment (shapeflow-<stage>), the run and the errors
     describe: str  # what is trained on what, for the opening log line: 'tiny VAE on 40 objects'
     model: torch.nn.Module
-    dataset: Dataset  # shuffled into batches of batch_size per process
+    dataset: Dataset  # shuffled into batches of batch_size per process (or drawn by `weights`)
     training_losses: Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]]  # (model, batch) -> terms
     terms: tuple[str, ...]  # the terms averaged into loss.csv and MLflow; "loss" is minimised
     fingerprint: str  # what a checkpoint must match to be resumed
@@ -315,6 +374,10 @@ class Job:
     ema: AveragedModel | None = None  # updated after every optimizer step and checkpointed
     per_sample: Mapping[str, int] = field(default_factory=dict)  # more throughput columns: name -> units per sample
     loader_workers: int = 0  # DataLoader worker processes per training process
+    # Per-item sampling weights: each epoch draws len(dataset) items with replacement in proportion
+    # to them (WeightedEpochSampler), e.g. category_weights for category-balanced epochs. None: each
+    # epoch is a shuffle of every item.
+    weights: Sequence[float] | None = None
 
 
 def fit(accelerator: Accelerator, p: LoopParams, seed: int, paths: Outputs, job: Job) -> dict[str, Any]:
@@ -325,14 +388,7 @@ def fit(accelerator: Accelerator, p: LoopParams, seed: int, paths: Outputs, job:
     (one per training, written by rank 0, resumed with the checkpoint). -> the metrics (every rank)."""
     optimizer = torch.optim.AdamW(job.model.parameters(), lr=p.lr, weight_decay=p.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(p.warmup_steps, p.steps, p.min_lr_ratio))
-    loader = DataLoader(
-        job.dataset,
-        batch_size=p.batch_size,
-        shuffle=True,
-        drop_last=len(job.dataset) >= p.batch_size,
-        num_workers=job.loader_workers,
-        persistent_workers=job.loader_workers > 0,
-    )
+    loader = data_loader(job.dataset, p.batch_size, job.weights, seed, job.loader_workers)
     model, optimizer, loader = accelerator.prepare(job.model, optimizer, loader)
     require_batches(loader, len(job.dataset), p.batch_size, accelerator.num_processes, job.stage)
     for state in (scheduler, job.ema):

@@ -3,12 +3,15 @@
 Each file is one object keyed by the sha256 of its bytes. Importing copies it to
 `<objects>/<key><suffix>`; a .gltf becomes a self-contained .glb, because its buffers and textures
 live in separate files that would not travel with a copy of the .gltf alone. The key stays the
-sha256 of the .gltf, so the object is found again from the same source file.
+sha256 of the .gltf, so the object is found again from the same source file. Files are grouped by
+name (`group_name`) so that variants of one asset land in one split.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,26 @@ class LocalFile:
         return parts[0] if len(parts) > 1 else ""
 
 
+_NAME_SEPARATORS = re.compile(r"[\s_.\-]+")
+
+
+def group_name(rel: str, variant_words: Collection[str]) -> str:
+    """The group of the file at `rel` (its path under the scanned folder): its folder, then its name
+    lower-cased, without the suffix and without the words of `variant_words` (lower case).
+
+    Words are what separators (_ - . space) delimit, and the first word is always kept, so
+    "tree/BirchTree_Autumn_1.obj", "tree/BirchTree_Snow_1.obj" and "tree/BirchTree_1.obj" are all
+    "tree/birchtree_1", while "tree/BirchTree_2.obj" is a group of its own and "Snow_Globe.obj" stays
+    "snow_globe". A number is kept: numbered files are taken for different assets. Variants kept in
+    different folders are not grouped.
+    """
+    folder, _, name = rel.rpartition("/")
+    stem = Path(name).stem.lower()
+    words = [w for w in _NAME_SEPARATORS.split(stem) if w]
+    kept = "_".join(words[:1] + [w for w in words[1:] if w not in variant_words]) or stem
+    return f"{folder}/{kept}" if folder else kept
+
+
 def list_mesh_files(folder: str | Path, recursive: bool = True) -> list[Path]:
     """Mesh files (by suffix, any case) in `folder`, sorted; hidden files and folders are skipped.
 
@@ -46,8 +69,10 @@ def list_mesh_files(folder: str | Path, recursive: bool = True) -> list[Path]:
         raise NotADirectoryError(f"{folder}: local source is not a folder")
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(
-        p for p in candidates
-        if p.suffix.lower() in MESH_SUFFIXES and p.is_file()
+        p
+        for p in candidates
+        if p.suffix.lower() in MESH_SUFFIXES
+        and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 

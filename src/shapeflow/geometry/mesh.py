@@ -9,6 +9,8 @@ give a closed, outward mesh as the sample stage sees it.
 The numeric rules, relative to L, the longest side of the bounding box of the referenced vertices:
 
 - |coordinate| <= 1e9 (MAX_ABS_COORD): beyond it a file is corrupt or in units that need rescaling.
+- the vertices the faces use are not all one point (all zero is what a compressed glTF read without
+  its decoder gives).
 - L <= 1e5 x the median edge length (MAX_BOX_TO_EDGE): normalised to [-0.95, 0.95] and stored as
   float32 (spacing ~6e-8 of L), a typical edge then still spans more than 100 float32 steps. A
   larger ratio almost always means a stray vertex far from the rest, and the shape would collapse.
@@ -45,6 +47,9 @@ MESH_SUFFIXES = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf")
 GLB_MAGIC = b"glTF"
 _GLB_JSON = 0x4E4F534A  # chunk type "JSON"
 _GLB_BIN = 0x004E4942  # chunk type "BIN\0"
+DRACO_EXTENSION = "KHR_draco_mesh_compression"
+_GL_POINTS, _GL_TRIANGLES = 0, 4  # primitive modes
+_GL_FLOAT, _GL_UNSIGNED_INT = 5126, 5125  # accessor component types
 
 # Leading bytes of common files that are not meshes, so a renamed image gets a clear message.
 _FOREIGN_MAGIC = {
@@ -81,8 +86,9 @@ def load_mesh(path: str | Path) -> trimesh.Trimesh:
     """Read a mesh file into one triangle mesh (geometry only), faces as the file has them.
 
     Scenes (glb/gltf, multi-object obj) are flattened with their node transforms applied; points
-    and lines are dropped. PLY triangle strips are decoded here because trimesh reads them as no
-    faces at all.
+    and lines are dropped. PLY triangle strips and Draco-compressed glTF primitives are decoded here
+    because trimesh reads them as no faces at all and as all-zero vertices respectively. A mesh whose
+    vertices all sit at one point is refused.
     """
     path = Path(path)
     if not path.exists():
@@ -125,8 +131,10 @@ def _sniff(path: Path, suffix: str, head: bytes) -> None:
 def _read(path: Path, suffix: str, head: bytes) -> tuple[np.ndarray, np.ndarray]:
     if suffix == ".ply" and b"element tristrips" in head.split(b"end_header", 1)[0]:
         return _read_ply_with_strips(path)
-    if suffix == ".gltf":
-        loaded = trimesh.load(io.BytesIO(gltf_to_glb(path)), file_type="glb", process=False, skip_materials=True)
+    if suffix in (".glb", ".gltf"):
+        glb = gltf_to_glb(path) if suffix == ".gltf" else path.read_bytes()
+        glb = decode_draco(path, glb)
+        loaded = trimesh.load(io.BytesIO(glb), file_type="glb", process=False, skip_materials=True)
     else:
         loaded = trimesh.load(path, file_type=suffix[1:], process=False, skip_materials=True)
     return _flatten(path, loaded)
@@ -229,6 +237,12 @@ def _check_geometry(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None
         what = " and ".join(s for s in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} inf" if n_inf else "") if s)
         raise MeshError(f"{path}: {what} vertex coordinate(s)")
     used = vertices[np.unique(faces)]  # (U, 3) only what the faces reach
+    if not np.ptp(used, axis=0).any():
+        raise MeshError(
+            f"{path}: all {len(used)} vertices are at the same point {tuple(used[0].tolist())}: no shape "
+            "(geometry that was never decoded, such as a Draco-compressed glTF read without a decoder, or a "
+            "corrupt file?)"
+        )
     reach = float(np.abs(used).max())
     if reach > MAX_ABS_COORD:
         raise MeshError(
@@ -346,6 +360,111 @@ def pack_glb(gltf: dict, binary: bytes = b"") -> bytes:
         binary += b"\x00" * (-len(binary) % 4)
         chunks += struct.pack("<II", len(binary), _GLB_BIN) + binary
     return GLB_MAGIC + struct.pack("<II", 2, 12 + len(chunks)) + chunks
+
+
+def unpack_glb(path: str | Path, glb: bytes) -> tuple[dict, bytes]:
+    """The JSON and the binary chunk (b"" when it has none) of a binary glTF."""
+    if len(glb) < 20 or not glb.startswith(GLB_MAGIC):
+        raise MeshError(f"{path}: not a binary glTF: no 'glTF' header")
+    json_length, kind = struct.unpack_from("<II", glb, 12)
+    if kind != _GLB_JSON or 20 + json_length > len(glb):
+        raise MeshError(f"{path}: binary glTF whose first chunk is not a complete JSON chunk (truncated?)")
+    try:
+        gltf = json.loads(glb[20 : 20 + json_length])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MeshError(f"{path}: binary glTF whose JSON chunk is not valid JSON ({exc})") from exc
+    start = 20 + json_length
+    if start + 8 <= len(glb):
+        length, kind = struct.unpack_from("<II", glb, start)
+        if kind == _GLB_BIN:
+            return gltf, glb[start + 8 : start + 8 + length]
+    return gltf, b""
+
+
+def decode_draco(path: str | Path, glb: bytes) -> bytes:
+    """`glb` with every Draco-compressed primitive (KHR_draco_mesh_compression) decoded into plain
+    position and index accessors; `glb` itself when it has none.
+
+    A loader without a decoder sees such a primitive as accessors that hold no data, and trimesh
+    fills them with zeros with only a warning. A decoded primitive keeps its geometry alone (its
+    normals, texture coordinates and morph targets are dropped, as loading drops them anyway); the
+    nodes are untouched, so their transforms apply as to any other mesh. Raises MeshError when
+    DracoPy is missing or the compressed data cannot be decoded.
+    """
+    json_length = struct.unpack_from("<I", glb, 12)[0] if len(glb) >= 20 else 0
+    if DRACO_EXTENSION.encode() not in glb[20 : 20 + json_length]:
+        return glb
+    gltf, binary = unpack_glb(path, glb)
+    try:
+        import DracoPy
+    except ImportError as exc:
+        raise MeshError(
+            f"{path}: the geometry is Draco-compressed ({DRACO_EXTENSION}) and the DracoPy package that "
+            "decodes it is not installed (pip install DracoPy)"
+        ) from exc
+    blob = bytearray(binary)
+    views = gltf.get("bufferViews", [])
+    for m, mesh in enumerate(gltf.get("meshes", [])):
+        for p, primitive in enumerate(mesh.get("primitives", [])):
+            draco = primitive.get("extensions", {}).pop(DRACO_EXTENSION, None)
+            if draco is None:
+                continue
+            view = views[draco["bufferView"]]
+            if view.get("buffer", 0) != 0:
+                raise MeshError(f"{path}: mesh {m} primitive {p}: Draco data outside the binary chunk")
+            start = view.get("byteOffset", 0)
+            try:
+                decoded = DracoPy.decode(binary[start : start + view["byteLength"]])
+            except Exception as exc:  # DracoPy raises exception types of its own on data it cannot decode
+                raise MeshError(
+                    f"{path}: mesh {m} primitive {p}: the Draco-compressed data cannot be decoded "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
+            positions = _draco_positions(decoded, draco.get("attributes", {}).get("POSITION"))
+            primitive["attributes"] = {"POSITION": _append_accessor(gltf, blob, positions.astype("<f4"), "VEC3")}
+            primitive.pop("targets", None)
+            faces = getattr(decoded, "faces", None)
+            if faces is not None and len(faces):
+                indices = np.asarray(faces).astype("<u4").ravel()
+                primitive.update(indices=_append_accessor(gltf, blob, indices, "SCALAR"), mode=_GL_TRIANGLES)
+            else:  # a point cloud: dropped with the other points
+                primitive.pop("indices", None)
+                primitive["mode"] = _GL_POINTS
+            if not primitive["extensions"]:
+                del primitive["extensions"]
+    for name in ("extensionsUsed", "extensionsRequired"):
+        kept = [e for e in gltf.get(name, []) if e != DRACO_EXTENSION]
+        if kept:
+            gltf[name] = kept
+        else:
+            gltf.pop(name, None)
+    buffers = gltf.get("buffers") or [{}]
+    gltf["buffers"] = [{**buffers[0], "byteLength": len(blob)}, *buffers[1:]]
+    return pack_glb(gltf, bytes(blob))
+
+
+def _draco_positions(decoded, unique_id: int | None) -> np.ndarray:
+    """(N, 3) float64 vertex positions of a DracoPy mesh: the attribute the glTF maps POSITION to (the
+    mesh's points where DracoPy does not list its attributes)."""
+    for attribute in getattr(decoded, "attributes", ()):
+        if attribute["unique_id"] == unique_id:
+            return np.asarray(attribute["data"], dtype=np.float64).reshape(-1, 3)
+    return np.asarray(decoded.points, dtype=np.float64).reshape(-1, 3)
+
+
+def _append_accessor(gltf: dict, blob: bytearray, array: np.ndarray, kind: str) -> int:
+    """Append `array` (float32 rows of 3, or uint32 scalars) to `blob` with a buffer view and an
+    accessor of its own; returns the accessor's index."""
+    views = gltf.setdefault("bufferViews", [])
+    views.append({"buffer": 0, "byteOffset": _append_aligned(blob, array.tobytes()), "byteLength": array.nbytes})
+    accessor = {"bufferView": len(views) - 1, "count": len(array), "type": kind}
+    if kind == "VEC3":
+        accessor.update(componentType=_GL_FLOAT, min=array.min(axis=0).tolist(), max=array.max(axis=0).tolist())
+    else:
+        accessor["componentType"] = _GL_UNSIGNED_INT
+    accessors = gltf.setdefault("accessors", [])
+    accessors.append(accessor)
+    return len(accessors) - 1
 
 
 # ---------------------------------------------------------------------------------------- clean

@@ -1,10 +1,17 @@
-"""fetch stage: raw meshes from the built-in families, a local folder or an Objaverse uid list.
+"""fetch stage: raw meshes from the built-in families, local folders and an Objaverse uid list.
 
 `shapeflow fetch OUT [--source builtin|local|objaverse] [--path DIR] [--list CSV] [--limit N]`
 writes `OUT/objects/<key><suffix>` (key = sha256 of the source file; a .gltf is packed into a
 .glb), `OUT/records/<key>.json` and `OUT/manifest.csv` with one row per object, failures included
 with their reason. A file is only taken if later stages can use it: it loads, and cleaning leaves
 faces that are not all in one plane.
+
+Several sources (`fetch.source` and `fetch.extra_sources`, several folders with
+`fetch.local.extra_paths`) make one dataset. A file whose bytes were already taken (the same sha256,
+from any source) is one object: its later occurrences are `duplicate` rows whose reason names the
+key kept, and whose own key is the sha256 of their `source` text. Each object's split follows its
+group (`group` column): variants of one local asset share a group, every other object is a group of
+its own, named by its key, so the built-in and Objaverse splits are those of the keys.
 
 The folder is resumable and ends up matching the params: objects already in OUT are not redone,
 and objects of an earlier run that are no longer selected are removed (OUT is a DVC output with
@@ -30,7 +37,7 @@ from shapeflow.runner import Task
 
 T = TypeVar("T")
 
-COLUMNS = ("key", "source", "path", "category", "license", "n_faces", "split", "status", "reason", "defects")
+COLUMNS = ("key", "source", "path", "category", "license", "n_faces", "split", "group", "status", "reason", "defects")
 # An imported object depends on nothing but its source file and this code: change the tag when the
 # code changes what it writes, and every object is imported again.
 PARAMS_HASH = "fetch-v1"
@@ -66,8 +73,8 @@ def write_builtin(blobs: dict[str, bytes], task: Task, out_dir: Path) -> dict[st
 # ------------------------------------------------------------------------------------ sources
 
 
-def _meta(key: str, split: config.SplitParams, **fields: str) -> dict[str, str]:
-    return {**fields, "split": mf.split_for_key(key, split.val, split.test)}
+def _meta(group: str, split: config.SplitParams, **fields: str) -> dict[str, str]:
+    return {**fields, "group": group, "split": mf.split_for_group(group, split.val, split.test)}
 
 
 def builtin_tasks(params: config.Params) -> tuple[list[Task], dict[str, bytes]]:
@@ -92,15 +99,16 @@ def builtin_tasks(params: config.Params) -> tuple[list[Task], dict[str, bytes]]:
 
 
 def local_tasks(fetch: config.FetchParams) -> list[Task]:
-    """One task per mesh file of the local folder; the category is its top subfolder."""
-    return [
-        Task(
-            key=f.key,
-            src=str(f.path),
-            meta=_meta(f.key, fetch.split, source=f"local:{f.rel}", category=f.category, license=""),
-        )
-        for f in local.scan(fetch.local.path, fetch.local.recursive)
-    ]
+    """One task per mesh file of each local folder: the category is its top sub-folder there, the
+    group its name without variant words (`local.group_name`), the source local:<folder name>/<path>."""
+    tasks = []
+    for folder in fetch.local.paths:
+        name = Path(folder).resolve().name
+        for f in local.scan(folder, fetch.local.recursive):
+            group = local.group_name(f.rel, fetch.split.variant_words)
+            meta = _meta(group, fetch.split, source=f"local:{name}/{f.rel}", category=f.category, license="")
+            tasks.append(Task(key=f.key, src=str(f.path), meta=meta))
+    return tasks
 
 
 def objaverse_tasks(
@@ -178,23 +186,37 @@ def run(
     out_dir = Path(out_dir)
     fetch = params.fetch
     workers = params.compute.workers if workers is None else workers
+    tasks: list[Task] = []
     failures: list[tuple[Task, str]] = []
-    if fetch.source == "builtin":
-        tasks, blobs = builtin_tasks(params)
-        # Writing bytes that are already in memory: a process pool would only copy them around.
-        fn, workers = functools.partial(write_builtin, blobs), 1
-    elif fetch.source == "local":
-        tasks, fn = local_tasks(fetch), import_object
-    else:
-        (tasks, failures), fn = objaverse_tasks(fetch, out_dir, client), import_object
-    tasks = _first_per_key(tasks, lambda t: t.key)  # the same file twice is one object
+    blobs: dict[str, bytes] = {}
+    for source in fetch.sources:
+        if source == "builtin":
+            new, blobs = builtin_tasks(params)
+        elif source == "local":
+            new = local_tasks(fetch)
+        else:
+            new, failed = objaverse_tasks(fetch, out_dir, client)
+            failures += failed
+        tasks += new
+    tasks, duplicates = _split_duplicates(tasks)
     keys = {t.key for t in tasks}
     failures = [f for f in _first_per_key(failures, lambda f: f[0].key) if f[0].key not in keys]
-    records = runner.run_objects(fn, tasks, out_dir, PARAMS_HASH, workers=workers, desc=f"fetch {fetch.source}")
+    desc = f"fetch {'+'.join(fetch.sources)}"
+    generated = [t for t in tasks if t.src.startswith("builtin:")]
+    files = [t for t in tasks if not t.src.startswith("builtin:")]
+    records = []
+    if generated:  # bytes already in memory: a process pool would only copy them around
+        records += runner.run_objects(
+            functools.partial(write_builtin, blobs), generated, out_dir, PARAMS_HASH, workers=1, desc=desc
+        )
+    if files:
+        records += runner.run_objects(import_object, files, out_dir, PARAMS_HASH, workers=workers, desc=desc)
     meta = {t.key: t.meta for t in tasks}
     records = [_refresh(out_dir, r, meta[r["key"]]) for r in records]
     records += [_record_failure(out_dir, task, reason) for task, reason in failures]
-    runner.finish_manifest(out_dir, tasks + [t for t, _ in failures], COLUMNS)
+    records += [_record_duplicate(out_dir, task, kept) for task, kept in duplicates]
+    listed = tasks + [t for t, _ in failures] + [t for t, _ in duplicates]
+    runner.finish_manifest(out_dir, listed, COLUMNS)
     return sorted(records, key=lambda r: r["key"])
 
 
@@ -205,11 +227,41 @@ def _first_per_key(items: list[T], key: Callable[[T], str]) -> list[T]:
     return list(seen.values())
 
 
+def _split_duplicates(tasks: list[Task]) -> tuple[list[Task], list[tuple[Task, Task]]]:
+    """The first task of each key, and (duplicate, kept) for every later task of a key taken.
+
+    A duplicate is re-keyed by the sha256 of its source text (its file's sha256 is the kept
+    object's key) and belongs to no split.
+    """
+    kept: dict[str, Task] = {}
+    duplicates = []
+    for task in tasks:
+        first = kept.setdefault(task.key, task)
+        if first is not task:
+            key = hashlib.sha256(task.meta["source"].encode()).hexdigest()
+            duplicates.append((Task(key=key, src=task.src, meta={**task.meta, "split": ""}), first))
+    return list(kept.values()), duplicates
+
+
 def _refresh(out_dir: Path, record: dict[str, Any], meta: dict[str, str]) -> dict[str, Any]:
     """Bring the columns of an object done earlier up to date (split shares, category, licence)."""
     if all(record.get(k) == v for k, v in meta.items()):
         return record
     record = {**record, **meta}
+    mf.write_record(out_dir, record)
+    return record
+
+
+def _record_duplicate(out_dir: Path, task: Task, kept: Task) -> dict[str, Any]:
+    """The record of a file whose bytes are those of an object already taken (`kept`)."""
+    record = {
+        "key": task.key,
+        **task.meta,
+        "params_hash": PARAMS_HASH,
+        "status": mf.DUPLICATE,
+        "reason": f"duplicate of {kept.key}: the same file as {kept.meta['source']}",
+        "path": "",
+    }
     mf.write_record(out_dir, record)
     return record
 
@@ -252,9 +304,13 @@ def with_overrides(
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("fetch", help="collect raw meshes: built-in shapes, a local folder or Objaverse")
+    p = commands.add_parser("fetch", help="collect raw meshes: built-in shapes, local folders, Objaverse")
     p.add_argument("out", type=Path, help="output folder (objects/, records/, manifest.csv)")
-    p.add_argument("--source", choices=("builtin", "local", "objaverse"), help="default: params fetch.source")
+    p.add_argument(
+        "--source",
+        choices=("builtin", "local", "objaverse"),
+        help="default: params fetch.source (params fetch.extra_sources are fetched too)",
+    )
     p.add_argument("--path", help="folder of mesh files for --source local (params fetch.local.path)")
     p.add_argument("--list", dest="uid_list", help="uid list csv for --source objaverse (params fetch.objaverse.list)")
     p.add_argument("--limit", type=int, help="first N rows of the uid list (params fetch.objaverse.limit)")
@@ -271,5 +327,5 @@ def main(args: argparse.Namespace) -> int:
     except objaverse.ObjaverseListError as exc:
         print(f"shapeflow fetch: error: {exc}", file=sys.stderr)
         return 2
-    print(runner.summarize(records, f"fetch {params.fetch.source}"))
+    print(runner.summarize(records, f"fetch {'+'.join(params.fetch.sources)}"))
     return runner.exit_code(records)

@@ -35,7 +35,7 @@ from torch.utils.data import TensorDataset
 
 from shapeflow import config, flow, tracking, training
 from shapeflow import manifest as mf
-from shapeflow.dataset import SampleObject, encoder_inputs, list_objects, load_arrays
+from shapeflow.dataset import SampleObject, drop_thin_shells, encoder_inputs, list_objects, load_arrays
 from shapeflow.geometry.mesh import is_watertight_shape
 from shapeflow.geometry.sampling import sample_surface
 from shapeflow.inference import EMA_DIR, GENERATOR_FILE, RAW_DIR, LatentStats, ShapePipeline
@@ -61,6 +61,7 @@ class Paths:
     metrics: Path
     plots: Path
     cache: Path  # latent cache folder
+    meshes: Path | None = None  # watertight-stage output: shell_ratio for train_vae.data.min_shell_ratio
 
 
 @dataclasses.dataclass
@@ -84,6 +85,7 @@ class TrainingData:
     val: Latents
     stats: LatentStats
     classes: list[str]  # [] when unconditional
+    left_out: list[str] = dataclasses.field(default_factory=list)  # keys of the thin shells left out of train
 
     def normalised(self, split: Latents) -> tuple[torch.Tensor, torch.Tensor]:
         """A split's latents normalised with the train statistics (N, M, D), and its labels (N,): the
@@ -162,19 +164,31 @@ def cached_latents(
 
 
 def training_data(params: config.Params, paths: Paths, accelerator: Accelerator) -> TrainingData:
-    """The train and val splits' latents (encoded, or from the cache), their statistics, the classes."""
+    """The train and val splits' latents (encoded, or from the cache), their statistics, the classes.
+    The train split leaves out the thin shells train_vae leaves out (train_vae.data.min_shell_ratio)."""
     objects = {"train": list_objects(paths.samples, "train"), "val": list_objects(paths.samples, "val")}
     if not objects["train"]:
         raise mf.ManifestError(f"{paths.samples / mf.MANIFEST}: no objects with status ok in the train split")
     if not objects["val"] and accelerator.is_main_process:
         log.warning("no objects in the val split of %s: no val flow loss, no category check", paths.samples)
+    min_ratio = params.train_vae.data.min_shell_ratio
+    kept, thin = drop_thin_shells(objects["train"], paths.meshes, min_ratio)
+    if not kept:
+        raise config.ParamsError(
+            f"train_vae.data.min_shell_ratio: all {len(thin)} train objects are thin shells below {min_ratio}; lower it"
+        )
     key = cache_key(paths.vae, paths.samples, params.train_vae.data, params.seed)
+    # The cache holds every object of the splits, so one encoding serves any min_shell_ratio.
     latents = cached_latents(paths, objects, params.train_vae.data, params.seed, key, accelerator)
     train = latents["train"]
+    left_out = {o.key for o in thin}
+    if left_out:
+        rows = [i for i, o in enumerate(train.objects) if o.key not in left_out]
+        train = Latents(train.latents[rows], [train.objects[i] for i in rows])
     classes = sorted(set(train.categories)) if params.train_dit.conditional else []
     if params.train_dit.conditional and len(classes) < 2:
         log.warning("train split has %d categorie(s): conditioning on it is of little use", len(classes))
-    return TrainingData(key, train, latents["val"], LatentStats.of(train.latents), classes)
+    return TrainingData(key, train, latents["val"], LatentStats.of(train.latents), classes, sorted(left_out))
 
 
 # -- training ---------------------------------------------------------------------------------------
@@ -309,7 +323,11 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
     anchored = bool(vae_info["config"].get("anchored"))
     null_label = cfg.null_label if data.classes else None
     parts = {"model": cfg.to_dict(), "seed": params.seed, "latents": data.key, "world": accelerator.num_processes}
+    parts["left_out"] = data.left_out  # the latents cover every train object: which of them are trained on
     conditioning = f"{len(data.classes)} classes" if data.classes else "unconditional"
+    categories = data.train.categories
+    if p.balance == "category":
+        conditioning += f", {len(set(categories))} categories balanced"
     job = training.Job(
         stage=STAGE,
         describe=f"{p.preset} DiT on {len(z_train)} latent sets ({num_tokens} x {latent_dim}), {conditioning}",
@@ -326,13 +344,16 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
             "model_config": cfg.to_dict(),
             "classes": data.classes,
             "train_objects": len(z_train),
+            "train_vae.data.min_shell_ratio": params.train_vae.data.min_shell_ratio,
+            "thin_shells_left_out": len(data.left_out),
             "val_objects": len(z_val),
             "vae_steps": vae_info.get("meta", {}).get("steps"),
         },
-        info={"train_objects": len(z_train), "classes": data.classes},
+        info={"train_objects": len(z_train), "thin_shells_left_out": len(data.left_out), "classes": data.classes},
         save=save,
         validation=training.Validation(scores if len(z_val) else None, VAL_COLUMNS),
         ema=ema,
+        weights=training.category_weights(categories) if p.balance == "category" else None,
     )
     return training.fit(accelerator, p, params.seed, paths, job)
 
@@ -357,12 +378,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cache", type=Path, default=Path("cache/latents"), help="latent cache folder (default: %(default)s)"
     )
+    p.add_argument(
+        "--meshes",
+        type=Path,
+        help="watertight-stage output: its manifest's shell_ratio is what train_vae.data.min_shell_ratio compares",
+    )
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     params = config.load_params(args.params)
-    paths = Paths(args.vae, args.samples, args.out, args.checkpoints, args.metrics, args.plots, args.cache)
+    paths = Paths(args.vae, args.samples, args.out, args.checkpoints, args.metrics, args.plots, args.cache, args.meshes)
     metrics = run(params, paths)
     extra = "".join(f", {k} {metrics[k]:.3f}" for k in ("gen_watertight_share", "gen_category_match") if k in metrics)
     print(f"train_dit: {metrics['steps']} steps, val flow loss {metrics.get('val_loss_ema', float('nan')):.4f}{extra}")

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 
 from shapeflow import config, tracking, training
 from shapeflow import manifest as mf
-from shapeflow.dataset import ShapeSamples, list_objects, load_arrays
+from shapeflow.dataset import ShapeSamples, drop_thin_shells, list_objects, load_arrays
 from shapeflow.geometry.mesh import sampled_frame
 from shapeflow.geometry.sampling import sample_surface
 from shapeflow.inference import reconstruct
@@ -43,7 +43,8 @@ class Paths:
     checkpoints: Path
     metrics: Path
     plots: Path
-    meshes: Path | None = None  # watertight-stage output: reference surfaces for validation
+    # watertight-stage output: reference surfaces for validation, shell_ratio for data.min_shell_ratio
+    meshes: Path | None = None
 
 
 def model_config(p: config.TrainVAEParams) -> VAEConfig:
@@ -150,6 +151,12 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
     val_objects = list_objects(paths.samples, val_split)
     if not train_objects:
         raise mf.ManifestError(f"{paths.samples / mf.MANIFEST}: no objects with status ok in the train split")
+    train_objects, thin = drop_thin_shells(train_objects, paths.meshes, p.data.min_shell_ratio)
+    if not train_objects:
+        raise config.ParamsError(
+            f"train_vae.data.min_shell_ratio: all {len(thin)} train objects are thin shells below "
+            f"{p.data.min_shell_ratio}; lower it"
+        )
     if not val_objects:
         log.warning("no objects in the %r split of %s: validation is skipped", val_split, paths.samples)
     # Periodic validations score the first val_objects objects; the last one scores the whole split.
@@ -167,21 +174,25 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
         save_pretrained(model, paths.out, meta)
         return {}
 
+    categories = [o.category for o in train_objects]
+    balanced = f", {len(set(categories))} categories balanced" if p.balance == "category" else ""
+    counts = {"train_objects": len(train_objects), "thin_shells_left_out": len(thin)}
     job = training.Job(
         stage=STAGE,
-        describe=f"{p.preset} VAE on {len(train_objects)} objects",
+        describe=f"{p.preset} VAE on {len(train_objects)} objects{balanced}",
         model=VecSetVAE(cfg),
         dataset=ShapeSamples(train_objects, p.data),
         training_losses=functools.partial(losses, p=p.loss),
         terms=TERMS,
         fingerprint=fingerprint(params, cfg, data_id, accelerator.num_processes),
         tags=tracking.provenance_tags(STAGE, data=paths.samples) | {"data_manifest_sha256": manifest_sha},
-        params={"model_config": cfg.to_dict(), "train_objects": len(train_objects), "val_objects": len(val_objects)},
-        info={"train_objects": len(train_objects), "val_split": val_split, "val_objects": len(val_objects)},
+        params={"model_config": cfg.to_dict(), **counts, "val_objects": len(val_objects)},
+        info={**counts, "val_split": val_split, "val_objects": len(val_objects)},
         save=save,
         validation=training.Validation(scores if val_objects else None, VAL_COLUMNS, prefix="val_"),
         per_sample={"points_per_s": p.data.volume_points + p.data.near_points + p.data.sharp_near_points},
         loader_workers=p.data.loader_workers,
+        weights=training.category_weights(categories) if p.balance == "category" else None,
     )
     return training.fit(accelerator, p, params.seed, paths, job)
 
@@ -193,7 +204,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("samples", type=Path, help="sample-stage output folder (manifest.csv + objects/)")
     p.add_argument("out", type=Path, help="output folder for model.safetensors and config.json")
     training.add_output_arguments(p, STAGE)
-    p.add_argument("--meshes", type=Path, help="watertight-stage output: validation scores against these surfaces")
+    p.add_argument(
+        "--meshes",
+        type=Path,
+        help="watertight-stage output: validation scores against these surfaces, and their manifest's "
+        "shell_ratio is what train_vae.data.min_shell_ratio compares",
+    )
     p.add_argument(
         "--val-split",
         default="val",
