@@ -1,5 +1,8 @@
 # The two commands a new user needs: `make pipeline` (set up, then `dvc repro` on the built-in
 # dataset) and `make test` (set up, then the test suite). Both create .venv on first use.
+# `make pipeline MESHES=DIR` runs the whole pipeline on the meshes in DIR (its top-level sub-folders
+# are the categories) as the DVC experiment named after DIR, in .shapeflow/experiments/<name>; this
+# workspace stays the built-in run. A second run redoes only what changed (fetch rereads DIR).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,7 +18,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 pipeline: setup
+ifdef MESHES
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m shapeflow.dvc_pipeline "$(MESHES)"
+else
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+endif
 
 # Two test processes (pytest-xdist, a module per process), each torch process on one thread: on the
 # 2-core CI machine two processes with two threads each would spin against each other.
