@@ -13,7 +13,7 @@ import pytest
 import trimesh
 import yaml
 from conftest import kill_at_first_checkpoint
-from training_runs import PYTHON, TWO_CPU_RANKS, env_for, run_cli, tracked_runs
+from training_runs import PYTHON, TWO_CPU_RANKS, env_for, run_cli, stage_cli, tracked_runs
 
 from shapeflow.models.vae import VecSetVAE, save_pretrained, vae_config
 
@@ -47,24 +47,7 @@ def write_params(folder: Path, **train_dit) -> Path:
 
 
 def stage_args(work: Path, vae: Path, samples: Path, params: Path) -> list[str]:
-    return [
-        "-m",
-        "shapeflow.cli",
-        "--params",
-        str(params),
-        "train-dit",
-        str(vae),
-        str(samples),
-        str(work / "dit"),
-        "--checkpoints",
-        str(work / "ck"),
-        "--metrics",
-        str(work / "reports" / "metrics.json"),
-        "--plots",
-        str(work / "reports"),
-        "--cache",
-        str(work / "cache"),
-    ]
+    return stage_cli(params, "train-dit", vae, samples, work / "dit", "--cache", work / "cache", work=work)
 
 
 def train(work: Path, vae: Path, samples: Path, params: Path, launcher: tuple[str, ...] = PYTHON):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TINY_VAE, kill_at_first_checkpoint, subset
-from training_runs import PYTHON, TWO_CPU_RANKS, env_for, run_cli, tracked_runs
+from training_runs import PYTHON, TWO_CPU_RANKS, env_for, run_cli, stage_cli, tracked_runs
 
 SMALL = TINY_VAE | {
     "batch_size": 2,
@@ -30,24 +30,9 @@ def write_params(folder: Path, **train_vae) -> Path:
 
 
 def stage_args(work: Path, samples: Path, params: Path, *extra: str) -> list[str]:
-    return [
-        "-m",
-        "shapeflow.cli",
-        "--params",
-        str(params),
-        "train-vae",
-        str(samples),
-        str(work / "vae"),
-        "--meshes",
-        str(samples.parent / "watertight"),
-        "--checkpoints",
-        str(work / "ck"),
-        "--metrics",
-        str(work / "reports" / "metrics.json"),
-        "--plots",
-        str(work / "reports"),
-        *extra,
-    ]
+    return stage_cli(
+        params, "train-vae", samples, work / "vae", "--meshes", samples.parent / "watertight", *extra, work=work
+    )
 
 
 def train(work: Path, samples: Path, params: Path, *extra: str, launcher: tuple[str, ...] = PYTHON):

@@ -21,6 +21,20 @@ TWO_CPU_RANKS = (
 )
 
 
+def stage_cli(params: Path, command: str, *args: str | Path, work: Path) -> list[str]:
+    """`-m shapeflow.cli --params PARAMS COMMAND ARGS...` with the stage's checkpoints in work/ck and its
+    reports (metrics.json, loss.csv, val.csv) in work/reports."""
+    outputs = [
+        "--checkpoints",
+        work / "ck",
+        "--metrics",
+        work / "reports" / "metrics.json",
+        "--plots",
+        work / "reports",
+    ]
+    return ["-m", "shapeflow.cli", "--params", str(params), command, *map(str, args), *map(str, outputs)]
+
+
 def env_for(work: Path) -> dict[str, str]:
     return dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", OMP_NUM_THREADS="1")
 

@@ -24,7 +24,19 @@ OBJECTS = "objects"
 
 OK = "ok"
 FAILED = "failed"
-DUPLICATE = "duplicate"  # a fetch row whose file is byte-identical to an object kept under another row
+DUPLICATE = "duplicate"
+# The leading manifest columns of every per-object stage after fetch: the object, its outcome, and what
+# it carries over from the fetch row.
+OBJECT_COLUMNS = (
+    "key",
+    "path",
+    "status",
+    "reason",
+    "source",
+    "category",
+    "split",
+    "license",
+)  # a fetch row whose file is byte-identical to an object kept under another row
 
 
 class ManifestError(ValueError):

@@ -213,8 +213,13 @@ def run(
         records += runner.run_objects(import_object, files, out_dir, PARAMS_HASH, workers=workers, desc=desc)
     meta = {t.key: t.meta for t in tasks}
     records = [_refresh(out_dir, r, meta[r["key"]]) for r in records]
-    records += [_record_failure(out_dir, task, reason) for task, reason in failures]
-    records += [_record_duplicate(out_dir, task, kept) for task, kept in duplicates]
+    records += [_record_without_file(out_dir, task, mf.FAILED, f"{task.src}: {reason}") for task, reason in failures]
+    records += [
+        _record_without_file(
+            out_dir, task, mf.DUPLICATE, f"duplicate of {kept.key}: the same file as {kept.meta['source']}"
+        )
+        for task, kept in duplicates
+    ]
     listed = tasks + [t for t, _ in failures] + [t for t, _ in duplicates]
     runner.finish_manifest(out_dir, listed, COLUMNS)
     return sorted(records, key=lambda r: r["key"])
@@ -252,30 +257,10 @@ def _refresh(out_dir: Path, record: dict[str, Any], meta: dict[str, str]) -> dic
     return record
 
 
-def _record_duplicate(out_dir: Path, task: Task, kept: Task) -> dict[str, Any]:
-    """The record of a file whose bytes are those of an object already taken (`kept`)."""
-    record = {
-        "key": task.key,
-        **task.meta,
-        "params_hash": PARAMS_HASH,
-        "status": mf.DUPLICATE,
-        "reason": f"duplicate of {kept.key}: the same file as {kept.meta['source']}",
-        "path": "",
-    }
-    mf.write_record(out_dir, record)
-    return record
-
-
-def _record_failure(out_dir: Path, task: Task, reason: str) -> dict[str, Any]:
-    """The record of an object that never got a file (not downloadable, download failed)."""
-    record = {
-        "key": task.key,
-        **task.meta,
-        "params_hash": PARAMS_HASH,
-        "status": mf.FAILED,
-        "reason": f"{task.src}: {reason}",
-        "path": "",
-    }
+def _record_without_file(out_dir: Path, task: Task, status: str, reason: str) -> dict[str, Any]:
+    """The record of an object that gets no file: one that could not be had (not downloadable, download
+    failed: FAILED) or whose bytes are those of an object already taken (DUPLICATE)."""
+    record = {"key": task.key, **task.meta, "params_hash": PARAMS_HASH, "status": status, "reason": reason, "path": ""}
     mf.write_record(out_dir, record)
     return record
 

@@ -23,14 +23,7 @@ from shapeflow.geometry.mesh import sampled_frame
 from shapeflow.geometry.sampling import sample_object
 
 COLUMNS = (
-    "key",
-    "path",
-    "status",
-    "reason",
-    "source",
-    "category",
-    "split",
-    "license",
+    *mf.OBJECT_COLUMNS,
     "n_faces",
     "n_sharp_edges",
     "inverted",

@@ -23,14 +23,7 @@ from shapeflow.geometry.watertight import watertight
 log = logging.getLogger(__name__)
 
 COLUMNS = (
-    "key",
-    "path",
-    "status",
-    "reason",
-    "source",
-    "category",
-    "split",
-    "license",
+    *mf.OBJECT_COLUMNS,
     "scale",
     "offset_x",
     "offset_y",
