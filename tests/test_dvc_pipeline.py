@@ -58,6 +58,28 @@ def test_overrides_are_typed_yaml_values_written_into_nested_sections(tmp_path):
         dp.apply_overrides(params, ["seed.x=1"])
 
 
+@pytest.mark.parametrize("name", ["../../../victim", "..", "a/../../victim", "/tmp/victim", ".hidden", "a b", ""])
+def test_an_experiment_name_that_is_not_a_plain_folder_name_is_refused_and_nothing_is_deleted(tmp_path, name):
+    repo, victim = tmp_path / "repo", tmp_path / "victim"
+    (repo / dp.EXPERIMENTS_DIR).mkdir(parents=True)
+    victim.mkdir()
+    (victim / "data.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="experiment name"):
+        dp.experiment_workspace(repo, name, [], print)
+    assert (victim / "data.txt").read_text() == "keep me"
+
+
+def test_an_experiment_folder_that_links_outside_is_refused(tmp_path):
+    repo, victim = tmp_path / "repo", tmp_path / "victim"
+    (repo / dp.EXPERIMENTS_DIR).mkdir(parents=True)
+    victim.mkdir()
+    (repo / dp.EXPERIMENTS_DIR / "linked").symlink_to(victim)
+    with pytest.raises(ValueError, match="not inside"):
+        dp.experiment_workspace(repo, "linked", [], print)
+    assert victim.is_dir()
+    assert dp.experiment_folder(repo, "sf-1a2b3c4d") == (repo / dp.EXPERIMENTS_DIR / "sf-1a2b3c4d").resolve()
+
+
 def test_experiment_names_are_stable_per_override_set():
     assert dp.experiment_name(["a.b=1", "c=2"]) == dp.experiment_name(["c=2", "a.b=1"])
     assert dp.experiment_name(["a.b=1"]) != dp.experiment_name(["a.b=2"])

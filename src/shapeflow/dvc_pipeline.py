@@ -248,6 +248,19 @@ def apply_overrides(params_file: Path, overrides: Sequence[str]) -> None:
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+def experiment_folder(repo: Path, name: str) -> Path:
+    """The worktree folder of experiment `name`: directly under the experiments folder, whatever the
+    name says. A name is a flow parameter anyone who can trigger a deployment sets, and its folder may
+    be deleted and replaced: a name that is not a plain folder name is refused."""
+    if not EXPERIMENT_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"experiment name {name!r}: must match {EXPERIMENT_NAME.pattern} and hold no '..'")
+    root = (repo / EXPERIMENTS_DIR).resolve()
+    ws = (root / name).resolve()
+    if ws.parent != root or not root.is_relative_to(repo.resolve()):  # a link leading elsewhere
+        raise ValueError(f"experiment name {name!r}: its folder {ws} is not inside {root}")
+    return ws
+
+
 def experiment_workspace(repo: Path, name: str, overrides: Sequence[str], log: Callable[[str], None]) -> Path:
     """The worktree of experiment `name` with `overrides` applied, created on first use.
 
@@ -257,7 +270,7 @@ def experiment_workspace(repo: Path, name: str, overrides: Sequence[str], log: C
     ran with), so DVC reruns only the stages whose code or params changed since.
     """
     repo = Path(repo).resolve()
-    ws = repo / EXPERIMENTS_DIR / name
+    ws = experiment_folder(repo, name)
     head = git(repo, "rev-parse", "HEAD")
     if (ws / ".git").exists() and git(ws, "rev-parse", "HEAD") != head:
         lock = ws / "dvc.lock"
