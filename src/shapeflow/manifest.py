@@ -24,19 +24,11 @@ OBJECTS = "objects"
 
 OK = "ok"
 FAILED = "failed"
-DUPLICATE = "duplicate"
+DUPLICATE = "duplicate"  # a fetch row whose file is byte-identical to an object kept under another row
+
 # The leading manifest columns of every per-object stage after fetch: the object, its outcome, and what
 # it carries over from the fetch row.
-OBJECT_COLUMNS = (
-    "key",
-    "path",
-    "status",
-    "reason",
-    "source",
-    "category",
-    "split",
-    "license",
-)  # a fetch row whose file is byte-identical to an object kept under another row
+OBJECT_COLUMNS = ("key", "path", "status", "reason", "source", "category", "split", "license")
 
 
 class ManifestError(ValueError):

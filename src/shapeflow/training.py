@@ -374,10 +374,10 @@ class Job:
     ema: AveragedModel | None = None  # updated after every optimizer step and checkpointed
     per_sample: Mapping[str, int] = field(default_factory=dict)  # more throughput columns: name -> units per sample
     loader_workers: int = 0  # DataLoader worker processes per training process
-    # Per-item sampling weights: each epoch draws len(dataset) items with replacement in proportion
-    # to them (WeightedEpochSampler), e.g. category_weights for category-balanced epochs. None: each
-    # epoch is a shuffle of every item.
-    weights: Sequence[float] | None = None
+    # Each dataset item's category. With the stage's `balance: category` every epoch draws len(dataset)
+    # items with replacement, each category equally often (category_weights, WeightedEpochSampler);
+    # otherwise an epoch is a shuffle of every item.
+    categories: Sequence[str] = ()
 
 
 def fit(accelerator: Accelerator, p: LoopParams, seed: int, paths: Outputs, job: Job) -> dict[str, Any]:
@@ -388,7 +388,8 @@ def fit(accelerator: Accelerator, p: LoopParams, seed: int, paths: Outputs, job:
     (one per training, written by rank 0, resumed with the checkpoint). -> the metrics (every rank)."""
     optimizer = torch.optim.AdamW(job.model.parameters(), lr=p.lr, weight_decay=p.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(p.warmup_steps, p.steps, p.min_lr_ratio))
-    loader = data_loader(job.dataset, p.batch_size, job.weights, seed, job.loader_workers)
+    weights = category_weights(job.categories) if p.balance == "category" else None
+    loader = data_loader(job.dataset, p.batch_size, weights, seed, job.loader_workers)
     model, optimizer, loader = accelerator.prepare(job.model, optimizer, loader)
     require_batches(loader, len(job.dataset), p.batch_size, accelerator.num_processes, job.stage)
     for state in (scheduler, job.ema):
@@ -464,9 +465,11 @@ class _Progress:
             columns = ("step", *job.terms, "lr", "grad_norm", "samples_per_s", *job.per_sample)
             self.loss_log = CsvLog(folder / CURVES[0], columns, step)
             self.val_log = CsvLog(folder / CURVES[1], ("step", *job.validation.columns), step)
+            balanced = f", {len(set(job.categories))} categories balanced" if p.balance == "category" else ""
             log.info(
-                "training %s (%.2fM parameters), %d process(es), %s (%d threads), precision %s, steps %d",
+                "training %s%s (%.2fM parameters), %d process(es), %s (%d threads), precision %s, steps %d",
                 job.describe,
+                balanced,
                 sum(t.numel() for t in job.model.parameters()) / 1e6,
                 accelerator.num_processes,
                 accelerator.device,

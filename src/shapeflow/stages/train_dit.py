@@ -325,9 +325,6 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
     parts = {"model": cfg.to_dict(), "seed": params.seed, "latents": data.key, "world": accelerator.num_processes}
     parts["left_out"] = data.left_out  # the latents cover every train object: which of them are trained on
     conditioning = f"{len(data.classes)} classes" if data.classes else "unconditional"
-    categories = data.train.categories
-    if p.balance == "category":
-        conditioning += f", {len(set(categories))} categories balanced"
     job = training.Job(
         stage=STAGE,
         describe=f"{p.preset} DiT on {len(z_train)} latent sets ({num_tokens} x {latent_dim}), {conditioning}",
@@ -353,7 +350,7 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
         save=save,
         validation=training.Validation(scores if len(z_val) else None, VAL_COLUMNS),
         ema=ema,
-        weights=training.category_weights(categories) if p.balance == "category" else None,
+        categories=data.train.categories,
     )
     return training.fit(accelerator, p, params.seed, paths, job)
 

@@ -174,12 +174,10 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
         save_pretrained(model, paths.out, meta)
         return {}
 
-    categories = [o.category for o in train_objects]
-    balanced = f", {len(set(categories))} categories balanced" if p.balance == "category" else ""
     counts = {"train_objects": len(train_objects), "thin_shells_left_out": len(thin)}
     job = training.Job(
         stage=STAGE,
-        describe=f"{p.preset} VAE on {len(train_objects)} objects{balanced}",
+        describe=f"{p.preset} VAE on {len(train_objects)} objects",
         model=VecSetVAE(cfg),
         dataset=ShapeSamples(train_objects, p.data),
         training_losses=functools.partial(losses, p=p.loss),
@@ -192,7 +190,7 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
         validation=training.Validation(scores if val_objects else None, VAL_COLUMNS, prefix="val_"),
         per_sample={"points_per_s": p.data.volume_points + p.data.near_points + p.data.sharp_near_points},
         loader_workers=p.data.loader_workers,
-        weights=training.category_weights(categories) if p.balance == "category" else None,
+        categories=[o.category for o in train_objects],
     )
     return training.fit(accelerator, p, params.seed, paths, job)
 
