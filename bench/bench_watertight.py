@@ -9,10 +9,17 @@ time is that of the remeshing call alone, after one warm-up call on a small mesh
 (loading numba's compiled kernels from its cache) and one touch of 24 R^3 bytes of memory (both
 methods alike), as a worker of the stage that has processed objects before would see it.
 
-    python bench/bench_watertight.py                  # built-in subset + ../shared/meshes, R = 256, 512
+    python bench/bench_watertight.py                  # built-in subset + open/flat cases + ../shared/meshes
     python bench/bench_watertight.py --quick          # a short run
 
 Prints a table and JSON, and writes bench/results/watertight.json.
+
+The open and flat cases (`_open_cases`): a box without its lid and a sphere without a cap (holes far
+wider than the band; their volume is compared with the solid's), a sphere with 30 faces missing
+(narrow holes), and a flat sheet, a flat disk and a wavy single-sided sheet (slabs). Each row says
+which rule decided the inside (`rule`) and how long the winding-number queries took (`wn_seconds`,
+part of `seconds`). `--winding-queries` also times libigl's fast winding number against the exact
+one (`igl.winding_number`, a sum over every triangle) on the same query points.
 
 Quality is the Chamfer distance between the input surface and the output surface. A closed input
 made of overlapping closed parts (chair legs poking into the seat) has faces inside other parts,
@@ -73,6 +80,42 @@ def _inputs(per_category: int, shared: bool) -> list[tuple[str, str, bytes | str
     return items
 
 
+def _open_cases() -> list[tuple[str, str, bytes | str]]:
+    """(name, "open", PLY bytes) of the open and flat cases of the module docstring."""
+    import trimesh
+
+    from shapeflow.data.builtin import export_bytes
+
+    box = trimesh.creation.box(extents=(1.0, 0.8, 0.6))
+    sphere = trimesh.creation.icosphere(subdivisions=4)
+    rng = np.random.default_rng(3)
+    holes = np.isin(np.arange(len(sphere.faces)), rng.choice(len(sphere.faces), 30, replace=False))
+    n = 24
+    u, v = (a.ravel() for a in np.meshgrid(np.linspace(-1, 1, n), np.linspace(-1, 1, n), indexing="ij"))
+    idx = np.arange(n * n).reshape(n, n)
+    a, b, c, d = idx[:-1, :-1].ravel(), idx[1:, :-1].ravel(), idx[1:, 1:].ravel(), idx[:-1, 1:].ravel()
+    grid = np.concatenate([np.stack([a, b, c], 1), np.stack([a, c, d], 1)])
+    angle = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    disk_v = np.concatenate([[[0.0, 0.0, 0.0]], np.stack([np.cos(angle), np.sin(angle), 0 * angle], 1)])
+    disk_f = np.stack([np.zeros(64, int), 1 + np.arange(64), 1 + (np.arange(64) + 1) % 64], axis=1)
+    meshes = {
+        "box_without_lid": (box.vertices, box.faces[box.triangles_center[:, 2] < 0.29]),
+        "sphere_without_cap": (sphere.vertices, sphere.faces[sphere.triangles_center[:, 2] < 0.6]),
+        "sphere_30_holes": (sphere.vertices, sphere.faces[~holes]),
+        "flat_sheet": (np.stack([u, v, 0.3 * u], 1), grid),
+        "flat_disk": (disk_v, disk_f),
+        "wavy_sheet": (np.stack([u, v, 0.2 * np.sin(3 * u)], 1), grid),
+    }
+    return [(name, "open", export_bytes(trimesh.Trimesh(*mesh, process=False))) for name, mesh in meshes.items()]
+
+
+# Volume of the solid each holed case was cut from, relative to the box the mesh is normalised into.
+SOLID_VOLUME = {
+    "box_without_lid": 1.0 * 0.8 * 0.6 * (1.9 / 1.0) ** 3,
+    "sphere_without_cap": None,  # the icosphere's own volume, measured in `_measure`
+}
+
+
 def _load(source: bytes | str):
     import tempfile
 
@@ -103,14 +146,30 @@ def _measure(method: str, source: bytes | str, resolution: int, quality_points: 
     np.ones(3 * resolution**3, np.float64).sum()
     reset_peak_memory()
     warm = trimesh.creation.icosphere(subdivisions=2)
+    rule = wn_seconds = None
     if method == "narrow_band":
+        from shapeflow.geometry import watertight as module
+
         watertight(warm.vertices * 0.9, warm.faces, resolution=32, backend="cpu")
+        wn_time = [0.0]
+        exact_number = module.winding_number
+
+        def timed_number(*args):
+            t0 = time.perf_counter()
+            try:
+                return exact_number(*args)
+            finally:
+                wn_time[0] += time.perf_counter() - t0
+
+        module.winding_number = timed_number
         start = time.perf_counter()
         result = watertight(mesh.vertices, mesh.faces, resolution=resolution, backend="cpu")
         seconds = time.perf_counter() - start
+        module.winding_number = exact_number
         verts, faces = result.vertices, result.faces
-        # Closed inputs keep their surface; one whose sign check failed got the baseline's eps shell.
-        closed_input = result.open_parts == 0 and not result.sign_fallback
+        rule, wn_seconds = result.inside_rule, wn_time[0]
+        # Closed inputs keep their surface exactly; so do the parts the winding number decided.
+        closed_input = rule == "closed"
         fallback = result.sign_fallback
     else:
         import pysdf
@@ -136,6 +195,9 @@ def _measure(method: str, source: bytes | str, resolution: int, quality_points: 
     visible = _visible_quality(mesh, a, b, floor_a, floor_b, rng) if closed_input else dict.fromkeys(VISIBLE_KEYS)
     return {
         "seconds": seconds,
+        "wn_seconds": wn_seconds,
+        "rule": rule,
+        "volume": float(out.volume),
         "peak_mb": peak_mb,
         "watertight": bool(out.is_watertight),
         "cd_10k": cd[10_000],
@@ -201,6 +263,35 @@ def _outside(mesh, points: np.ndarray, normals: np.ndarray) -> np.ndarray:
     return igl.fast_winding_number(vertices, faces, probes) < VISIBLE_WINDING
 
 
+def winding_query_times(n_queries: int = 20_000) -> list[dict]:
+    """libigl's fast winding number against the exact sum over triangles, on the same points."""
+    import igl
+
+    rows = []
+    for name, _, source in _open_cases()[:2] + [i for i in _inputs(0, True) if i[1] == "shared"][:2]:
+        mesh = _load(source)
+        vertices, faces = np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64)
+        points = np.random.default_rng(0).uniform(-1, 1, (n_queries, 3))
+        t0 = time.perf_counter()
+        fast = igl.fast_winding_number(vertices, faces, points)
+        t1 = time.perf_counter()
+        exact = igl.winding_number(vertices, faces, points)
+        t2 = time.perf_counter()
+        rows.append(
+            {
+                "mesh": name,
+                "faces": len(faces),
+                "queries": n_queries,
+                "fast_us_per_query": 1e6 * (t1 - t0) / n_queries,
+                "exact_us_per_query": 1e6 * (t2 - t1) / n_queries,
+                "ratio": (t2 - t1) / (t1 - t0),
+                "max_abs_difference": float(np.abs(fast - exact).max()),
+            }
+        )
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
 def _run_isolated(method, source, resolution, quality_points) -> dict:
     ctx = get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:
@@ -221,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quality-points", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="R = 128 and 256, few meshes, 200K quality points")
+    parser.add_argument("--no-open", action="store_true", help="skip the open and flat cases")
+    parser.add_argument("--winding-queries", action="store_true", help="time fast against exact winding numbers")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "watertight.json")
     args = parser.parse_args(argv)
     if args.quick:
@@ -228,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     items = _inputs(args.per_category, not args.no_shared)
     if args.quick:
         items = items[:4] + [i for i in items if i[1] == "shared"][:2]
+    if not args.no_open:
+        items += _open_cases()
     rows = []
     for resolution in args.resolutions:
         for name, kind, source in items:
@@ -248,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "rows": rows,
     }
+    if args.winding_queries:
+        report["winding_queries"] = winding_query_times()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps(summary, indent=1))
@@ -265,7 +362,8 @@ def _row_line(row: dict) -> str:
         )
     return (
         f"R={row['resolution']} {row['mesh'][:24]:24s} ours {row['nb_seconds']:.2f}s {row['nb_peak_mb']:.0f}MB "
-        f"cd {row['nb_cd']:.4f} (floor {row['nb_cd_floor']:.4f}){visible} wt={row['nb_watertight']}{dense}"
+        f"cd {row['nb_cd']:.4f} (floor {row['nb_cd_floor']:.4f}){visible} wt={row['nb_watertight']} "
+        f"{row['nb_rule']} wn {row['nb_wn_seconds']:.2f}s vol {row['nb_volume']:.3f}{dense}"
     )
 
 
@@ -275,6 +373,8 @@ def _summarise(rows: list[dict], resolutions: list[int]) -> dict:
         sel = [row for row in rows if row["resolution"] == r]
         eps = 2.0 / r
         closed = [row for row in sel if row["nb_closed_input"]]
+        shell = [row for row in sel if row["nb_rule"] == "shell"]
+        winding = [row for row in sel if "winding" in row["nb_rule"] and "shell" not in row["nb_rule"]]
         open_ = [row for row in sel if not row["nb_closed_input"]]
         entry = {
             "meshes": len(sel),
@@ -291,6 +391,16 @@ def _summarise(rows: list[dict], resolutions: list[int]) -> dict:
             "open_inputs": len(open_),
             "open_max_cd": max((row["nb_cd"] for row in open_), default=None),
             "open_cd_bound": eps + 2.0 / r,
+            # Inputs only the winding number sorted out: excess over the floor, against 1/R.
+            "winding_inputs": len(winding),
+            "winding_max_cd_excess": max((row["nb_cd"] - row["nb_cd_floor"] for row in winding), default=None),
+            "shell_inputs": len(shell),
+            "shell_max_cd_excess": max((row["nb_cd"] - row["nb_cd_floor"] for row in shell), default=None),
+            "shell_cd_excess_bound": 4.0 / r,
+            "median_wn_seconds": statistics.median(row["nb_wn_seconds"] for row in sel),
+            "volume_share_capped": {
+                row["mesh"]: row["nb_volume"] / _solid_volume(row["mesh"]) for row in sel if row["mesh"] in SOLID_VOLUME
+            },
             "median_cd_10k": statistics.median(row["nb_cd_10k"] for row in sel),
         }
         with_base = [row for row in sel if "speedup" in row]
@@ -308,20 +418,35 @@ def _summarise(rows: list[dict], resolutions: list[int]) -> dict:
     return summary
 
 
+def _solid_volume(name: str) -> float:
+    if SOLID_VOLUME[name] is not None:
+        return SOLID_VOLUME[name]
+    import trimesh
+
+    sphere = trimesh.creation.icosphere(subdivisions=4)
+    return float(sphere.volume * (1.9 / np.ptp(sphere.vertices[:, 2])) ** 3)
+
+
 def _table(summary: dict) -> str:
     head = (
         "| R | meshes | median s (ours) | median s (dense) | speedup (median) | peak MB (ours) | watertight | "
-        "max CD closed (bound) | max CD closed, visible surface | max CD open (bound) |"
+        "max CD closed (bound) | max CD closed, visible surface | max CD open (bound) | "
+        "winding: max CD - floor (1/R) | shells: max CD - floor (4/R) | median s in w |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 13]
     for r, e in summary.items():
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         lines.append(
             f"| {r} | {e['meshes']} | {e['median_seconds']:.2f} | {e.get('dense_median_seconds', float('nan')):.2f} | "
             f"{e.get('speedup_median', float('nan')):.1f}x | {e['max_peak_mb']:.0f} | {e['watertight_share']:.0%} | "
             f"{fmt(e['closed_max_cd'])} ({e['closed_cd_bound']:.4f}) | {fmt(e['closed_max_cd_visible'])} | "
-            f"{fmt(e['open_max_cd'])} ({e['open_cd_bound']:.4f}) |"
+            f"{fmt(e['open_max_cd'])} ({e['open_cd_bound']:.4f}) | "
+            f"{fmt(e['winding_max_cd_excess'])} ({1.0 / int(r):.4f}) | "
+            f"{fmt(e['shell_max_cd_excess'])} ({e['shell_cd_excess_bound']:.4f}) | {e['median_wn_seconds']:.2f} |"
         )
+    capped = {name: share for e in summary.values() for name, share in e["volume_share_capped"].items()}
+    lines.append("")
+    lines.append("capped volume / solid volume: " + ", ".join(f"{k} {v:.1%}" for k, v in capped.items()))
     return "\n".join(lines)
 
 

@@ -24,7 +24,6 @@ EXPECTED_REASON = {
     "nan_coords": r"NaN",
     "inf_coords": r"\binf\b",
     "all_degenerate": r"no faces left.*degenerate",
-    "flat": r"flat mesh.*plane",
     "huge_coords": r"huge coordinates",
     "far_vertex": r"extreme coordinate range",
     "bad_glb": r"glb|glTF",
@@ -268,7 +267,6 @@ def make_bad_inputs(folder: Path) -> dict[str, Path]:
     line_v = np.array([[0, 0, 0], [1, 0, 0], [2, 0, 0], [3, 0, 0]], dtype=float)
     line_f = [[0, 1, 2], [1, 2, 3], [0, 0, 3], [2, 2, 2]]
     files["all_degenerate"] = ("degenerate.obj", obj_text(line_v, line_f).encode())
-    files["flat"] = ("flat.obj", obj_text(*_tilted_grid()).encode())
     files["huge_coords"] = ("huge.obj", obj_text(sphere_v * 1e12, sphere_f).encode())
     # A unit sphere plus one small triangle a million units away: the box dwarfs every edge.
     far_v = np.concatenate([sphere_v, [[1e6, 0, 0], [1e6 + 0.1, 0, 0], [1e6, 0.1, 0]]])
@@ -295,7 +293,7 @@ def make_good_inputs(folder: Path) -> dict[str, Path]:
 
     box (obj, closed), icosphere (ascii ply, closed), open_cylinder (stl, open), tristrips (binary
     ply of strips, closed cube), scene (glb, two placed cubes), external (gltf with its buffer in a
-    separate .bin), off_box (off, closed).
+    separate .bin), off_box (off, closed), flat (obj, a tilted planar sheet).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -311,6 +309,7 @@ def make_good_inputs(folder: Path) -> dict[str, Path]:
         "scene": ("scene.glb", glb_bytes(*two_node_scene())),
         "external": ("external.gltf", json.dumps(external).encode()),
         "off_box": ("box.off", _off(CUBE_VERTICES * 3.0, CUBE_FACES)),
+        "flat": ("flat.obj", obj_text(*_tilted_grid()).encode()),
     }
     (folder / "external_data.bin").write_bytes(binary)
     return _write_all(folder, files)

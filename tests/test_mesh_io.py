@@ -229,9 +229,14 @@ def test_clean_drops_duplicate_degenerate_and_unreferenced():
 
 
 def test_clean_names_where_in_errors():
-    flat = trimesh.Trimesh(np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=float), [[0, 1, 2]], process=False)
-    with pytest.raises(MeshError, match=r"^thing\.obj: flat mesh"):
-        clean_mesh(flat, "thing.obj")
+    line = trimesh.Trimesh(np.array([[0, 0, 0], [1, 0, 0], [2, 0, 0]], dtype=float), [[0, 1, 2]], process=False)
+    with pytest.raises(MeshError, match=r"^thing\.obj: no faces left after cleaning"):
+        clean_mesh(line, "thing.obj")
+
+
+def test_a_flat_mesh_is_kept():
+    sheet = trimesh.Trimesh(np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=float), [[0, 1, 2]], process=False)
+    assert len(clean_mesh(sheet, "sheet.obj").faces) == 1
 
 
 def test_normalise_round_trip():

@@ -126,6 +126,9 @@ class WatertightParams:
     # Keep the input surface where the input is closed and consistently oriented (else the eps-offset
     # surface of the dense baseline is produced everywhere).
     keep_closed_surface: bool = True
+    # Open parts that bound a solid (w of the open faces ~1 behind them) keep their surface and their
+    # holes are capped; off: every open face gets the eps shell.
+    winding: bool = True
     backend: Literal["auto", "cpu", "cuda"] = "auto"
 
     def check(self, where: str) -> None:

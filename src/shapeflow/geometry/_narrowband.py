@@ -4,10 +4,13 @@ Grid convention: R points per axis, point (i, j, k) sits at (-1 + i*h, -1 + j*h,
 h = 2 / (R - 1). The field `val` holds, for every grid point within `r_band` of the input surface,
 
     min( min over closed parts c of  signed distance to c  (pseudo-normal sign, negative inside),
-         udf to the open faces - eps )
+         udf to the sheet faces - eps )
 
-and +inf elsewhere. Open faces alone give the dense baseline's field (its zero level is the
-eps-offset surface); closed, consistently oriented parts keep their own surface. Blocks of BLOCK^3
+and +inf elsewhere. Sheet faces alone give the dense baseline's field (its zero level is the
+eps-offset surface); closed, consistently oriented parts keep their own surface. Faces of open parts
+that bound a solid (the winding-number rule in `watertight.py`, part id -2) go to a second grid
+`pval`: their signed distance with the pseudo-normal sign, which the caller corrects near their
+rims before taking the union. Blocks of BLOCK^3
 grid points that hold no finite value ("untouched") are the bulk of the grid and are handled as
 whole blocks by the flood fill.
 """
@@ -20,6 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 BLOCK = 8  # flood-fill block edge, in grid points
+SHEET, BOUNDARY = -1, -2  # part ids of open faces: eps shell, or a solid's boundary (winding number)
 # The six face neighbours of a grid point or block: +x, -x, +y, -y, +z, -z.
 _NEIGHBOURS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], np.int64)
 
@@ -87,7 +91,7 @@ def _pseudo_normal(f, region, face_n, edge_n, vert_n):
 
 
 @njit(cache=True)
-def _face_into_slab(f, tris, part, face_n, edge_n, vert_n, h, r_band, eps, i0, i1, val, cur, stamp, touched):
+def _face_into_slab(f, tris, part, face_n, edge_n, vert_n, h, r_band, eps, i0, i1, val, cur, stamp, pval, touched):
     """Write face f's distances into the grid points of x-slab [i0, i1) within r_band of it."""
     R = val.shape[0]
     t = tris[f]
@@ -140,13 +144,17 @@ def _face_into_slab(f, tris, part, face_n, edge_n, vert_n, h, r_band, eps, i0, i
                     continue
                 i, j, k = idx[0], idx[1], idx[2]
                 touched[i // BLOCK, j // BLOCK, k // BLOCK] = 1
-                if pid < 0:  # open face: the baseline's eps-offset field
+                if pid == SHEET:  # the baseline's eps-offset field
                     v = d - eps
                     if v < val[i, j, k]:
                         val[i, j, k] = v
                     continue
                 pn = _pseudo_normal(f, region, face_n, edge_n, vert_n)
                 sd = d if dx * pn[0] + dy * pn[1] + dz * pn[2] >= 0.0 else -d
+                if pid == BOUNDARY:
+                    if d < abs(pval[i, j, k]):
+                        pval[i, j, k] = sd
+                    continue
                 if stamp[i, j, k] != pid:
                     # Faces come sorted by part: the previous part is finished at this point.
                     if stamp[i, j, k] >= 0 and cur[i, j, k] < val[i, j, k]:
@@ -158,15 +166,17 @@ def _face_into_slab(f, tris, part, face_n, edge_n, vert_n, h, r_band, eps, i0, i
 
 
 @njit(parallel=True, cache=True)
-def band_field(tris, part, face_n, edge_n, vert_n, h, r_band, eps, slabs, val, cur, stamp, touched):
-    """Fill `val` within r_band of the surface. Slabs of x split the grid between threads, so no two
-    threads write the same point; faces must be sorted by part, open faces (part -1) anywhere."""
+def band_field(tris, part, face_n, edge_n, vert_n, h, r_band, eps, slabs, val, cur, stamp, pval, touched):
+    """Fill `val` (and `pval`) within r_band of the surface. Slabs of x split the grid between threads,
+    so no two threads write the same point; faces must be sorted by part, the negative ids first."""
     n_slabs = slabs.shape[0] - 1
     for s in prange(n_slabs):
         i0 = slabs[s]
         i1 = slabs[s + 1]
         for f in range(tris.shape[0]):
-            _face_into_slab(f, tris, part, face_n, edge_n, vert_n, h, r_band, eps, i0, i1, val, cur, stamp, touched)
+            _face_into_slab(
+                f, tris, part, face_n, edge_n, vert_n, h, r_band, eps, i0, i1, val, cur, stamp, pval, touched
+            )
     # Fold the last closed part seen at each point into the union: only touched blocks hold any.
     if stamp.shape[0] == val.shape[0]:
         R = val.shape[0]
@@ -184,9 +194,10 @@ def band_field(tris, part, face_n, edge_n, vert_n, h, r_band, eps, slabs, val, c
 
 
 @njit(cache=True)
-def flood_outside(val, touched):
+def flood_outside(val, touched, block_in):
     """Grid points reachable from the corner through points with val > 0 (6-connected).
 
+    Untouched blocks marked in `block_in` (inside a solid by the winding number) are never entered.
     Returns (block_out, point_out): an untouched block is outside as a whole when block_out is 1; a
     point of a touched block is outside when point_out is 1. Only the points of touched blocks are
     visited one by one, so the cost follows the band, not the grid.
@@ -200,8 +211,9 @@ def flood_outside(val, touched):
     pq = np.empty((1024, 3), np.int64)
     pq_n = 0
     if touched[0, 0, 0] == 0:
-        block_out[0, 0, 0] = 1
-        bq_n = _put(bq, bq_n, 0, 0, 0)
+        if block_in[0, 0, 0] == 0:
+            block_out[0, 0, 0] = 1
+            bq_n = _put(bq, bq_n, 0, 0, 0)
     elif val[0, 0, 0] > 0:
         point_out[0, 0, 0] = 1
         pq_n = _put(pq, pq_n, 0, 0, 0)
@@ -214,7 +226,7 @@ def flood_outside(val, touched):
                 if not _on_grid(ni, nj, nk, nb):
                     continue
                 if touched[ni, nj, nk] == 0:
-                    if block_out[ni, nj, nk] == 0:
+                    if block_out[ni, nj, nk] == 0 and block_in[ni, nj, nk] == 0:
                         block_out[ni, nj, nk] = 1
                         bq_n = _put(bq, bq_n, ni, nj, nk)
                     continue
@@ -242,7 +254,7 @@ def flood_outside(val, touched):
                     continue
                 bi, bj, bk = ni // BLOCK, nj // BLOCK, nk // BLOCK
                 if touched[bi, bj, bk] == 0:
-                    if block_out[bi, bj, bk] == 0:
+                    if block_out[bi, bj, bk] == 0 and block_in[bi, bj, bk] == 0:
                         block_out[bi, bj, bk] = 1
                         bq_n = _put(bq, bq_n, bi, bj, bk)
                 elif point_out[ni, nj, nk] == 0 and val[ni, nj, nk] > 0:
@@ -348,3 +360,39 @@ def inner_edge_exposed(val, touched, block_out, point_out):
                                 elif point_out[ni, nj, nk] == 1:
                                     return True
     return False
+
+
+@njit(parallel=True, cache=True)
+def mark_rims(seg, h, r_band, pval, mask):
+    """Set `mask` at the finite points of `pval` whose closest point on the surface may lie on one of
+    the segments `seg` (S, 2, 3): there the pseudo-normal sign is not to be trusted (a rim, a
+    non-manifold edge), and the caller decides the side by the winding number instead."""
+    R = pval.shape[0]
+    tol = 1e-4 * h
+    for s in prange(seg.shape[0]):
+        ax, ay, az = seg[s, 0, 0], seg[s, 0, 1], seg[s, 0, 2]
+        ux, uy, uz = seg[s, 1, 0] - ax, seg[s, 1, 1] - ay, seg[s, 1, 2] - az
+        uu = ux * ux + uy * uy + uz * uz
+        lo = np.empty(3, np.int64)
+        hi = np.empty(3, np.int64)
+        for c in range(3):
+            mn = min(seg[s, 0, c], seg[s, 1, c])
+            mx = max(seg[s, 0, c], seg[s, 1, c])
+            lo[c] = max(0, int(math.ceil((mn - r_band + 1.0) / h)))
+            hi[c] = min(R - 1, int(math.floor((mx + r_band + 1.0) / h)))
+        for i in range(lo[0], hi[0] + 1):
+            px = -1.0 + i * h
+            for j in range(lo[1], hi[1] + 1):
+                py = -1.0 + j * h
+                for k in range(lo[2], hi[2] + 1):
+                    v = pval[i, j, k]
+                    if not math.isfinite(v):
+                        continue
+                    pz = -1.0 + k * h
+                    t = ((px - ax) * ux + (py - ay) * uy + (pz - az) * uz) / uu if uu > 0.0 else 0.0
+                    t = min(1.0, max(0.0, t))
+                    dx = px - (ax + t * ux)
+                    dy = py - (ay + t * uy)
+                    dz = pz - (az + t * uz)
+                    if math.sqrt(dx * dx + dy * dy + dz * dz) <= abs(v) + tol:
+                        mask[i, j, k] = 1

@@ -16,7 +16,7 @@ The numeric rules, relative to L, the longest side of the bounding box of the re
   larger ratio almost always means a stray vertex far from the rest, and the shape would collapse.
 - vertices closer than 1e-7 L (MERGE_RATIO, about the float32 spacing) are one vertex.
 - a face whose height is below 1e-10 of its longest edge (DEGENERATE_RATIO) has no area.
-- a mesh whose vertices all lie within 1e-5 L of one plane (FLAT_RATIO) is flat: it has no inside.
+- a flat mesh (a card, a sign, a leaf) is kept: the watertight stage gives it a thin closed slab.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ MAX_ABS_COORD = 1e9
 MAX_BOX_TO_EDGE = 1e5
 MERGE_RATIO = 1e-7
 DEGENERATE_RATIO = 1e-10
-FLAT_RATIO = 1e-5
 HALF_SPAN = 0.95  # the longest side of a normalised mesh spans [-HALF_SPAN, HALF_SPAN]
 MESH_SUFFIXES = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf")
 
@@ -495,7 +494,6 @@ def clean_mesh(mesh: trimesh.Trimesh, where: str = "") -> trimesh.Trimesh:
             f"faces are degenerate (zero area), {n_dup} duplicate"
         )
     vertices, unique = _drop_unreferenced(vertices, unique)
-    _check_not_flat(where, vertices)
     cleaned = trimesh.Trimesh(vertices=vertices, faces=unique, process=False)
     cleaned.metadata["clean"] = {
         "faces_in": len(mesh.faces),
@@ -528,19 +526,6 @@ def _degenerate(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 def _drop_unreferenced(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     used, inverse = np.unique(faces, return_inverse=True)
     return vertices[used], inverse.reshape(faces.shape)
-
-
-def _check_not_flat(where: str, vertices: np.ndarray) -> None:
-    """Raise if every vertex lies (nearly) in one plane: such a surface encloses nothing."""
-    size = float(np.ptp(vertices, axis=0).max())
-    centred = vertices - vertices.mean(axis=0)  # (V, 3)
-    _, axes = np.linalg.eigh(centred.T @ centred)  # ascending variance; axes[:, 0] is the plane normal
-    thickness = float(np.ptp(centred @ axes[:, 0]))
-    if size == 0 or thickness <= FLAT_RATIO * size:
-        raise MeshError(
-            f"{where}: flat mesh: all vertices lie within {thickness:.3g} of one plane, "
-            f"at most {FLAT_RATIO:.0e} of its size {size:.3g}; a 2-D surface has no inside"
-        )
 
 
 # ------------------------------------------------------------------------------------ normalise

@@ -33,6 +33,8 @@ COLUMNS = (
     "closed_parts",
     "open_parts",
     "sign_fallback",
+    "inside_rule",
+    "thin",
     "components",
     "n_vertices",
     "n_faces",
@@ -50,6 +52,7 @@ def process_object(task: runner.Task, out_dir: Path, params: config.WatertightPa
         resolution=params.resolution,
         eps_voxels=params.eps_voxels,
         keep_closed_surface=params.keep_closed_surface,
+        winding=params.winding,
         backend=params.backend,
     )
     rel = f"{mf.OBJECTS}/{task.key}.ply"
@@ -68,10 +71,13 @@ def process_object(task: runner.Task, out_dir: Path, params: config.WatertightPa
         "open_parts": result.open_parts,
         "components": result.components,
         "sign_fallback": result.sign_fallback,
+        "inside_rule": result.inside_rule,
+        # Nothing decided an inside but the eps shell: a sheet, a flat mesh, a closed slab about 2 eps thick.
+        "thin": result.inside_rule == "shell",
         "n_vertices": len(result.vertices),
         "n_faces": len(result.faces),
-        # About 1 when the object came out as a thin double-walled shell: a hole wider than eps let
-        # the flood fill inside. Solid objects give much larger values.
+        # About 1 for a thin double-walled shell (a sheet's slab, or a hole the winding number did not
+        # close); solid objects give much larger values.
         "shell_ratio": round(result.volume / (eps * result.area), 3),
     }
 
