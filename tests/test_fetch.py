@@ -585,3 +585,22 @@ def test_command_line_overrides_reach_fetch_params():
     assert fetch.with_overrides(config.Params()) == config.Params()
     with pytest.raises(config.ParamsError, match="local.path"):
         fetch.with_overrides(config.Params(), source="local")
+
+
+def test_local_gltf_reaching_outside_its_folder_is_a_failed_row_and_copies_nothing(tmp_path):
+    secret = tmp_path / "private" / "SECRET.txt"
+    secret.parent.mkdir()
+    secret.write_bytes(b"password=hunter2 " * 100)
+    folder = tmp_path / "meshes"
+    good = bad_inputs.make_good_inputs(folder / "good")
+    gltf = json.loads(good["external"].read_text())
+    gltf["images"] = [{"uri": "../../private/SECRET.txt"}]
+    (folder / "good" / "external.gltf").write_text(json.dumps(gltf))
+    out = tmp_path / "raw"
+    assert (
+        fetch_cli(write_params(tmp_path, "compute: {workers: 1}\n"), out, "--source", "local", "--path", str(folder))
+        == 0
+    )
+    row = next(r for r in read_rows(out) if r["source"].endswith("external.gltf"))
+    assert row["status"] == "failed" and "'../../private/SECRET.txt'" in row["reason"], row["reason"]
+    assert all(b"hunter2" not in p.read_bytes() for p in out.rglob("*") if p.is_file())

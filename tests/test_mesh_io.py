@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import sys
+import urllib.parse
 from pathlib import Path
 
 import bad_inputs
@@ -128,6 +129,55 @@ def test_gltf_missing_buffer_is_mesh_error(good, tmp_path):
     shutil.copy(good["external"], lonely)
     with pytest.raises(MeshError, match=r"external_data\.bin.*not found"):
         load_mesh(lonely)
+
+
+def gltf_pointing_at(folder: Path, buffer_uri: str, image_uri: str | None = None) -> Path:
+    """A copy of the good external .gltf in `folder` whose buffer (and optionally an image) URI is
+    replaced; the real buffer stays beside it so only the URI decides."""
+    good = bad_inputs.make_good_inputs(folder / "src")
+    gltf = json.loads(good["external"].read_text())
+    gltf["buffers"][0]["uri"] = buffer_uri
+    if image_uri is not None:
+        gltf["buffers"][0]["uri"] = "external_data.bin"
+        gltf["images"] = [{"uri": image_uri}]
+    path = folder / "src" / "attack.gltf"
+    path.write_text(json.dumps(gltf))
+    return path
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "../secret/SECRET.bin",
+        "..%2Fsecret%2FSECRET.bin",
+        "%2E%2E/secret/SECRET.bin",
+        "ABSOLUTE",
+        "ABSOLUTE_ENCODED",
+        "inside_link.bin",
+    ],
+)
+@pytest.mark.parametrize("kind", ["buffer", "image"])
+def test_gltf_uri_outside_its_folder_is_refused_naming_the_uri(tmp_path, uri, kind):
+    """A .gltf must not pack files from elsewhere on the machine into the dataset."""
+    secret = tmp_path / "secret" / "SECRET.bin"
+    secret.parent.mkdir()
+    secret.write_bytes(b"top secret " * 200)
+    if uri == "ABSOLUTE":
+        uri = str(secret)
+    elif uri == "ABSOLUTE_ENCODED":
+        uri = urllib.parse.quote(str(secret), safe="")  # %2F...: absolute only once decoded
+    path = gltf_pointing_at(tmp_path, *(("external_data.bin", uri) if kind == "image" else (uri,)))
+    if uri == "inside_link.bin":
+        (path.parent / "inside_link.bin").symlink_to(secret)
+    with pytest.raises(MeshError, match=r"(leads outside|not a file path relative)") as info:
+        gltf_to_glb(path)
+    assert repr(uri) in str(info.value) and str(path) in str(info.value)
+
+
+def test_gltf_uri_with_escapes_inside_its_folder_still_loads(tmp_path):
+    path = gltf_pointing_at(tmp_path, "sub%20dir/../external_data.bin")
+    (path.parent / "sub dir").mkdir()
+    assert len(load_mesh(path).faces) == 24
 
 
 def test_gltf_not_json_is_mesh_error(tmp_path):

@@ -269,6 +269,7 @@ def gltf_to_glb(path: str | Path) -> bytes:
 
     Lossless: the JSON is kept, every buffer and image lands in the single binary chunk. A missing
     buffer is an error (it holds geometry); a missing image only loses its texture and is reported.
+    A buffer or image outside the .gltf's folder is an error (`_uri_bytes`).
     """
     path = Path(path)
     try:
@@ -309,6 +310,8 @@ def _embed_images(path: Path, gltf: dict, blob: bytearray) -> None:
             continue
         try:
             data = _uri_bytes(path, image["uri"], f"image {i}")
+        except UnsafeUriError:
+            raise
         except MeshError as exc:
             log.warning("%s; the image keeps its external uri", exc)
             continue
@@ -319,15 +322,30 @@ def _embed_images(path: Path, gltf: dict, blob: bytearray) -> None:
         gltf.pop("bufferViews")
 
 
+class UnsafeUriError(MeshError):
+    """A glTF refers to a file outside its own folder (or to no file at all, but a URL)."""
+
+
 def _uri_bytes(path: Path, uri: str, what: str) -> bytes:
+    """The bytes a buffer or image URI of the .gltf at `path` refers to: a base64 data URI, or a file
+    inside the .gltf's own folder. The URI is percent-decoded before any check, and the file's real
+    path (links followed) must lie inside that folder: a glTF must not pack other files into the
+    dataset (`../../secret`, `%2Fetc%2Fpasswd`, a link leading out)."""
+    if not isinstance(uri, str):
+        raise MeshError(f"{path}: {what}: uri is not a string")
     if uri.startswith("data:"):
         header, _, payload = uri.partition(",")
         if not header.endswith(";base64"):
             raise MeshError(f"{path}: {what}: only base64 data URIs are supported")
         return base64.b64decode(payload)
-    if "://" in uri or uri.startswith("/"):
-        raise MeshError(f"{path}: {what}: uri {uri!r} is not a relative file path")
-    source = path.parent / urllib.parse.unquote(uri)
+    decoded = urllib.parse.unquote(uri)
+    folder = path.parent.resolve()
+    relative = Path(decoded)
+    if "://" in decoded or relative.is_absolute() or decoded.startswith(("/", "\\")) or "\x00" in decoded:
+        raise UnsafeUriError(f"{path}: {what}: uri {uri!r} is not a file path relative to the .gltf")
+    source = (folder / relative).resolve()
+    if not source.is_relative_to(folder):
+        raise UnsafeUriError(f"{path}: {what}: uri {uri!r} leads outside the folder of the .gltf ({folder})")
     if not source.is_file():
         raise MeshError(f"{path}: {what}: external file {uri!r} not found beside it")
     return source.read_bytes()
