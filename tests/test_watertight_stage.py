@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 import shutil
 from pathlib import Path
@@ -160,3 +161,17 @@ def test_objects_dropped_from_the_input_are_pruned(tmp_path):
     assert key not in {row["key"] for row in read_rows(out)}
     assert not list((out / "objects").glob(f"{key}.*"))
     shutil.rmtree(src)
+
+
+def test_outputs_get_the_mode_the_umask_allows_not_0600(tmp_path):
+    """Other users of a shared data folder (or DVC cache) must be able to read what a stage wrote."""
+    src = tmp_path / "src"
+    make_good_inputs(src)
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        assert main(["--params", str(write_params(tmp_path, 32)), "watertight", str(src), str(out)]) == 0
+    finally:
+        os.umask(old)
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert written and {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o644)}
