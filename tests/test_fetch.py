@@ -6,6 +6,7 @@ import csv
 import gzip
 import hashlib
 import json
+import os
 import re
 import socket
 import urllib.error
@@ -604,3 +605,23 @@ def test_local_gltf_reaching_outside_its_folder_is_a_failed_row_and_copies_nothi
     row = next(r for r in read_rows(out) if r["source"].endswith("external.gltf"))
     assert row["status"] == "failed" and "'../../private/SECRET.txt'" in row["reason"], row["reason"]
     assert all(b"hunter2" not in p.read_bytes() for p in out.rglob("*") if p.is_file())
+
+
+def test_file_names_that_are_not_utf8_are_kept_under_an_escaped_name(tmp_path):
+    """A Latin-1 file name in a folder must not stop fetch (or the stages after it) from writing its manifest."""
+    folder = tmp_path / "meshes"
+    good = bad_inputs.make_good_inputs(folder / "good")
+    odd_dir = os.fsdecode(os.fsencode(folder) + b"/caf\xe9")
+    os.mkdir(odd_dir)
+    os.rename(good["box"], os.fsdecode(os.fsencode(odd_dir) + b"/bo\xeete.obj"))
+    out = tmp_path / "raw"
+    params = write_params(tmp_path, "compute: {workers: 1}\nwatertight: {resolution: 32}\n")
+    for _ in range(2):  # and again: the rerun reads the manifest it wrote
+        assert fetch_cli(params, out, "--source", "local", "--path", str(folder)) == 0
+        row = next(r for r in read_rows(out) if "caf" in r["source"])
+        assert row["status"] == "ok" and row["source"] == "local:meshes/caf\\xe9/bo\\xeete.obj"
+        assert row["category"] == "caf\\xe9"
+    assert cli.main(["--params", str(params), "watertight", str(out), str(tmp_path / "wt")]) == 0
+    assert cli.main(["--params", str(params), "watertight", str(folder), str(tmp_path / "wt_folder")]) == 0
+    rows = mf.read_manifest(tmp_path / "wt_folder" / mf.MANIFEST)
+    assert any("\\xe9" in r["source"] and r["status"] == "ok" for r in rows)

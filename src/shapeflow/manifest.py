@@ -129,7 +129,7 @@ def write_manifest(path: str | Path, rows: Iterable[dict[str, Any]], columns: Se
     extra = sorted({k for r in rows for k in r} - set(columns))
     header = list(columns) + extra
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=header, extrasaction="raise")
             writer.writeheader()
             for row in rows:
@@ -143,7 +143,13 @@ def _cell(value: Any) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return " ".join(_cell(v) for v in value)
-    return str(value)
+    return printable(str(value))
+
+
+def printable(text: str) -> str:
+    """`text` as valid UTF-8: the bytes of a file name that is not UTF-8 (which Python keeps as lone
+    surrogates) become backslash escapes, so `caf\xe9.obj` in Latin-1 reads `caf\\xe9.obj`."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def record_path(out_dir: str | Path, key: str) -> Path:

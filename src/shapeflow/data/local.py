@@ -84,7 +84,10 @@ def scan(folder: str | Path, recursive: bool = True) -> list[LocalFile]:
     if not files:
         where = "in it or its subfolders" if recursive else "in it (subfolders not searched)"
         raise FileNotFoundError(f"{folder}: no mesh files ({', '.join(MESH_SUFFIXES)}) {where}")
-    return [LocalFile(path=p, rel=p.relative_to(folder).as_posix(), key=mf.file_sha256(p)) for p in files]
+    # A name that is not UTF-8 is kept under its escaped form (`mf.printable`) in the manifest.
+    return [
+        LocalFile(path=p, rel=mf.printable(p.relative_to(folder).as_posix()), key=mf.file_sha256(p)) for p in files
+    ]
 
 
 def object_suffix(src: str | Path) -> str:
