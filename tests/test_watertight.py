@@ -96,6 +96,19 @@ def test_wide_holes_are_capped_into_a_solid(shape):
     assert np.mean(gap) <= 1.0 / R
 
 
+@pytest.mark.parametrize("cut", [0.6, 0.3, 0.0])
+def test_a_sphere_cut_anywhere_is_capped_flat_across_the_cut(cut):
+    """w is 1/2 on the disk across a spherical hole, so the capped solid is the sphere less the
+    segment above the cut, however wide the hole (at 0.0 it is half the sphere)."""
+    ball = sphere()
+    holed = without_faces(ball, ball.triangles_center[:, 2] > cut)
+    out, result = remesh(holed)
+    assert out.is_watertight and result.inside_rule == "winding"
+    r = 0.95
+    segment = np.pi * (r - cut) ** 2 * (3 * r - (r - cut)) / 3
+    assert out.volume == pytest.approx(4 / 3 * np.pi * r**3 - segment, rel=0.05)
+
+
 def test_narrow_holes_sit_on_the_input_surface():
     """A scan with small gaps: the surface stays on the input, not eps outside it."""
     mesh = normalised(trimesh.creation.icosphere(subdivisions=4))

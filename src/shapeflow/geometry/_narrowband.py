@@ -24,6 +24,7 @@ from numba import njit, prange
 
 BLOCK = 8  # flood-fill block edge, in grid points
 SHEET, BOUNDARY = -1, -2  # part ids of open faces: eps shell, or a solid's boundary (winding number)
+TOUCHED, CAPPED = 1, 2  # `touched` values: a face's band reaches the block; w gave its off-band points values
 # The six face neighbours of a grid point or block: +x, -x, +y, -y, +z, -z.
 _NEIGHBOURS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], np.int64)
 
@@ -334,14 +335,16 @@ def inner_edge_exposed(val, touched, block_out, point_out):
     In a consistent field a negative point's neighbours are band points or the unreached interior.
     A negative point next to an outside point that no face reached means the flood fill got in
     behind the surface: the pseudo-normal sign was wrong somewhere (a self-intersecting fold).
+    Blocks whose off-band points carry a hole's cap (CAPPED) are not checked: a cap is a surface
+    with no face near it.
     """
     R = val.shape[0]
     nb_ = touched.shape[0]
     for bi in range(nb_):
         for bj in range(nb_):
             for bk in range(nb_):
-                if touched[bi, bj, bk] == 0:
-                    continue
+                if touched[bi, bj, bk] != TOUCHED:
+                    continue  # untouched, or CAPPED: its negative values may be a cap's, next to the outside
                 for i in range(bi * BLOCK, min((bi + 1) * BLOCK, R)):
                     for j in range(bj * BLOCK, min((bj + 1) * BLOCK, R)):
                         for k in range(bk * BLOCK, min((bk + 1) * BLOCK, R)):

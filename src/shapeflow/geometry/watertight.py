@@ -323,7 +323,7 @@ def winding_off_band(
     lattice of 2 steps, interpolated to their points: untouched blocks whose corners disagree, and
     touched blocks with a corner or a band point inside that lie next to a rim or hold no bounding
     face's band. Their off-band points take clip((1/2 - w) * 4 r_band, +-r_band), whose zero level
-    is the cap, and the blocks become touched. Elsewhere an off-band point of a touched block is
+    is the cap, and the blocks become touched (nb.CAPPED). Elsewhere an off-band point of a touched block is
     left to the flood fill: it cannot get there without crossing the band or a cap. Modifies val
     and touched.
     """
@@ -369,7 +369,7 @@ def winding_off_band(
         for (bi, bj, bk), values in zip(refine, cap, strict=True):
             view = val[bi * b : (bi + 1) * b, bj * b : (bj + 1) * b, bk * b : (bk + 1) * b]
             np.copyto(view, values[: view.shape[0], : view.shape[1], : view.shape[2]], where=~np.isfinite(view))
-        touched[tuple(refine.T)] = 1
+        touched[tuple(refine.T)] = nb.CAPPED
     return block_in.astype(np.uint8)
 
 
