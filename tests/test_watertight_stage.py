@@ -175,3 +175,19 @@ def test_outputs_get_the_mode_the_umask_allows_not_0600(tmp_path):
         os.umask(old)
     written = [p for p in out.rglob("*") if p.is_file()]
     assert written and {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o644)}
+
+
+def test_a_new_method_version_redoes_every_object(tmp_path, monkeypatch):
+    """Outputs of an older remeshing method are not kept by a rerun under the same params."""
+    from shapeflow.stages import watertight as stage
+
+    src = tmp_path / "src"
+    make_good_inputs(src)
+    params, out = write_params(tmp_path, 32), tmp_path / "out"
+    assert main(["--params", str(params), "watertight", str(src), str(out)]) == 0
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "objects").iterdir()}
+    assert main(["--params", str(params), "watertight", str(src), str(out)]) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    monkeypatch.setattr(stage, "METHOD_VERSION", stage.METHOD_VERSION + 1)
+    assert main(["--params", str(params), "watertight", str(src), str(out)]) == 0
+    assert all(p.stat().st_mtime_ns != t for p, t in stamps.items())

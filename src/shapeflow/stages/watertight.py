@@ -22,6 +22,10 @@ from shapeflow.geometry.watertight import watertight
 
 log = logging.getLogger(__name__)
 
+# Part of every record's params hash: bump it when a change of the method changes its outputs, so a
+# rerun redoes the objects instead of keeping those made before (2: the winding-number rule).
+METHOD_VERSION = 2
+
 COLUMNS = (
     *mf.OBJECT_COLUMNS,
     "scale",
@@ -98,7 +102,7 @@ def run(
         functools.partial(process_object, params=section),
         src,
         dst,
-        config.section_hash(section),
+        f"{config.section_hash(section)}-v{METHOD_VERSION}",
         COLUMNS,
         params,
         workers=workers,
