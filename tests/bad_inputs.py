@@ -30,6 +30,7 @@ EXPECTED_REASON = {
     "not_a_mesh": r"not a mesh.*PNG",
     "text_as_obj": r"no faces.*not a mesh",
     "same_point": r"all 42 vertices are at the same point",
+    "zero_based_obj": r"face index 0.*start at 1",
     "bad_draco": r"Draco-compressed data cannot be decoded",
 }
 
@@ -246,6 +247,14 @@ def make_bad_inputs(folder: Path) -> dict[str, Path]:
     sphere_v, sphere_f = icosphere(1)
     files: dict[str, tuple[str, bytes]] = {}
     files["empty"] = ("empty.obj", b"")
+    # A cube whose faces count vertices from 0, as some exporters write them: every face would be
+    # off by one vertex (and the last would point past the end).
+    zero_based = obj_text(CUBE_VERTICES, CUBE_FACES).splitlines()
+    zero_based = [
+        " ".join(["f", *(str(int(i) - 1) for i in line.split()[1:])]) if line.startswith("f ") else line
+        for line in zero_based
+    ]
+    files["zero_based_obj"] = ("zero_based.obj", ("\n".join(zero_based) + "\n").encode())
     # The vertex block stops after 10 of 42 vertices and the last face line is cut mid-way.
     truncated = obj_text(sphere_v[:10], sphere_f)
     files["truncated_obj"] = ("truncated.obj", truncated[: len(truncated) - 4].encode())

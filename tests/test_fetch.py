@@ -625,3 +625,32 @@ def test_file_names_that_are_not_utf8_are_kept_under_an_escaped_name(tmp_path):
     assert cli.main(["--params", str(params), "watertight", str(folder), str(tmp_path / "wt_folder")]) == 0
     rows = mf.read_manifest(tmp_path / "wt_folder" / mf.MANIFEST)
     assert any("\\xe9" in r["source"] and r["status"] == "ok" for r in rows)
+
+
+def test_archives_and_links_leading_out_are_skipped_rows_and_links_inside_are_followed(tmp_path):
+    """Nothing a user put in the folder disappears without a row: archives, links leading outside the
+    folder and links to folders read already are listed as skipped (with why); a linked folder
+    inside it that is not read otherwise is read through the link."""
+    outside = tmp_path / "elsewhere"
+    write_box(outside / "far.obj", stretch=3.0)
+    folder = tmp_path / "meshes"
+    write_box(folder / "chair" / "a.obj")
+    (folder / "chair" / "more.zip").write_bytes(b"PK\x03\x04 not really")
+    (folder / "linked_out").symlink_to(outside, target_is_directory=True)
+    (folder / "chair" / "far_file.obj").symlink_to(outside / "far.obj")
+    (folder / "alias").symlink_to(folder / "chair", target_is_directory=True)
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    write_box(tmp_path / "meshes" / ".store" / "table" / "t.obj", stretch=2.0)  # hidden, reached by a link
+    (folder / "table").symlink_to(folder / ".store" / "table", target_is_directory=True)
+    out = tmp_path / "raw"
+    params = write_params(tmp_path, "compute: {workers: 1}\n")
+    assert fetch_cli(params, out, "--source", "local", "--path", str(folder)) == 0
+    rows = {r["source"].removeprefix("local:meshes/"): r for r in read_rows(out)}
+    assert rows["chair/a.obj"]["status"] == "ok"
+    assert rows["table/t.obj"]["status"] == "ok" and rows["table/t.obj"]["category"] == "table"
+    for name in ("alias", "loop"):
+        assert rows[name]["status"] == "skipped" and "listed already" in rows[name]["reason"], rows[name]
+    assert rows["chair/more.zip"]["status"] == "skipped" and "archive" in rows["chair/more.zip"]["reason"]
+    for name in ("linked_out", "chair/far_file.obj"):
+        assert rows[name]["status"] == "skipped" and "outside the folder" in rows[name]["reason"], rows[name]
+    assert len(list((out / "objects").iterdir())) == 2  # nothing from outside was copied in

@@ -44,7 +44,7 @@ def evaluate_recon(params: config.Params, mesh_dir: Path, vae_dir: Path, work: P
     prefix = f"local:{mesh_dir.resolve().name}/"  # fetch's source of a file: local:<folder name>/<path>
     for stage in ("raw", "watertight", "samples"):
         for row in mf.read_manifest(work / stage / mf.MANIFEST, required=("key", "status")):
-            if row["status"] == mf.DUPLICATE:
+            if row["status"] in (mf.DUPLICATE, mf.SKIPPED):
                 continue
             source.setdefault(row["key"], row.get("source", row["key"]).removeprefix(prefix))
             if row["status"] != mf.OK and all(f["key"] != row["key"] for f in failed):

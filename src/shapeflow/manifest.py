@@ -25,6 +25,7 @@ OBJECTS = "objects"
 OK = "ok"
 FAILED = "failed"
 DUPLICATE = "duplicate"  # a fetch row whose file is byte-identical to an object kept under another row
+SKIPPED = "skipped"  # a fetch row for something in a source folder that is no object (an archive, a link out)
 
 # The leading manifest columns of every per-object stage after fetch: the object, its outcome, and what
 # it carries over from the fetch row.

@@ -66,9 +66,16 @@ def collect_tasks(src_dir: str | Path, split_val: float = 0.1, split_test: float
             meta = {k: row[k] for k in CARRIED if row.get(k)}
             tasks.append(Task(key=row["key"], src=str(src_dir / row["path"]), meta=meta))
         duplicates = sum(row.get("status") == mf.DUPLICATE for row in rows)
-        failed = len(rows) - len(tasks) - duplicates
-        if failed or duplicates:
-            log.info("%s: %d failed upstream, %d duplicate row(s), skipped", manifest_path, failed, duplicates)
+        left_out = sum(row.get("status") == mf.SKIPPED for row in rows)
+        failed = len(rows) - len(tasks) - duplicates - left_out
+        if failed or duplicates or left_out:
+            log.info(
+                "%s: %d failed upstream, %d duplicate and %d skipped row(s), not processed",
+                manifest_path,
+                failed,
+                duplicates,
+                left_out,
+            )
     else:
         for path in sorted(p for p in src_dir.rglob("*") if p.suffix.lower() in MESH_SUFFIXES and p.is_file()):
             key = mf.file_sha256(path)
@@ -299,10 +306,15 @@ def _prune(out_dir: Path, keys: set[str]) -> None:
 
 
 def summarize(records: Sequence[dict[str, Any]], desc: str) -> str:
-    failed = [r for r in records if r.get("status") not in (mf.OK, mf.DUPLICATE)]
+    failed = [r for r in records if r.get("status") not in (mf.OK, mf.DUPLICATE, mf.SKIPPED)]
     ok = sum(r.get("status") == mf.OK for r in records)
-    duplicates = len(records) - ok - len(failed)
-    lines = [f"{desc}: {ok} ok, {len(failed)} failed" + (f", {duplicates} duplicate" if duplicates else "")]
+    duplicates = sum(r.get("status") == mf.DUPLICATE for r in records)
+    skipped = sum(r.get("status") == mf.SKIPPED for r in records)
+    lines = [
+        f"{desc}: {ok} ok, {len(failed)} failed"
+        + (f", {duplicates} duplicate" if duplicates else "")
+        + (f", {skipped} skipped" if skipped else "")
+    ]
     lines += [f"  failed {r['key'][:12]}: {r.get('reason', '')}" for r in failed[:20]]
     if len(failed) > 20:
         lines.append(f"  ... and {len(failed) - 20} more (see manifest.csv)")

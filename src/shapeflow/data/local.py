@@ -9,6 +9,7 @@ name (`group_name`) so that variants of one asset land in one split.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Collection
@@ -56,38 +57,95 @@ def group_name(rel: str, variant_words: Collection[str]) -> str:
     return f"{folder}/{kept}" if folder else kept
 
 
-def list_mesh_files(folder: str | Path, recursive: bool = True) -> list[Path]:
-    """Mesh files (by suffix, any case) in `folder`, sorted; hidden files and folders are skipped.
+ARCHIVE_SUFFIXES = (".zip", ".7z", ".rar", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".zst")
 
-    Hidden names are skipped because atomic writes leave `.name.tmp*` files behind only when killed,
-    and editors and OS tools keep their own state in dot-files.
+
+@dataclass(frozen=True)
+class Skipped:
+    """Something in a scanned folder that is no object, and why: an archive, a link leading out."""
+
+    path: Path
+    rel: str
+    reason: str
+
+
+def walk(folder: str | Path, recursive: bool = True) -> tuple[list[Path], list[Skipped]]:
+    """Mesh files (by suffix, any case) in `folder`, sorted, and what was left out that a user may
+    have meant to include.
+
+    Hidden files and folders are skipped without a word: atomic writes leave `.name.tmp*` files
+    behind only when killed, and editors and OS tools keep their own state in dot-files. Links are
+    followed (a folder once) when they lead to a place inside `folder`; a link leading out is
+    `Skipped`, since nothing outside the folder given is read. Archives are `Skipped` with a hint to
+    unpack them.
     """
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"{folder}: local source folder not found")
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder}: local source is not a folder")
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(
-        p
-        for p in candidates
-        if p.suffix.lower() in MESH_SUFFIXES
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    root = folder.resolve()
+    files: list[Path] = []
+    skipped: list[Skipped] = []
+    seen = {root}
+
+    def skip(path: Path, reason: str) -> None:
+        skipped.append(Skipped(path, mf.printable(path.relative_to(folder).as_posix()), reason))
+
+    links: list[Path] = []  # linked folders, read after every real one
+
+    def visit(directory: Path) -> None:
+        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                continue
+            real = path.resolve()
+            if entry.is_symlink() and not real.is_relative_to(root):
+                skip(path, f"a link to {mf.printable(str(real))}, outside the folder {root}: not followed")
+            elif entry.is_dir():
+                if entry.is_symlink():
+                    links.append(path)
+                elif recursive:
+                    seen.add(real)
+                    visit(path)
+            elif not entry.is_file():
+                continue
+            elif path.suffix.lower() in MESH_SUFFIXES:
+                files.append(path)
+            elif entry.name.lower().endswith(ARCHIVE_SUFFIXES):
+                skip(path, "an archive: shapeflow reads mesh files, not archives; unpack it into the folder")
+
+    visit(folder)
+    while recursive and links:
+        path = links.pop(0)
+        real = path.resolve()
+        if real in seen or any(real.is_relative_to(s) for s in seen if s != root) or real == root:
+            shown = mf.printable(real.relative_to(root).as_posix() or ".")
+            skip(path, f"a link to {shown}, a folder listed already: not read twice")
+            continue
+        seen.add(real)
+        visit(path)
+    return sorted(files), sorted(skipped, key=lambda s: s.rel)
 
 
-def scan(folder: str | Path, recursive: bool = True) -> list[LocalFile]:
-    """Every mesh file of `folder` with its key; raises if there is none (a wrong path, most likely)."""
+def list_mesh_files(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """The mesh files `walk` finds in `folder`."""
+    return walk(folder, recursive)[0]
+
+
+def scan(folder: str | Path, recursive: bool = True) -> tuple[list[LocalFile], list[Skipped]]:
+    """Every mesh file of `folder` with its key, and what was skipped; raises if there is no mesh
+    file (a wrong path, most likely)."""
     folder = Path(folder).resolve()
-    files = list_mesh_files(folder, recursive)
+    files, skipped = walk(folder, recursive)
     if not files:
         where = "in it or its subfolders" if recursive else "in it (subfolders not searched)"
         raise FileNotFoundError(f"{folder}: no mesh files ({', '.join(MESH_SUFFIXES)}) {where}")
     # A name that is not UTF-8 is kept under its escaped form (`mf.printable`) in the manifest.
-    return [
+    found = [
         LocalFile(path=p, rel=mf.printable(p.relative_to(folder).as_posix()), key=mf.file_sha256(p)) for p in files
     ]
+    return found, skipped
 
 
 def object_suffix(src: str | Path) -> str:

@@ -25,6 +25,7 @@ import base64
 import io
 import json
 import logging
+import re
 import struct
 import urllib.parse
 from pathlib import Path
@@ -135,8 +136,25 @@ def _read(path: Path, suffix: str, head: bytes) -> tuple[np.ndarray, np.ndarray]
         glb = decode_draco(path, glb)
         loaded = trimesh.load(io.BytesIO(glb), file_type="glb", process=False, skip_materials=True)
     else:
+        if suffix == ".obj":
+            _check_obj_indices(path)
         loaded = trimesh.load(path, file_type=suffix[1:], process=False, skip_materials=True)
     return _flatten(path, loaded)
+
+
+# A face line with a vertex reference of 0 ("f 0 1 2", "f 1/1 0/2 2/3"): OBJ counts from 1, so such
+# a file was written by a 0-based exporter and every face would point one vertex off.
+_OBJ_ZERO_INDEX = re.compile(rb"^[ \t]*f[ \t]+(?:[^\n]*?[ \t])?0(?=[/ \t\r\n]|$)", re.MULTILINE)
+
+
+def _check_obj_indices(path: Path) -> None:
+    match = _OBJ_ZERO_INDEX.search(path.read_bytes())
+    if match:
+        line = match.group(0).strip().decode("ascii", "replace")
+        raise MeshError(
+            f"{path}: face index 0 in {line!r}...: OBJ vertex indices start at 1 "
+            "(written by an exporter that counts from 0?)"
+        )
 
 
 def _flatten(path: Path, loaded: trimesh.parent.Geometry) -> tuple[np.ndarray, np.ndarray]:

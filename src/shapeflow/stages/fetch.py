@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import functools
 import hashlib
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,8 @@ from shapeflow import manifest as mf
 from shapeflow.data import builtin, local, objaverse
 from shapeflow.geometry.mesh import clean_mesh, load_mesh
 from shapeflow.runner import Task
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -98,17 +101,26 @@ def builtin_tasks(params: config.Params) -> tuple[list[Task], dict[str, bytes]]:
     return tasks, blobs
 
 
-def local_tasks(fetch: config.FetchParams) -> list[Task]:
+def local_tasks(fetch: config.FetchParams) -> tuple[list[Task], list[tuple[Task, str]]]:
     """One task per mesh file of each local folder: the category is its top sub-folder there, the
-    group its name without variant words (`local.group_name`), the source local:<folder name>/<path>."""
-    tasks = []
+    group its name without variant words (`local.group_name`), the source local:<folder name>/<path>.
+    And (task, reason) for each thing the scan skipped (an archive, a link leading out): `skipped`
+    rows keyed by the sha256 of their source."""
+    tasks, skipped = [], []
     for folder in fetch.local.paths:
         name = Path(folder).resolve().name
-        for f in local.scan(folder, fetch.local.recursive):
+        found, left_out = local.scan(folder, fetch.local.recursive)
+        for f in found:
             group = local.group_name(f.rel, fetch.split.variant_words)
             meta = _meta(group, fetch.split, source=f"local:{name}/{f.rel}", category=f.category, license="")
             tasks.append(Task(key=f.key, src=str(f.path), meta=meta))
-    return tasks
+        for s in left_out:
+            source = f"local:{name}/{s.rel}"
+            meta = {"source": source, "category": s.rel.split("/")[0] if "/" in s.rel else "", "license": ""}
+            meta.update(group="", split="")
+            key = hashlib.sha256(source.encode()).hexdigest()
+            skipped.append((Task(key=key, src=mf.printable(str(s.path)), meta=meta), f"{s.path}: {s.reason}"))
+    return tasks, skipped
 
 
 def objaverse_tasks(
@@ -188,12 +200,13 @@ def run(
     workers = params.compute.workers if workers is None else workers
     tasks: list[Task] = []
     failures: list[tuple[Task, str]] = []
+    skipped: list[tuple[Task, str]] = []
     blobs: dict[str, bytes] = {}
     for source in fetch.sources:
         if source == "builtin":
             new, blobs = builtin_tasks(params)
         elif source == "local":
-            new = local_tasks(fetch)
+            new, skipped = local_tasks(fetch)
         else:
             new, failed = objaverse_tasks(fetch, out_dir, client)
             failures += failed
@@ -220,7 +233,10 @@ def run(
         )
         for task, kept in duplicates
     ]
-    listed = tasks + [t for t, _ in failures] + [t for t, _ in duplicates]
+    for task, reason in skipped:
+        records.append(_record_without_file(out_dir, task, mf.SKIPPED, mf.printable(reason)))
+        log.warning("fetch: skipped %s", mf.printable(reason))
+    listed = tasks + [t for t, _ in failures] + [t for t, _ in duplicates] + [t for t, _ in skipped]
     runner.finish_manifest(out_dir, listed, COLUMNS)
     return sorted(records, key=lambda r: r["key"])
 
@@ -259,7 +275,8 @@ def _refresh(out_dir: Path, record: dict[str, Any], meta: dict[str, str]) -> dic
 
 def _record_without_file(out_dir: Path, task: Task, status: str, reason: str) -> dict[str, Any]:
     """The record of an object that gets no file: one that could not be had (not downloadable, download
-    failed: FAILED) or whose bytes are those of an object already taken (DUPLICATE)."""
+    failed: FAILED), whose bytes are those of an object already taken (DUPLICATE), or something in a
+    source folder that is no object (SKIPPED)."""
     record = {"key": task.key, **task.meta, "params_hash": PARAMS_HASH, "status": status, "reason": reason, "path": ""}
     mf.write_record(out_dir, record)
     return record
