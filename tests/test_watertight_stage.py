@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +195,47 @@ def test_a_new_method_version_redoes_every_object(tmp_path, monkeypatch):
     monkeypatch.setattr(stage, "METHOD_VERSION", stage.METHOD_VERSION + 1)
     assert main(["--params", str(params), "watertight", str(src), str(out)]) == 0
     assert all(p.stat().st_mtime_ns != t for p, t in stamps.items())
+
+
+def test_workers_end_when_the_stage_process_is_killed(tmp_path):
+    """kill -9 of a stage's main process must not leave its pool workers running (writing records,
+    holding memory) with no one to collect them."""
+    psutil = pytest.importorskip("psutil")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):  # distinct files (distinct keys), each a few seconds of work at R = 384
+        trimesh.creation.icosphere(subdivisions=4, radius=1.0 + 0.01 * i).export(src / f"s{i}.ply")
+    params = write_params(tmp_path, 384)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "shapeflow.cli",
+            "--params",
+            str(params),
+            "watertight",
+            str(src),
+            str(tmp_path / "out"),
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        main_proc = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        while len(main_proc.children(recursive=True)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)  # two workers and the resource tracker
+        children = main_proc.children(recursive=True)
+        assert len(children) >= 2, "the stage did not start its workers"
+        time.sleep(1.0)  # the workers are busy with objects now
+        proc.kill()
+        proc.wait()
+        _, alive = psutil.wait_procs(children, timeout=15)
+        assert alive == [], f"left running: {[p.cmdline()[:3] for p in alive]}"
+    finally:
+        proc.kill()
+        for child in locals().get("children", []):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()

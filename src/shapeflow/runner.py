@@ -9,9 +9,13 @@ time, and the one that kills its worker again is recorded as failed.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing as mp
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -26,6 +30,9 @@ from shapeflow import manifest as mf
 from shapeflow.geometry.mesh import MESH_SUFFIXES
 
 log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # prctl option: the signal this process gets when its parent dies
+WATCH_PARENT_SECONDS = 0.5
 
 ObjectFn = Callable[["Task", Path], dict[str, Any]]
 
@@ -146,7 +153,8 @@ def _log_timing(out_dir: Path, key: str, status: str, seconds: float) -> None:
         fh.write(f"{key},{status},{seconds:.3f}\n")
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
+    _die_with_parent(parent)
     # One process per core already: keep native thread pools from oversubscribing the cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("IGL_NUM_THREADS", "1")  # libigl's own pool ignores OMP_NUM_THREADS
@@ -156,6 +164,25 @@ def _init_worker() -> None:
         numba.set_num_threads(1)
     except ImportError:
         pass
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the stage process that started it dies, even by SIGKILL (it would go on
+    writing records and holding memory otherwise): the kernel's parent-death signal on Linux, and a
+    thread that watches the parent pid everywhere (it also covers a parent that died before this ran)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(WATCH_PARENT_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
 
 
 def run_objects(
@@ -203,7 +230,7 @@ def _run_pool(fn, todo, out_dir, params_hash, workers, bar):
     pending = list(todo)
     suspects: list[Task] = []
     while pending:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
             running: dict[Future, Task] = {}
             broken = False
             while (pending or running) and not broken:
@@ -230,7 +257,7 @@ def _run_pool(fn, todo, out_dir, params_hash, workers, bar):
 
 
 def _run_isolated(fn, task, out_dir, params_hash, ctx) -> dict[str, Any]:
-    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
         try:
             return pool.submit(_run_one, fn, task, out_dir, params_hash).result()
         except BrokenProcessPool:
