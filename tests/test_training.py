@@ -250,3 +250,29 @@ def test_sampling_weights_must_match_the_dataset():
 
     with pytest.raises(ValueError, match="3 sampling weights for 4 items"):
         training.data_loader(TensorDataset(torch.zeros(4)), 2, [1.0, 1.0, 1.0], seed=0)
+
+
+class Planted:
+    """A pickle that runs code when it is loaded: it writes a file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_holding_a_pickle_that_runs_code_is_refused(tmp_path, accelerator):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.cosine_schedule(2, 10, 0.1))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    ckpts = training.Checkpoints(tmp_path / "ck", keep=2)
+    ckpts.save(accelerator, 5, {"fingerprint": "f"})
+    assert training.resume(accelerator, ckpts, "f", 10)[0] == 5  # a checkpoint of our own loads
+    marker = tmp_path / "ran"
+    torch.save(Planted(str(marker)), ckpts.latest().path / "custom_checkpoint_0.pkl")
+    with pytest.raises(training.CheckpointError, match=r"custom_checkpoint_0\.pkl: holds more than tensors"):
+        training.resume(accelerator, ckpts, "f", 10)
+    assert not marker.exists()

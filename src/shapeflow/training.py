@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -180,6 +181,41 @@ def fingerprint(p: LoopParams, not_in: tuple[str, ...], **parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted to load."""
+
+
+# What accelerate's RNG-state file holds besides tensors and plain data: numpy arrays (numpy's own
+# random state). Reconstructing an array or a dtype runs no code of the file's choosing.
+SAFE_CHECKPOINT_GLOBALS = (
+    np.ndarray((0,)).__reduce__()[0],  # numpy's array reconstructor, wherever this numpy keeps it
+    np.ndarray,
+    np.dtype,
+    *(type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64)),
+)
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """Refuse a checkpoint folder whose pickled files hold more than tensors and plain data.
+
+    accelerate's `load_state` unpickles the optimizer, the LR schedule and the EMA (and the RNG
+    states) with `weights_only=False`, so a planted checkpoint folder would run its own code. Each of
+    those files is first read with torch's restricted unpickler, which builds only tensors, plain
+    containers and SAFE_CHECKPOINT_GLOBALS; what passes it holds nothing that runs on loading."""
+    for path in sorted(Path(folder).iterdir()):
+        if path.suffix not in (".pkl", ".bin", ".pt", ".pth"):
+            continue
+        try:
+            with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{path}: holds more than tensors and plain data ({first}); a checkpoint like this could "
+                f"run code when loaded, so training does not resume from it. Remove {folder} to start over."
+            ) from exc
+
+
 def resume(accelerator: Accelerator, ckpts: Checkpoints, fingerprint: str, total_steps: int) -> tuple[int, str | None]:
     """(step, MLflow run id) to go on from: the newest complete checkpoint made with this
     fingerprint, loaded into the accelerator's objects; (0, None) when there is none. Checkpoints
@@ -194,6 +230,7 @@ def resume(accelerator: Accelerator, ckpts: Checkpoints, fingerprint: str, total
         return 0, None
     if latest is None:
         return 0, None
+    check_checkpoint_files(latest.path)
     accelerator.load_state(str(latest.path))
     if accelerator.is_main_process:
         log.info("resuming from step %d of %d (%s)", latest.step, total_steps, latest.path)
