@@ -654,3 +654,14 @@ def test_archives_and_links_leading_out_are_skipped_rows_and_links_inside_are_fo
     for name in ("linked_out", "chair/far_file.obj"):
         assert rows[name]["status"] == "skipped" and "outside the folder" in rows[name]["reason"], rows[name]
     assert len(list((out / "objects").iterdir())) == 2  # nothing from outside was copied in
+
+
+def test_a_second_fetch_into_the_same_folder_is_refused(tmp_path, capsys):
+    folder = tmp_path / "meshes"
+    bad_inputs.make_good_inputs(folder)
+    out = tmp_path / "raw"
+    params = write_params(tmp_path, "compute: {workers: 1}\n")
+    with mf.writing_lock(out):
+        assert fetch_cli(params, out, "--source", "local", "--path", str(folder)) == 2
+    assert "another run is writing into it" in capsys.readouterr().err and not out.exists()
+    assert fetch_cli(params, out, "--source", "local", "--path", str(folder)) == 0

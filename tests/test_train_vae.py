@@ -15,6 +15,8 @@ import yaml
 from conftest import TINY_VAE, kill_at_first_checkpoint, subset
 from training_runs import PYTHON, TWO_CPU_RANKS, env_for, run_cli, stage_cli, tracked_runs
 
+from shapeflow import manifest as mf
+
 SMALL = TINY_VAE | {
     "batch_size": 2,
     "log_every": 2,
@@ -240,3 +242,13 @@ def test_thin_shells_left_out_and_balanced_epochs_are_recorded_in_the_metrics_an
     logged = found[0].data.params
     assert logged["train_vae.balance"] == "category" and logged["thin_shells_left_out"] == "1"
     assert float(logged["train_vae.data.min_shell_ratio"]) == threshold
+
+
+@pytest.mark.slow
+def test_a_second_training_into_the_same_checkpoints_is_refused(two_samples, tmp_path):
+    params = write_params(tmp_path, steps=4, checkpoint_every=2, val_every=0, val_objects=1)
+    with mf.writing_lock(tmp_path / "ck"):  # a first training, still going
+        second = train(tmp_path, two_samples, params, "--val-split", "train")
+    assert second.returncode == 2
+    assert f"{tmp_path / 'ck'}: another run is writing into it (pid {os.getpid()}:" in second.stderr
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "vae").exists()

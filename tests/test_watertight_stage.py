@@ -239,3 +239,35 @@ def test_workers_end_when_the_stage_process_is_killed(tmp_path):
         for child in locals().get("children", []):
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
+
+
+def test_a_second_run_into_the_same_folder_is_refused_and_touches_nothing(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_good_inputs(src)
+    params = write_params(tmp_path, 32)
+    (out / "objects").mkdir(parents=True)
+    in_flight = out / "objects" / ".abc.x.tmp.ply"  # the first run's object being written
+    in_flight.write_bytes(b"half")
+    with mf.writing_lock(out):  # the first run, still going
+        assert main(["--params", str(params), "watertight", str(src), str(out)]) == 2
+    message = capsys.readouterr().err
+    assert f"{out}: another run is writing into it (pid {os.getpid()}:" in message
+    assert in_flight.exists() and not (out / "records").exists()
+    assert main(["--params", str(params), "watertight", str(src), str(out)]) == 0  # once it is over
+
+
+def test_shards_of_one_run_share_the_folder_but_a_whole_run_or_the_same_shard_does_not(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_good_inputs(src)
+    params = write_params(tmp_path, 32)
+
+    def shard(rank: int) -> int:
+        return main(
+            ["--params", str(params), "watertight", str(src), str(out), "--rank", str(rank), "--world-size", "2"]
+        )
+
+    with mf.writing_lock(out, (0, 2)):  # shard 0 of a run, still going
+        assert shard(1) == 0
+        assert shard(0) == 2
+        assert main(["--params", str(params), "watertight", str(src), str(out)]) == 2
+    assert shard(0) == 0 and (out / mf.MANIFEST).is_file()

@@ -12,7 +12,7 @@ import sys
 
 from shapeflow import __version__, evaluate_recon
 from shapeflow.config import ParamsError
-from shapeflow.manifest import ManifestError
+from shapeflow.manifest import FolderBusyError, ManifestError
 from shapeflow.stages import evaluate, fetch, generate, sample, train_dit, train_vae, watertight
 
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ParamsError, ManifestError, FileNotFoundError, NotADirectoryError) as exc:
+    except (ParamsError, ManifestError, FolderBusyError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"shapeflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

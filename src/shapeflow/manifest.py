@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import hashlib
 import json
 import os
+import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +105,57 @@ def atomic_write_text(dest: str | Path, text: str) -> None:
     atomic_write_bytes(dest, text.encode())
 
 
-def remove_stale_temporaries(folder: str | Path) -> None:
-    """Remove temporary files a killed run left behind (they never carry a finished result)."""
+def remove_stale_temporaries(folder: str | Path, keys: Collection[str] | None = None) -> None:
+    """Remove temporary files a killed run left behind (they never carry a finished result); with
+    `keys`, only those of these objects (a shard must not touch the files other shards are writing)."""
     folder = Path(folder)
     if folder.is_dir():
         for tmp in folder.rglob(".*.tmp*"):
-            tmp.unlink(missing_ok=True)
+            if keys is None or tmp.name[1:].split(".", 1)[0] in keys:
+                tmp.unlink(missing_ok=True)
+
+
+class FolderBusyError(RuntimeError):
+    """Another run is writing into the same output folder."""
+
+
+@contextlib.contextmanager
+def writing_lock(folder: str | Path, shard: tuple[int, int] = (0, 1)) -> Iterator[None]:
+    """Hold `folder` against other runs while writing into it.
+
+    A run over all objects takes an exclusive lock on `.<folder name>.lock` beside the folder (not in
+    it: the folder may be a DVC output, whose hash must not see the lock). A shard (rank, world size)
+    of a run spread over several processes takes a shared lock on it and an exclusive one on its own
+    shard's lock: shards of one run work side by side, while a second run into the folder, or the
+    same shard twice, is refused with the holder's pid and command. The kernel drops a lock when its
+    process ends, however it ends, so a killed run leaves none behind.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    rank, world = shard
+    whole = folder.parent / f".{folder.name}.lock"
+    locks = [(whole, fcntl.LOCK_EX if world == 1 else fcntl.LOCK_SH)]
+    if world > 1:
+        locks.append((folder.parent / f".{folder.name}.shard-{rank}-of-{world}.lock", fcntl.LOCK_EX))
+    held: list[int] = []
+    try:
+        for path, mode in locks:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            held.append(fd)
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = path.read_text(errors="replace").strip() or "a process that did not say"
+                raise FolderBusyError(
+                    f"{folder}: another run is writing into it ({holder}); wait for it to end or stop it"
+                ) from None
+            if mode == fcntl.LOCK_EX:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()}: {' '.join(sys.argv)}\n".encode(errors="replace"))
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def read_manifest(path: str | Path, required: Sequence[str] = ("key", "path")) -> list[dict[str, str]]:

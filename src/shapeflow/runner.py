@@ -201,8 +201,8 @@ def run_objects(
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     out_dir = Path(out_dir)
     (out_dir / mf.RECORDS).mkdir(parents=True, exist_ok=True)
-    mf.remove_stale_temporaries(out_dir)
     shard = sorted(tasks, key=lambda t: t.key)[rank::world_size]
+    mf.remove_stale_temporaries(out_dir, None if world_size == 1 else {t.key for t in shard})
     records: dict[str, dict[str, Any]] = {}
     todo: list[Task] = []
     for task in shard:
@@ -287,19 +287,21 @@ def run_stage(
     world_size: int,
     desc: str,
 ) -> list[dict[str, Any]]:
-    """A per-object stage from end to end: its inputs, this rank's share of the work, the manifest."""
+    """A per-object stage from end to end: its inputs, this rank's share of the work, the manifest,
+    holding `dst` against other runs meanwhile (`mf.writing_lock`)."""
     tasks = collect_tasks(src, params.fetch.split.val, params.fetch.split.test)
-    records = run_objects(
-        fn,
-        tasks,
-        dst,
-        params_hash,
-        workers=params.compute.workers if workers is None else workers,
-        rank=rank,
-        world_size=world_size,
-        desc=desc,
-    )
-    finish_manifest(dst, tasks, columns)
+    with mf.writing_lock(dst, (rank, world_size)):
+        records = run_objects(
+            fn,
+            tasks,
+            dst,
+            params_hash,
+            workers=params.compute.workers if workers is None else workers,
+            rank=rank,
+            world_size=world_size,
+            desc=desc,
+        )
+        finish_manifest(dst, tasks, columns)
     return records
 
 

@@ -8,6 +8,7 @@ end); `fit` runs it. Nothing here knows about a particular model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -423,6 +424,13 @@ def fit(accelerator: Accelerator, p: LoopParams, seed: int, paths: Outputs, job:
     Logs every `log_every` steps, validates every `val_every`, checkpoints every `checkpoint_every`;
     at the end saves (`job.save`), writes the metrics JSON and the curves, and ends the MLflow run
     (one per training, written by rank 0, resumed with the checkpoint). -> the metrics (every rank)."""
+    # A second training into the same checkpoints would resume from this one's and interleave with it.
+    guard = mf.writing_lock(paths.checkpoints) if accelerator.is_main_process else contextlib.nullcontext()
+    with guard:
+        return _fit(accelerator, p, seed, paths, job)
+
+
+def _fit(accelerator: Accelerator, p: LoopParams, seed: int, paths: Outputs, job: Job) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(job.model.parameters(), lr=p.lr, weight_decay=p.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(p.warmup_steps, p.steps, p.min_lr_ratio))
     weights = category_weights(job.categories) if p.balance == "category" else None

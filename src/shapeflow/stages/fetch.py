@@ -195,7 +195,13 @@ def run(
 
     `workers` defaults to params.compute.workers; `client` replaces the Objaverse network calls.
     """
-    out_dir = Path(out_dir)
+    with mf.writing_lock(out_dir):
+        return _run(params, Path(out_dir), workers, client)
+
+
+def _run(
+    params: config.Params, out_dir: Path, workers: int | None, client: objaverse.Client | None
+) -> list[dict[str, Any]]:
     fetch = params.fetch
     workers = params.compute.workers if workers is None else workers
     tasks: list[Task] = []
