@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import os
 import re
 import shutil
@@ -271,3 +272,24 @@ def test_shards_of_one_run_share_the_folder_but_a_whole_run_or_the_same_shard_do
         assert shard(0) == 2
         assert main(["--params", str(params), "watertight", str(src), str(out)]) == 2
     assert shard(0) == 0 and (out / mf.MANIFEST).is_file()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_full_or_read_only_disk_stops_the_stage_with_one_line_and_no_partial_file(
+    tmp_path, capsys, monkeypatch, code
+):
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_good_inputs(src)
+    params = write_params(tmp_path, 32)
+
+    def no_room(source, dest):
+        raise OSError(code, os.strerror(code), str(dest))
+
+    monkeypatch.setattr(mf.os, "replace", no_room)  # the rename that finishes every written file
+    assert main(["--params", str(params), "watertight", str(src), str(out), "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("shapeflow watertight: error: cannot write ")
+    assert str(out / "objects") in err[0] and os.strerror(code) in err[0]
+    assert [p for p in out.rglob("*") if p.is_file() and p.name != "timings.csv"] == []
+    monkeypatch.undo()
+    assert main(["--params", str(params), "watertight", str(src), str(out)]) == 0  # room again: it goes on

@@ -12,7 +12,7 @@ import sys
 
 from shapeflow import __version__, evaluate_recon
 from shapeflow.config import ParamsError
-from shapeflow.manifest import FolderBusyError, ManifestError
+from shapeflow.manifest import FolderBusyError, ManifestError, storage_error
 from shapeflow.stages import evaluate, fetch, generate, sample, train_dit, train_vae, watertight
 
 
@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ParamsError, ManifestError, FolderBusyError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"shapeflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        storage = storage_error(exc)
+        if storage is None:
+            raise
+        print(f"shapeflow {args.command}: error: {storage}", file=sys.stderr)
         return 2
 
 

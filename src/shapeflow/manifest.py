@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
 import hashlib
 import json
@@ -113,6 +114,33 @@ def remove_stale_temporaries(folder: str | Path, keys: Collection[str] | None = 
         for tmp in folder.rglob(".*.tmp*"):
             if keys is None or tmp.name[1:].split(".", 1)[0] in keys:
                 tmp.unlink(missing_ok=True)
+
+
+# Errors of the storage rather than of an object: nothing more can be written there. EACCES and
+# EPERM count when they concern the output folder (an input that cannot be read is the object's).
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM}
+
+
+class StorageError(OSError):
+    """Writing failed for a reason that is the storage's (disk full, read-only, no permission):
+    one line that says what and where (`storage_error`)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def storage_error(cause: OSError, out_dir: str | Path | None = None) -> StorageError | None:
+    """`cause` as a StorageError when it is the storage's fault (in `out_dir`, when given), else None."""
+    if isinstance(cause, StorageError):
+        return cause
+    named = Path(os.fsdecode(cause.filename)).resolve() if cause.filename else None
+    inside = named is not None and (out_dir is None or named.is_relative_to(Path(out_dir).resolve()))
+    if not (cause.errno in STORAGE_ERRNOS or (cause.errno in PERMISSION_ERRNOS and inside)):
+        return None
+    where = os.fsdecode(cause.filename) if cause.filename else "the output folder"
+    hint = {errno.ENOSPC: " (disk full?)", errno.EDQUOT: " (disk quota?)", errno.EROFS: " (read-only)"}
+    return StorageError(cause.errno, f"cannot write {printable(where)}: {cause.strerror}{hint.get(cause.errno, '')}")
 
 
 class FolderBusyError(RuntimeError):

@@ -135,6 +135,11 @@ def _run_one(fn: ObjectFn, task: Task, out_dir: Path, params_hash: str) -> dict[
     }
     try:
         fields = fn(task, out_dir)
+    except OSError as exc:
+        storage = mf.storage_error(exc, out_dir)
+        if storage is not None:  # no object can be written: stop, saying where
+            raise storage from None
+        record.update(status=mf.FAILED, reason=f"{task.src}: {type(exc).__name__}: {exc}", path="")
     except Exception as exc:  # a per-object failure is recorded, never allowed to stop the others
         message = str(exc).removeprefix(f"{task.src}: ")  # errors that name the file already
         record.update(status=mf.FAILED, reason=f"{task.src}: {type(exc).__name__}: {message}", path="")
