@@ -293,3 +293,48 @@ def test_a_full_or_read_only_disk_stops_the_stage_with_one_line_and_no_partial_f
     assert [p for p in out.rglob("*") if p.is_file() and p.name != "timings.csv"] == []
     monkeypatch.undo()
     assert main(["--params", str(params), "watertight", str(src), str(out)]) == 0  # room again: it goes on
+
+
+def test_objects_past_the_face_or_file_size_bound_are_failed_rows_and_the_rest_go_on(tmp_path):
+    src = tmp_path / "src"
+    good = make_good_inputs(src)
+    params = tmp_path / "params.yaml"
+    params.write_text("watertight: {resolution: 32}\ncompute: {workers: 1, max_faces: 100}\n")
+    assert main(["--params", str(params), "watertight", str(src), str(tmp_path / "faces")]) == 0
+    rows = {row["source"]: row for row in read_rows(tmp_path / "faces")}
+    assert rows["icosphere.ply"]["status"] == "failed"  # 320 faces
+    assert "320 faces, more than the 100 allowed (compute.max_faces)" in rows["icosphere.ply"]["reason"]
+    assert rows["box.obj"]["status"] == "ok"
+    small = min(good.values(), key=lambda p: p.stat().st_size)
+    bound_mb = 1.01 * small.stat().st_size / 2**20
+    params.write_text(f"watertight: {{resolution: 32}}\ncompute: {{workers: 1, max_file_mb: {bound_mb}}}\n")
+    assert main(["--params", str(params), "watertight", str(src), str(tmp_path / "size")]) == 0
+    rows = {row["source"]: row for row in read_rows(tmp_path / "size")}
+    assert rows[small.name]["status"] == "ok"
+    larger = [p.name for p in good.values() if p.stat().st_size > bound_mb * 2**20]
+    assert larger and all(rows[n]["status"] == "failed" for n in larger)
+    assert all("allowed (compute.max_file_mb)" in rows[n]["reason"] for n in larger)
+
+
+def slow_when_asked(task, out_dir):
+    """A per-object function that hangs on the object named 'slow'."""
+    if task.key == "slow":
+        time.sleep(30)
+    return {"path": ""}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_object_past_the_time_bound_is_a_failed_row_and_the_rest_go_on(tmp_path, workers):
+    from shapeflow import runner
+
+    tasks = [runner.Task(key=k, src=f"builtin:{k}", meta={}) for k in ("a", "slow", "z")]
+    start = time.monotonic()
+    records = runner.run_objects(
+        slow_when_asked, tasks, tmp_path, "h", workers=workers, limits=runner.Limits(timeout_s=1.0)
+    )
+    assert time.monotonic() - start < 20
+    status = {r["key"]: (r["status"], r["reason"]) for r in records}
+    assert status["a"][0] == status["z"][0] == "ok"
+    assert (
+        status["slow"][0] == "failed" and "timeout: not done after 1 s (compute.object_timeout_s)" in status["slow"][1]
+    )

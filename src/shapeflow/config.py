@@ -172,8 +172,17 @@ class ComputeParams:
     # address of a Dask scheduler to run them on (tcp://host:8786) instead of a local process pool.
     shards: int = 0
     dask_address: str | None = None
+    # Bounds on one object in the per-object stages (fetch, watertight, sample): a file larger than
+    # max_file_mb, a mesh with more than max_faces faces, or work that takes longer than
+    # object_timeout_s seconds is a failed row instead of hours or gigabytes. 0 turns a bound off.
+    max_file_mb: float = 256.0
+    max_faces: int = 2_000_000
+    object_timeout_s: float = 600.0
 
     def check(self, where: str) -> None:
+        for name in ("max_file_mb", "max_faces", "object_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ParamsError(f"{where}.{name}: 0 (no bound) or more, got {getattr(self, name)}")
         if self.workers < 0:
             raise ParamsError(f"{where}.workers: 0 (all cores) or more, got {self.workers}")
         if self.shards < 0:

@@ -27,7 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from shapeflow import manifest as mf
-from shapeflow.geometry.mesh import MESH_SUFFIXES
+from shapeflow.geometry.mesh import FACE_LIMIT, MESH_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,51 @@ def _relabel(out_dir: Path, record: dict[str, Any], meta: dict[str, Any]) -> dic
     return record
 
 
-def _run_one(fn: ObjectFn, task: Task, out_dir: Path, params_hash: str) -> dict[str, Any]:
-    """Run `fn` on one task and write its record; never raises for a bad object."""
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one object (0: none), from params.compute; see `_call_bounded`."""
+
+    max_file_mb: float = 0.0
+    max_faces: int = 0
+    timeout_s: float = 0.0
+
+    @classmethod
+    def of(cls, compute) -> Limits:
+        return cls(compute.max_file_mb, compute.max_faces, compute.object_timeout_s)
+
+
+class ObjectTooBig(Exception):
+    """An object past one of the Limits."""
+
+
+def _call_bounded(fn: ObjectFn, task: Task, out_dir: Path, limits: Limits) -> dict[str, Any]:
+    """`fn(task, out_dir)` within `limits`: the input file's size is checked first, the face count
+    when the mesh is loaded (`mesh.FACE_LIMIT`), the time by an alarm that interrupts the object
+    between two Python steps (a single native call that never returns is not cut short)."""
+    src = Path(task.src)
+    if limits.max_file_mb and src.is_file() and src.stat().st_size > limits.max_file_mb * 2**20:
+        size = src.stat().st_size / 2**20
+        raise ObjectTooBig(f"{size:,.0f} MB, more than the {limits.max_file_mb:g} MB allowed (compute.max_file_mb)")
+    token = FACE_LIMIT.set(limits.max_faces or None)
+    alarm = bool(limits.timeout_s) and threading.current_thread() is threading.main_thread()
+    if alarm:
+
+        def expire(signum, frame):
+            raise ObjectTooBig(f"timeout: not done after {limits.timeout_s:g} s (compute.object_timeout_s)")
+
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, limits.timeout_s)
+    try:
+        return fn(task, out_dir)
+    finally:
+        if alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        FACE_LIMIT.reset(token)
+
+
+def _run_one(fn: ObjectFn, task: Task, out_dir: Path, params_hash: str, limits: Limits) -> dict[str, Any]:
+    """Run `fn` on one task within `limits` and write its record; never raises for a bad object."""
     start = time.perf_counter()
     record: dict[str, Any] = {
         "key": task.key,
@@ -134,7 +177,7 @@ def _run_one(fn: ObjectFn, task: Task, out_dir: Path, params_hash: str) -> dict[
         "input_sha256": _input_sha256(task),
     }
     try:
-        fields = fn(task, out_dir)
+        fields = _call_bounded(fn, task, out_dir, limits)
     except OSError as exc:
         storage = mf.storage_error(exc, out_dir)
         if storage is not None:  # no object can be written: stop, saying where
@@ -200,8 +243,10 @@ def run_objects(
     rank: int = 0,
     world_size: int = 1,
     desc: str = "objects",
+    limits: Limits = Limits(),
 ) -> list[dict[str, Any]]:
-    """Run `fn` over this rank's share of `tasks`; returns the records of that share."""
+    """Run `fn` over this rank's share of `tasks`, each object within `limits`; returns the records
+    of that share."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     out_dir = Path(out_dir)
@@ -222,15 +267,15 @@ def run_objects(
     with tqdm(total=len(shard), initial=len(records), desc=desc, unit="obj", disable=None) as bar:
         if workers == 1 or len(todo) <= 1:
             for task in todo:
-                records[task.key] = _run_one(fn, task, out_dir, params_hash)
+                records[task.key] = _run_one(fn, task, out_dir, params_hash, limits)
                 bar.update()
         else:
-            for record in _run_pool(fn, todo, out_dir, params_hash, min(workers, len(todo)), bar):
+            for record in _run_pool(fn, todo, out_dir, params_hash, limits, min(workers, len(todo)), bar):
                 records[record["key"]] = record
     return [records[t.key] for t in shard]
 
 
-def _run_pool(fn, todo, out_dir, params_hash, workers, bar):
+def _run_pool(fn, todo, out_dir, params_hash, limits, workers, bar):
     ctx = mp.get_context("spawn")  # fork is unsafe with the thread pools of numba, igl and tqdm
     pending = list(todo)
     suspects: list[Task] = []
@@ -241,7 +286,7 @@ def _run_pool(fn, todo, out_dir, params_hash, workers, bar):
             while (pending or running) and not broken:
                 while pending and len(running) < 2 * workers:
                     task = pending.pop(0)
-                    running[pool.submit(_run_one, fn, task, out_dir, params_hash)] = task
+                    running[pool.submit(_run_one, fn, task, out_dir, params_hash, limits)] = task
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     task = running.pop(fut)
@@ -256,15 +301,15 @@ def _run_pool(fn, todo, out_dir, params_hash, workers, bar):
                 pool.shutdown(wait=False, cancel_futures=True)
         # Each object that was in flight when a worker died runs alone, so the culprit is known.
         for task in suspects:
-            yield _run_isolated(fn, task, out_dir, params_hash, ctx)
+            yield _run_isolated(fn, task, out_dir, params_hash, limits, ctx)
             bar.update()
         suspects = []
 
 
-def _run_isolated(fn, task, out_dir, params_hash, ctx) -> dict[str, Any]:
+def _run_isolated(fn, task, out_dir, params_hash, limits, ctx) -> dict[str, Any]:
     with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
         try:
-            return pool.submit(_run_one, fn, task, out_dir, params_hash).result()
+            return pool.submit(_run_one, fn, task, out_dir, params_hash, limits).result()
         except BrokenProcessPool:
             record = {
                 "key": task.key,
@@ -305,6 +350,7 @@ def run_stage(
             rank=rank,
             world_size=world_size,
             desc=desc,
+            limits=Limits.of(params.compute),
         )
         finish_manifest(dst, tasks, columns)
     return records

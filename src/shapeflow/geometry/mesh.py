@@ -22,6 +22,7 @@ The numeric rules, relative to L, the longest side of the bounding box of the re
 from __future__ import annotations
 
 import base64
+import contextvars
 import io
 import json
 import logging
@@ -38,6 +39,9 @@ import trimesh
 log = logging.getLogger(__name__)
 
 MAX_ABS_COORD = 1e9
+# The most faces a mesh may have when loaded (None: no bound); the per-object runner sets it from
+# compute.max_faces around each object.
+FACE_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("face_limit", default=None)
 MAX_BOX_TO_EDGE = 1e5
 MERGE_RATIO = 1e-7
 DEGENERATE_RATIO = 1e-10
@@ -109,6 +113,9 @@ def load_mesh(path: str | Path) -> trimesh.Trimesh:
         raise MeshError(
             f"{path}: cannot read as {suffix[1:].upper()} (corrupt or truncated file?): {type(exc).__name__}: {exc}"
         ) from exc
+    limit = FACE_LIMIT.get()
+    if limit and len(faces) > limit:
+        raise MeshError(f"{path}: {len(faces):,} faces, more than the {limit:,} allowed (compute.max_faces)")
     _check_geometry(path, vertices, faces)
     return trimesh.Trimesh(vertices=vertices, faces=faces, process=False)
 

@@ -229,7 +229,10 @@ def _run(
             functools.partial(write_builtin, blobs), generated, out_dir, PARAMS_HASH, workers=1, desc=desc
         )
     if files:
-        records += runner.run_objects(import_object, files, out_dir, PARAMS_HASH, workers=workers, desc=desc)
+        limits = runner.Limits.of(params.compute)
+        records += runner.run_objects(
+            import_object, files, out_dir, PARAMS_HASH, workers=workers, desc=desc, limits=limits
+        )
     meta = {t.key: t.meta for t in tasks}
     records = [_refresh(out_dir, r, meta[r["key"]]) for r in records]
     records += [_record_without_file(out_dir, task, mf.FAILED, f"{task.src}: {reason}") for task, reason in failures]
