@@ -246,3 +246,30 @@ def test_the_thin_shells_train_vae_leaves_out_are_left_out_of_the_dit_train_late
     assert kept.key == every.key and len(list(tmp_path.glob("latents-*.npz"))) == 1  # one encoding serves both
     torch.testing.assert_close(kept.train.latents, every.train.latents[rows])
     assert [o.key for o in kept.val.objects] == [o.key for o in every.val.objects]  # val is not filtered
+
+
+@pytest.mark.slow
+def test_a_kill_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(builtin_samples, small_vae, tmp_path):
+    """Batches of 1 over the train split: the checkpoint at step 3 is in the middle of an epoch. The
+    resumed run must draw the same batches, times and noise as the uninterrupted one."""
+    import torch
+    from safetensors.torch import load_file
+
+    def weights(work: Path, kill: bool) -> dict:
+        work.mkdir()
+        params = write_params(work, steps=10, batch_size=1, checkpoint_every=3, final_samples=0, log_every=1)
+        if kill:
+            cmd = [sys.executable, *stage_args(work, small_vae, builtin_samples, params)]
+            assert kill_at_first_checkpoint(cmd, work, env_for(work), work / "ck") >= 3
+        done = train(work, small_vae, builtin_samples, params)
+        assert done.returncode == 0, done.stderr
+        assert ("resuming from step" in done.stderr) == kill
+        return {
+            f"{kind}.{k}": v
+            for kind in ("raw", "ema")
+            for k, v in load_file(next((work / "dit" / kind).glob("*.safetensors"))).items()
+        }
+
+    straight, resumed = weights(tmp_path / "straight", False), weights(tmp_path / "killed", True)
+    assert straight.keys() == resumed.keys()
+    assert [k for k in straight if not torch.equal(straight[k], resumed[k])] == []

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import TINY_VAE, kill_at_first_checkpoint, subset
 from training_runs import PYTHON, TWO_CPU_RANKS, env_for, run_cli, stage_cli, tracked_runs
@@ -252,3 +253,25 @@ def test_a_second_training_into_the_same_checkpoints_is_refused(two_samples, tmp
     assert second.returncode == 2
     assert f"{tmp_path / 'ck'}: another run is writing into it (pid {os.getpid()}:" in second.stderr
     assert not (tmp_path / "ck").exists() and not (tmp_path / "vae").exists()
+
+
+@pytest.mark.slow
+def test_a_kill_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(two_samples, tmp_path):
+    """Two train objects in batches of one: two batches an epoch, so the checkpoint at step 3 is in the
+    middle of an epoch. The resumed run must draw the same batches, point subsets and noise."""
+    from safetensors.torch import load_file
+
+    def weights(work: Path, kill: bool) -> dict:
+        work.mkdir()
+        params = write_params(work, steps=8, batch_size=1, checkpoint_every=3, val_every=0, val_objects=1)
+        if kill:
+            cmd = [sys.executable, *stage_args(work, two_samples, params, "--val-split", "train")]
+            assert kill_at_first_checkpoint(cmd, work, env_for(work), work / "ck") >= 3
+        done = train(work, two_samples, params, "--val-split", "train")
+        assert done.returncode == 0, done.stderr
+        assert ("resuming from step 3" in done.stderr) == kill
+        return load_file(work / "vae" / "model.safetensors")
+
+    straight, resumed = weights(tmp_path / "straight", False), weights(tmp_path / "killed", True)
+    assert straight.keys() == resumed.keys()
+    assert [k for k in straight if not torch.equal(straight[k], resumed[k])] == []

@@ -1,12 +1,15 @@
 """The sample stage's output as a torch Dataset: one item per object, a random subset per visit.
 
-Each item draws, with the torch generator of the calling process (seeded by training, restored on
-resume), `input_points` surface points with normals for the encoder, `sharp_points` salient points,
-and volume / near-surface / near-edge supervision points with their signed distances.
+Each item draws `input_points` surface points with normals for the encoder, `sharp_points` salient
+points, and volume / near-surface / near-edge supervision points with their signed distances. The
+draw is a function of (seed, epoch, object) alone, never of the process's global random state, so a
+run resumed in the middle of an epoch draws what the uninterrupted run drew (an object drawn twice in
+one epoch, as the category-balanced sampler may, gets the same points both times).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,17 +96,25 @@ def _subset(n_available: int, n: int, generator: torch.Generator | None) -> torc
 
 
 class ShapeSamples(Dataset):
-    def __init__(self, objects: list[SampleObject], counts: VAEDataParams):
+    def __init__(self, objects: list[SampleObject], counts: VAEDataParams, seed: int = 0):
         if not objects:
             raise ValueError("no objects to train on (is the split empty, or did every object fail upstream?)")
         self.objects = objects
         self.counts = counts
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next draws belong to (the training loop sets it at every epoch's start)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.objects)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return draw(load_arrays(self.objects[index].path), self.counts, generator=None) | {"index": torch.tensor(index)}
+        digest = hashlib.sha256(f"{self.seed}:{self.epoch}:{index}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return draw(load_arrays(self.objects[index].path), self.counts, generator) | {"index": torch.tensor(index)}
 
 
 def draw(

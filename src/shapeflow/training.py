@@ -301,7 +301,11 @@ def data_loader(
         batch_size=batch_size,
         drop_last=len(dataset) >= batch_size,
         num_workers=workers,
-        persistent_workers=workers > 0,
+        # Workers are started for each epoch, so they get the dataset with that epoch set.
+        persistent_workers=False,
+        # Its own generator: starting an iterator (as a resumed run does mid-epoch) must not draw
+        # from the global random state, which the model's noise comes from.
+        generator=torch.Generator().manual_seed(seed),
         **order,
     )
 
@@ -310,7 +314,10 @@ def epoch_batches(accelerator: Accelerator, loader, step: int, grad_accum: int):
     """The loader's batches for the epoch that optimizer step `step` falls in, past the ones a
     resumed run has already seen, with the sampler's epoch set so every rank shuffles alike."""
     micro = step * grad_accum
-    loader.set_epoch(micro // len(loader))
+    epoch = micro // len(loader)
+    loader.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):  # Accelerate passes the epoch on only where the sampler has none
+        loader.dataset.set_epoch(epoch)
     return accelerator.skip_first_batches(loader, micro % len(loader)) if micro % len(loader) else loader
 
 

@@ -179,7 +179,7 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
         stage=STAGE,
         describe=f"{p.preset} VAE on {len(train_objects)} objects",
         model=VecSetVAE(cfg),
-        dataset=ShapeSamples(train_objects, p.data),
+        dataset=ShapeSamples(train_objects, p.data, seed=params.seed),
         training_losses=functools.partial(losses, p=p.loss),
         terms=TERMS,
         fingerprint=fingerprint(params, cfg, data_id, accelerator.num_processes),
