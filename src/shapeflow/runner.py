@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,19 +276,38 @@ def run_objects(
     return [records[t.key] for t in shard]
 
 
+def _hard_limit(limits: Limits) -> float | None:
+    """Seconds after which an object's worker is ended from outside: past the alarm that
+    `_call_bounded` sets, for an object stuck where the alarm cannot reach (a native call)."""
+    return 1.5 * limits.timeout_s + 5.0 if limits.timeout_s else None
+
+
+def _end_workers(pool: ProcessPoolExecutor) -> None:
+    for process in list((pool._processes or {}).values()):
+        process.kill()
+
+
 def _run_pool(fn, todo, out_dir, params_hash, limits, workers, bar):
     ctx = mp.get_context("spawn")  # fork is unsafe with the thread pools of numba, igl and tqdm
     pending = list(todo)
     suspects: list[Task] = []
+    hard = _hard_limit(limits)
     while pending:
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
             running: dict[Future, Task] = {}
+            started: dict[Future, float] = {}
             broken = False
             while (pending or running) and not broken:
                 while pending and len(running) < 2 * workers:
                     task = pending.pop(0)
                     running[pool.submit(_run_one, fn, task, out_dir, params_hash, limits)] = task
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                finished, _ = wait(running, timeout=1.0 if hard else None, return_when=FIRST_COMPLETED)
+                now = time.monotonic()
+                for fut in running:
+                    if fut.running():
+                        started.setdefault(fut, now)
+                if hard and any(now - t > hard for f, t in started.items() if f in running and f not in finished):
+                    _end_workers(pool)  # which worker holds the stuck object is unknown: all go
                 for fut in finished:
                     task = running.pop(fut)
                     try:
@@ -308,16 +328,24 @@ def _run_pool(fn, todo, out_dir, params_hash, limits, workers, bar):
 
 def _run_isolated(fn, task, out_dir, params_hash, limits, ctx) -> dict[str, Any]:
     with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
+        future = pool.submit(_run_one, fn, task, out_dir, params_hash, limits)
         try:
-            return pool.submit(_run_one, fn, task, out_dir, params_hash, limits).result()
-        except BrokenProcessPool:
+            return future.result(timeout=_hard_limit(limits))
+        except (BrokenProcessPool, FutureTimeout) as exc:
+            timed_out = isinstance(exc, FutureTimeout)
+            if timed_out:
+                _end_workers(pool)
+            why = (
+                f"timeout: not done after {limits.timeout_s:g} s (compute.object_timeout_s); its worker was ended"
+                if timed_out
+                else "the worker process died while processing this object (a crash in native code or out of memory)"
+            )
             record = {
                 "key": task.key,
                 **task.meta,
                 "params_hash": params_hash,
                 "status": mf.FAILED,
-                "reason": f"{task.src}: the worker process died while processing this object "
-                "(a crash in native code or out of memory)",
+                "reason": f"{task.src}: {why}",
                 "path": "",
             }
             mf.write_record(out_dir, record)
