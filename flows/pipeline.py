@@ -6,7 +6,8 @@
   workspace's params.yaml is left alone. A stage killed or blocked by a lock is retried; a stage that
   fails for a real reason (a bad param) fails its task with the stage's error. The last task publishes a
   markdown artifact: the metrics of the run with links to its MLflow runs.
-- `evaluate_only`: the same with the target `evaluate`.
+- `evaluate_only`: the evaluate stage alone, on the trained models already there; without up-to-date
+  models it fails at once and says how to get them.
 
 The flows hold no geometry or model code: they call shapeflow.dvc_pipeline, which calls DVC.
 """
@@ -132,7 +133,23 @@ def pipeline(
     return ran
 
 
+@task(name="check-models")
+def check_models(workdir: str) -> None:
+    dp.check_models(Path(workdir))
+
+
 @flow(name="evaluate-only", log_prints=True)
 def evaluate_only(overrides: list[str] | None = None, experiment: str | None = None) -> dict[str, bool]:
-    """The evaluate stage (and whatever DVC finds stale before it)."""
-    return pipeline(targets=["evaluate"], overrides=overrides, experiment=experiment)
+    """The evaluate stage alone, on the trained models already there (in the workspace, or in the
+    experiment that `overrides` name). Without up-to-date models it fails at once, saying so and how
+    to get them, instead of training them first."""
+    overrides = list(overrides or [])
+    name = (experiment or dp.experiment_name(overrides)) if overrides else None
+    workdir = prepare_workspace(str(REPO), name, overrides) if name else str(REPO)
+    check_models(workdir)
+    ran = {"evaluate": dvc_stage(workdir, "evaluate", name)}
+    if name:
+        save_experiment(workdir, name)
+    outcome = "ran" if ran["evaluate"] else "was up to date"
+    publish_report(workdir, f"shapeflow {name or 'workspace'}: evaluate {outcome}")
+    return ran

@@ -201,3 +201,29 @@ def test_metrics_report_lists_each_stage_with_its_run(tmp_path):
     )
     assert "train_dit" not in text
     assert metrics_markdown(tmp_path / "nothing").endswith("No stage has written metrics yet.")
+
+
+def test_evaluating_without_up_to_date_models_fails_at_once_saying_how_to_get_them(tmp_path):
+    import subprocess
+
+    (tmp_path / "params.yaml").write_text("train_vae: {steps: 1}\n")
+    (tmp_path / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "train_vae": {"cmd": "echo vae > vae.txt", "params": ["train_vae"], "outs": ["vae.txt"]},
+                    "train_dit": {"cmd": "cp vae.txt dit.txt", "deps": ["vae.txt"], "outs": ["dit.txt"]},
+                }
+            }
+        )
+    )
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*dp.dvc_command(), "init", "-q"], cwd=tmp_path, check=True)
+    with pytest.raises(dp.NoModels, match=r"train_vae: vae.txt missing; train_dit: dit.txt missing.*pipeline/full"):
+        dp.check_models(tmp_path)
+    for stage in ("train_vae", "train_dit"):
+        dp.run_stage(tmp_path, stage, lambda line: None)
+    dp.check_models(tmp_path)  # trained and up to date
+    (tmp_path / "params.yaml").write_text("train_vae: {steps: 2}\n")
+    with pytest.raises(dp.NoModels, match=r"train_vae: stale"):
+        dp.check_models(tmp_path)

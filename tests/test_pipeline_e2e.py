@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -203,6 +204,8 @@ class Services:
             PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
             DO_NOT_TRACK="1",
             OMP_NUM_THREADS="1",
+            # The server's scheduler looks for deployments to schedule every 5 s instead of every 60 s.
+            PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
         )
         self.api = f"http://127.0.0.1:{self.prefect_port}/api"
         self.mlflow = f"http://127.0.0.1:{self.mlflow_port}"
@@ -302,6 +305,36 @@ def services(repo, tmp_path_factory):
         yield svc
     finally:
         svc.kill_all()
+
+
+def test_the_scheduled_deployment_gets_its_next_runs_from_the_server(services):
+    """prefect.yaml's weekly retrain (cron, active) must get scheduled flow runs from the server's own
+    scheduler: with SQLAlchemy 2.1 the scheduler failed every loop and none ever appeared."""
+    deployment = httpx.get(f"{services.api}/deployments/name/pipeline/weekly-retrain", timeout=30).json()
+    assert deployment["schedules"] and deployment["schedules"][0]["active"]
+    body = {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}}
+    deadline = time.monotonic() + 120
+    while not (scheduled := httpx.post(f"{services.api}/flow_runs/filter", json=body, timeout=30).json()):
+        assert time.monotonic() < deadline, "no scheduled run of pipeline/weekly-retrain within 120 s"
+        time.sleep(2)
+    starts = [datetime.fromisoformat(run["expected_start_time"]).astimezone(UTC) for run in scheduled]
+    assert all((t.weekday(), t.hour, t.minute) == (6, 3, 0) for t in starts), starts  # Sundays, 03:00 UTC
+    log = (services.folder / "prefect-server.log").read_text(errors="replace")
+    assert "Can't evaluate bulk DML" not in log
+
+
+def test_evaluate_only_without_up_to_date_models_fails_at_once_and_trains_nothing(services):
+    run = services.run_deployment(
+        "evaluate-only/evaluate", {"overrides": ["train_vae.steps=3"], "experiment": "eval-3"}
+    )
+    assert run["state"]["type"] == "FAILED", run["state"]
+    assert "no up-to-date trained models (train_vae: stale" in run["state"]["message"]
+    assert "pipeline/full" in run["state"]["message"]
+    task_runs = httpx.post(
+        f"{services.api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}}, timeout=30
+    ).json()
+    assert not {t["name"] for t in task_runs} & {"train_vae", "train_dit", "evaluate"}  # no stage ran
+    assert not (services.repo / ".shapeflow" / "experiments" / "eval-3" / "checkpoints").exists()
 
 
 def test_a_triggered_deployment_with_an_override_ends_in_mlflow_as_a_dvc_experiment(services):

@@ -206,6 +206,33 @@ def up_to_date(workdir: Path, stage: str, env: Mapping[str, str] | None = None) 
     return json.loads(proc.stdout or "{}") == {}
 
 
+MODEL_STAGES = ("train_vae", "train_dit")
+
+
+class NoModels(RuntimeError):
+    """Evaluation was asked for where there are no up-to-date trained models."""
+
+
+def check_models(workdir: Path, stages: Sequence[str] = MODEL_STAGES, env: Mapping[str, str] | None = None) -> None:
+    """Raise NoModels unless every output of `stages` is on disk and DVC finds the stages up to date:
+    an evaluation of existing models must not start hours of training instead."""
+    workdir = Path(workdir)
+    known = read_stages(workdir)
+    problems = []
+    for name in stages:
+        missing = [out for out in known[name].outs if not (workdir / out).exists()]
+        if missing:
+            problems.append(f"{name}: {', '.join(missing)} missing")
+        elif not up_to_date(workdir, name, env):
+            problems.append(f"{name}: stale (its code, params or data changed since it ran)")
+    if problems:
+        raise NoModels(
+            f"{workdir}: no up-to-date trained models ({'; '.join(problems)}). This evaluates existing models "
+            "only; train them first (`prefect deployment run pipeline/full`, or `make pipeline` / `dvc repro`), "
+            "then run it again."
+        )
+
+
 def commit_stage(workdir: Path, stage: str, log: Callable[[str], None], env: Mapping[str, str] | None = None) -> None:
     """Record outputs made outside `dvc repro` (the fan-out flow) in dvc.lock and the cache."""
     code, tail = run_logged([*dvc_command(), "commit", "--force", stage], workdir, log, env)
