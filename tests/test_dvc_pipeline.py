@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,29 @@ def test_evaluating_without_up_to_date_models_fails_at_once_saying_how_to_get_th
     (tmp_path / "params.yaml").write_text("train_vae: {steps: 2}\n")
     with pytest.raises(dp.NoModels, match=r"train_vae: stale"):
         dp.check_models(tmp_path)
+
+
+def test_a_reused_workspace_starts_from_the_committed_params_and_workspaces_can_be_listed_and_removed(tmp_path):
+    """A typo'd override must not stick to an experiment name: the corrected run gets only its own."""
+    import subprocess
+
+    (tmp_path / "params.yaml").write_text("train_dit: {steps: 10}\n")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": {"cmd": "true", "params": ["train_dit"]}}}))
+    (tmp_path / ".gitignore").write_text(".shapeflow/\n")
+    for cmd in (["git", "init", "-q"], [*dp.dvc_command(), "init", "-q"], ["git", "add", "-A"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True)
+    subprocess.run(["git", "commit", "-qm", "base"], cwd=tmp_path, check=True)
+    ws = dp.experiment_workspace(tmp_path, "short", ["train_dit.stepz=5"], lambda line: None)
+    assert yaml.safe_load((ws / "params.yaml").read_text())["train_dit"] == {"steps": 10, "stepz": 5}
+    dp.experiment_workspace(tmp_path, "short", ["train_dit.steps=5"], lambda line: None)
+    assert yaml.safe_load((ws / "params.yaml").read_text())["train_dit"] == {"steps": 5}
+    assert dp.list_experiments(tmp_path) == [("short", ws)]
+    listed = subprocess.run(
+        [sys.executable, "-m", "shapeflow.dvc_pipeline", "--list"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert listed.stdout.split() == ["short", str(ws)]
+    assert dp.remove_experiment(tmp_path, "short") == ws and not ws.exists()
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=tmp_path, capture_output=True, text=True).stdout
+    assert len(worktrees.splitlines()) == 1 and dp.list_experiments(tmp_path) == []
+    with pytest.raises(ValueError, match="no experiment workspace 'short'"):
+        dp.remove_experiment(tmp_path, "short")

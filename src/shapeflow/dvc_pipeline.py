@@ -320,7 +320,30 @@ def experiment_workspace(repo: Path, name: str, overrides: Sequence[str], log: C
         if code != 0:
             log(f"dvc checkout in {ws} left some outputs missing (their stages will run):\n{tail}")
         log(f"experiment workspace {ws} created from HEAD {git(repo, 'rev-parse', '--short', 'HEAD')}")
+    # Every run starts from the committed params plus its own overrides: those of an earlier run
+    # (a typo among them) must not pile up in a reused workspace.
+    git(ws, "checkout", "--quiet", head, "--", "params.yaml")
     apply_overrides(ws / "params.yaml", overrides)
+    return ws
+
+
+def list_experiments(repo: Path) -> list[tuple[str, Path]]:
+    """(name, folder) of every experiment workspace under the experiments folder."""
+    root = (Path(repo) / EXPERIMENTS_DIR).resolve()
+    if not root.is_dir():
+        return []
+    return [(p.name, p) for p in sorted(root.iterdir()) if p.is_dir() and (p / ".git").exists()]
+
+
+def remove_experiment(repo: Path, name: str) -> Path:
+    """Remove the workspace of experiment `name` (its git worktree); the DVC experiment saved from it
+    stays (`dvc exp remove` removes that). Returns the folder removed."""
+    repo = Path(repo).resolve()
+    ws = experiment_folder(repo, name)
+    if not (ws / ".git").exists():
+        raise ValueError(f"no experiment workspace {name!r} in {ws.parent}")
+    git(repo, "worktree", "remove", "--force", str(ws))
+    git(repo, "worktree", "prune")
     return ws
 
 
@@ -381,11 +404,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Run the whole pipeline on a folder of meshes (its top-level sub-folders are the categories) "
         "as the DVC experiment named after the folder, in .shapeflow/experiments/<name>.",
     )
-    parser.add_argument("meshes", type=Path, help="folder of mesh files, one sub-folder per category")
+    parser.add_argument("meshes", type=Path, nargs="?", help="folder of mesh files, one sub-folder per category")
+    parser.add_argument("--list", action="store_true", help="list the experiment workspaces")
+    parser.add_argument("--remove", metavar="NAME", help="remove the workspace of experiment NAME")
     args = parser.parse_args(argv)
+    if (args.meshes is not None) + args.list + (args.remove is not None) != 1:
+        parser.error("give a meshes folder, --list or --remove NAME")
     try:
-        name, overrides = meshes_experiment(args.meshes)
         repo = Path(git(Path.cwd(), "rev-parse", "--show-toplevel"))
+        if args.list:
+            for name, folder in list_experiments(repo):
+                print(f"{name}\t{folder}")
+            return 0
+        if args.remove is not None:
+            print(f"removed {remove_experiment(repo, args.remove)}")
+            return 0
+        name, overrides = meshes_experiment(args.meshes)
         print(f"experiment {name}: {' '.join(overrides)}", flush=True)
         ws = run_experiment(repo, name, overrides, lambda line: print(line, flush=True))
     except (NotADirectoryError, ValueError, RuntimeError) as exc:  # StageFailed is a RuntimeError
