@@ -334,7 +334,7 @@ def test_evaluate_only_without_up_to_date_models_fails_at_once_and_trains_nothin
         f"{services.api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}}, timeout=30
     ).json()
     assert not {t["name"] for t in task_runs} & {"train_vae", "train_dit", "evaluate"}  # no stage ran
-    assert not (services.repo / ".shapeflow" / "experiments" / "eval-3" / "checkpoints").exists()
+    assert [r for r in services.mlflow_runs("shapeflow-train_vae") if r["info"]["run_name"] == "eval-3"] == []
 
 
 def test_a_triggered_deployment_with_an_override_ends_in_mlflow_as_a_dvc_experiment(services):
