@@ -282,6 +282,8 @@ class Services:
         found = httpx.get(
             f"{self.mlflow}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": experiment}, timeout=30
         )
+        if found.status_code == 404:  # no run was ever logged to it
+            return []
         assert found.status_code == 200, found.text
         exp_id = found.json()["experiment"]["experiment_id"]
         runs = httpx.post(
