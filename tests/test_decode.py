@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from shapeflow.geometry.decode import decode_grid, decode_mesh
+from shapeflow.geometry.decode import decode_grid, decode_mesh, grid_to_mesh
 from shapeflow.metrics import surface_metrics
 
 
@@ -32,16 +33,82 @@ def test_sphere_decodes_to_a_closed_outward_mesh_on_the_surface():
     assert metrics["f@0.02"] > 0.99 and metrics["cd"] < 0.012
 
 
-def test_coarse_to_fine_matches_the_dense_grid_where_the_sign_matters():
-    dense_axis = torch.linspace(-1, 1, 65)
-    grid = torch.stack(torch.meshgrid(dense_axis, dense_axis, dense_axis, indexing="ij"), -1)
-    dense = thin_box(grid.reshape(-1, 3)).reshape(65, 65, 65).numpy()
-    fine = decode_grid(thin_box, 64)
+def thin_plate(q: torch.Tensor) -> torch.Tensor:  # 0.008 thick: under one cell even at 128^3
+    half = torch.tensor([0.6, 0.004, 0.3])
+    return (q.abs() - half).max(dim=-1).values
+
+
+def thin_rod(q: torch.Tensor) -> torch.Tensor:  # radius 0.003 along x
+    return torch.maximum(q[:, 1:].norm(dim=-1) - 0.003, q[:, 0].abs() - 0.7)
+
+
+def dense_grid(field, resolution: int) -> np.ndarray:
+    axis = torch.linspace(-1, 1, resolution + 1)
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1)
+    return field(grid.reshape(-1, 3)).reshape((resolution + 1,) * 3).numpy()
+
+
+def surface_corners(values: np.ndarray) -> np.ndarray:
+    """Grid points that are corners of a cell whose corners change sign."""
+    r = values.shape[0] - 1
+    corners = np.stack([values[i : r + i, j : r + j, k : r + k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    crossed = (corners > 0).any(0) & (corners < 0).any(0)
+    mask = np.zeros(values.shape, dtype=bool)
+    for i in (0, 1):
+        for j in (0, 1):
+            for k in (0, 1):
+                mask[i : r + i, j : r + j, k : r + k] |= crossed
+    return mask
+
+
+@pytest.mark.parametrize("field", [thin_box, thin_plate, thin_rod, sphere], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("resolution", [64, 128])
+def test_hierarchical_decoding_gives_the_dense_grid_mesh_for_a_distance_field(field, resolution):
+    dense = dense_grid(field, resolution)
+    fine = decode_grid(field, resolution)
+    crossed = surface_corners(dense)
+    assert crossed.any()
+    # Where the dense surface is, the values are the field's own; everywhere the sign agrees.
+    assert np.allclose(fine[crossed], dense[crossed], atol=1e-6)
     assert np.array_equal(fine < 0, dense < 0)
-    near = np.abs(dense) < 0.1
-    assert np.allclose(fine[near], dense[near], atol=1e-6)
+    ours, reference = grid_to_mesh(fine), grid_to_mesh(dense)
+    assert ours.is_watertight
+    assert np.allclose(np.sort(ours.vertices, axis=0), np.sort(reference.vertices, axis=0), atol=1e-6)
+    assert len(ours.faces) == len(reference.faces)
 
 
-def test_a_field_without_a_surface_gives_an_empty_mesh():
-    mesh = decode_mesh(lambda q: q.norm(dim=-1) + 1.0, 32)
-    assert len(mesh.faces) == 0 and len(mesh.vertices) == 0
+def test_field_queries_grow_with_the_surface_not_the_volume():
+    queries = {}
+    for resolution in (64, 128, 256):
+        count = [0]
+
+        def counted(q: torch.Tensor, count=count) -> torch.Tensor:
+            count[0] += len(q)
+            return sphere(q)
+
+        decode_grid(counted, resolution)
+        queries[resolution] = count[0]
+    # Doubling R multiplies a dense grid's queries by 8 and a surface band's by 4.
+    assert queries[256] / queries[128] < 4.5 and queries[128] / queries[64] < 4.5
+    assert queries[256] < 0.05 * 257**3
+
+
+def test_a_resolution_that_is_not_base_times_a_power_of_two_is_refused():
+    with pytest.raises(ValueError, match="resolution 96 is not base 64"):
+        decode_grid(sphere, 96, base=64)
+
+
+def test_a_thin_part_between_the_coarse_grid_points_is_found_when_the_margin_covers_the_slope():
+    # A plate 0.008 thick around y = 1/64: it holds grid points of the 128^3 grid only (odd indices),
+    # none of the coarser levels. Its field is scaled down 4x: slope 1/4.
+    def shallow(q: torch.Tensor) -> torch.Tensor:
+        half = torch.tensor([0.6, 0.004, 0.3])
+        return 0.25 * ((q - torch.tensor([0.0, 1 / 64, 0.0])).abs() - half).max(dim=-1).values
+
+    dense = dense_grid(shallow, 128)
+    crossed = surface_corners(dense)
+    assert crossed.any()
+    assert np.array_equal(decode_grid(shallow, 128, slope=0.25)[crossed] < 0, dense[crossed] < 0)
+    # A margin for a slope far below the field's skips the plate at the coarse levels.
+    missed = decode_grid(shallow, 128, slope=0.02)
+    assert (missed > 0).all() and len(grid_to_mesh(missed).faces) == 0

@@ -37,6 +37,14 @@ GENERATOR_FILE = "generator.json"  # beside the DiT weights: classes, latent sta
 EMA_DIR, RAW_DIR = "ema", "raw"
 
 
+def decode_autocast(device: torch.device | str):
+    """The autocast the decoder's field queries run under: bf16 on a GPU, none on a CPU (where bf16
+    matmuls are slower than float32)."""
+    if torch.device(device).type == "cuda":
+        return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 @torch.no_grad()
 def reconstruct(
     model: VecSetVAE,
@@ -45,10 +53,12 @@ def reconstruct(
     seed: int,
     resolution: int,
     device: torch.device,
-    autocast=contextlib.nullcontext,
+    autocast=None,
 ) -> tuple[FieldFn, trimesh.Trimesh]:
     """An object's reconstruction: the posterior mean of its seeded encoder view, decoded to latent
-    tokens; the field (query points (Q, 3) -> signed distances (Q,)) they define, and its mesh."""
+    tokens; the field (query points (Q, 3) -> signed distances (Q,)) they define, and its mesh.
+    `autocast`: a context factory (default: `decode_autocast(device)`)."""
+    autocast = autocast or decode_autocast(device)
     inputs = {k: v.to(device) for k, v in encoder_inputs(arrays, data, seed).items()}
     with autocast():
         tokens = model.decode(model.encode(**inputs).mode())
@@ -153,9 +163,15 @@ class ShapePipeline:
 
     @torch.no_grad()
     def to_mesh(self, latents: torch.Tensor, resolution: int) -> trimesh.Trimesh:  # (M, D) -> mesh
-        decoded = self.vae.decode(latents[None].to(self.device))
-        field = within_box(lambda q: self.vae.query(decoded, q[None])[0])
-        return decode_mesh(field, resolution, device=self.device)
+        autocast = decode_autocast(self.device)
+        with autocast():
+            decoded = self.vae.decode(latents[None].to(self.device))
+
+        def field(q: torch.Tensor) -> torch.Tensor:
+            with autocast():
+                return self.vae.query(decoded, q[None])[0].float()
+
+        return decode_mesh(within_box(field), resolution, device=self.device)
 
     def generate(
         self, n: int, category: str | None, steps: int, guidance: float, seed: int, resolution: int, batch: int = 16

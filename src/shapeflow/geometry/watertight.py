@@ -38,15 +38,14 @@ import igl
 import mcubes
 import numba
 import numpy as np
-import trimesh
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from shapeflow.geometry import _narrowband as nb
+from shapeflow.geometry.marching import MC_BLOCK, march_blocks, weld
 from shapeflow.geometry.mesh import edge_defects, edge_keys, face_volumes, half_edges
 
-MC_BLOCK = 16  # marching-cubes block edge, in cells
 BAND_VOXELS = 1.8  # band beyond eps, in grid steps: covers every cell a zero crossing can be in (sqrt 3)
 INTERIOR = -3  # part id of an open face with a solid on both sides: no surface there
 PROBE_STEPS = 0.5  # how far off a face, in grid steps, its two sides are probed for w
@@ -405,41 +404,12 @@ def _mc_origins(touched: np.ndarray, resolution: int) -> np.ndarray:
     return origins[(origins < resolution - 1).all(axis=1)]
 
 
-def _march_blocks(values: np.ndarray, origins: np.ndarray):
-    """PyMCubes on each block with a sign change; vertices in grid-index units."""
-    lo = values.reshape(len(values), -1).min(axis=1)
-    hi = values.reshape(len(values), -1).max(axis=1)
-    verts, faces = [], []
-    for b in np.flatnonzero((lo < 0) & (hi > 0)):
-        v, f = mcubes.marching_cubes(values[b], 0.0)
-        if len(f) == 0:
-            continue
-        verts.append(v + origins[b])
-        faces.append(f.astype(np.int64))
-    return trimesh.util.append_faces(verts, faces)
-
-
-def _weld(verts: np.ndarray, faces: np.ndarray, resolution: int):
-    """Merge the vertex copies that neighbouring blocks both computed, drop collapsed faces.
-
-    Every marching-cubes vertex lies on a grid edge, so (edge's lower corner, axis) is an exact key.
-    """
-    corner = np.floor(verts).astype(np.int64)  # (V, 3)
-    frac = verts - corner
-    axis = np.argmax(frac, axis=1)
-    key = ((corner[:, 0] * resolution + corner[:, 1]) * resolution + corner[:, 2]) * 3 + axis
-    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-    faces = inverse.reshape(-1)[faces]
-    faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
-    return verts[first], faces
-
-
 def _finish(verts_idx: np.ndarray, faces: np.ndarray, resolution: int) -> tuple:
     """Grid-index vertices from marching cubes -> a checked, outward, closed mesh in [-1, 1]^3."""
     h = grid_step(resolution)
     if len(faces) == 0:
         raise WatertightError("the surface vanished: no part of the object is thicker than the grid")
-    verts_idx, faces = _weld(verts_idx, faces, resolution)
+    verts_idx, faces = weld(verts_idx, faces, resolution)
     faces = np.ascontiguousarray(faces[:, ::-1])  # PyMCubes orients triangles inward for a field negative inside
     verts = verts_idx * h - 1.0
     n = len(verts)
@@ -540,7 +510,7 @@ def _surface(field: tuple, resolution: int, r_band: float):
     h = grid_step(resolution)
     origins = _mc_origins(touched, resolution)
     values = nb.signed_blocks(val, touched, block_out, point_out, origins, MC_BLOCK, r_band, 1e-4 * h)
-    verts_idx, mc_faces = _march_blocks(values, origins)
+    verts_idx, mc_faces = march_blocks(values, origins)
     return _finish(verts_idx, mc_faces, resolution)
 
 

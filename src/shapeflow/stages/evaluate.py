@@ -64,7 +64,6 @@ RECON_COLUMNS = (
 )
 SAMPLE_COLUMNS = ("sample", "category", "faces", "watertight", "nearest_cd", "nearest_key", "nearest_category")
 GEN_CATEGORY_COLUMNS = ("category", "samples", "references", "empty", *GEN_KEYS, *(f"floor_{k}" for k in GEN_KEYS))
-FIELD_CHUNK = 65536
 RUN_FILE = "run.json"  # beside metrics.json: the MLflow run id and wall times
 
 
@@ -129,7 +128,7 @@ def recon_object(
     record |= surface_metrics(mesh, ref_points, seed=seed + 1, reference_normals=ref_normals)
     for name, prefix in (("iou_volume", "vol"), ("iou_near", "near")):
         points = torch.from_numpy(np.ascontiguousarray(arrays[f"{prefix}_points"], dtype=np.float32)).to(device)
-        pred = evaluate_points(field, points, FIELD_CHUNK).cpu().numpy()
+        pred = evaluate_points(field, points).cpu().numpy()
         record[name] = volume_iou(pred, arrays[f"{prefix}_sdf"])
     floor_points, floor_normals = reference.sample(p.recon_points, seed + 2)
     floor = point_metrics(floor_points, ref_points, floor_normals, ref_normals)

@@ -1,0 +1,335 @@
+"""Decoding a learned field to a mesh: the dense grid, the two-level decode of before and the
+hierarchical decode (shapeflow.geometry.decode), side by side on the same VAE and shapes.
+
+For each shape, resolution and method: field queries, decode and marching-cubes seconds, the
+process's extra peak memory (CPU: VmHWM above the resident memory before; GPU: the peak allocated),
+and against the dense grid of the same resolution: `sign_mismatch`, the grid points whose sign
+differs from the dense grid's at the corners of cells the dense surface crosses, and `cd_to_dense`,
+the Chamfer distance between the method's mesh and the dense mesh, beside `cd_floor`, the distance
+between two independent samplings of the dense mesh.
+
+The methods:
+- dense: the field at every (R + 1)^3 grid point, marching cubes over the whole grid;
+- two_level: the decoder before the hierarchy, as it was (a dense grid 2x coarser, the full
+  resolution in the band; 65,536 queries per call; marching cubes over the whole grid);
+- hierarchical: the decoder of today (levels from 32^3, queries per call sized to the device,
+  marching cubes on the blocks the surface crosses).
+
+The VAE: a train_vae output (`--vae models/vae`) with its sample-stage objects (`--samples`,
+default data/samples beside it); or, without `--vae`, a VAE of the default (local) preset trained
+here for `--train-steps` steps on a few built-in shapes with thin parts (tables, chairs, lamps,
+rings).
+
+    python bench/bench_decode.py --json OUT.json
+    python bench/bench_decode.py --vae models/vae --samples data/samples --objects 4 --resolutions 128 256 512
+
+The dense grid at 512^3 is 135M queries (about an hour a shape on 2 CPU cores): it is only computed
+up to `--dense-max` (default 256 on a CPU, 512 on a GPU); above it the two dense columns are empty.
+Prints JSON and a table; writes bench/results/decode.json unless --json says where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from _memory import peak_memory_mb, reset_peak_memory
+from _table import print_table
+
+TWO_LEVEL_CHUNK = 65536  # queries per call of the decoder before the hierarchy
+FLOOR_POINTS = 100_000
+BUILTIN_SHAPES = ("table", "chair", "lamp", "ring")
+
+
+def resident_memory_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("VmRSS not found in /proc/self/status")
+
+
+def full_grid_mesh(values):
+    """Marching cubes over the whole grid, as grid_to_mesh did before it went block-wise."""
+    import mcubes
+    import numpy as np
+    import trimesh
+
+    resolution = values.shape[0] - 1
+    verts, faces = mcubes.marching_cubes(np.ascontiguousarray(values, dtype=np.float64), 0.0)
+    if len(faces) == 0:
+        return trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64), process=False)
+    mesh = trimesh.Trimesh(verts * (2.0 / resolution) - 1.0, faces[:, ::-1], process=False)
+    mesh.merge_vertices()
+    mesh.update_faces(mesh.nondegenerate_faces(height=None))
+    mesh.remove_unreferenced_vertices()
+    return mesh
+
+
+def surface_corner_mask(values):
+    """Grid points that are corners of a cell whose corners change sign."""
+    import numpy as np
+
+    r = values.shape[0] - 1
+    corners = [values[i : r + i, j : r + j, k : r + k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+    lo = np.minimum.reduce(corners)
+    hi = np.maximum.reduce(corners)
+    crossed = (lo < 0) & (hi > 0)
+    mask = np.zeros(values.shape, dtype=bool)
+    for i in (0, 1):
+        for j in (0, 1):
+            for k in (0, 1):
+                mask[i : r + i, j : r + j, k : r + k] |= crossed
+    return mask
+
+
+def builtin_objects(steps: int, device: str) -> tuple[object, list[tuple[str, dict]]]:
+    """A local-preset VAE trained for `steps` on a few built-in shapes, and those shapes' arrays."""
+    import numpy as np
+    import torch
+    import trimesh
+
+    from shapeflow import config
+    from shapeflow.data.builtin import make_shape
+    from shapeflow.dataset import draw
+    from shapeflow.geometry.mesh import normalise
+    from shapeflow.geometry.sampling import sample_object
+    from shapeflow.geometry.watertight import watertight
+    from shapeflow.models.vae import VecSetVAE, vae_config
+    from shapeflow.stages.train_vae import losses
+
+    params = config.load_params(None)
+    objects = []
+    for i, category in enumerate(BUILTIN_SHAPES):
+        mesh, _, _ = normalise(make_shape(category, np.random.default_rng(i)))
+        closed = watertight(mesh.vertices, mesh.faces, resolution=256)
+        arrays = sample_object(trimesh.Trimesh(closed.vertices, closed.faces, process=False), params.sample, seed=i)
+        objects.append((category, arrays))
+    torch.manual_seed(0)
+    vae = VecSetVAE(vae_config(params.train_vae.preset, params.train_vae.model)).to(device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    tic = time.perf_counter()
+    for step in range(steps):
+        views = [draw(arrays, params.train_vae.data, generator) for _, arrays in objects]
+        batch = {k: torch.stack([v[k] for v in views]).to(device) for k in views[0]}
+        loss = losses(vae, batch, params.train_vae.loss)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps - 1:
+            print(f"train step {step}/{steps} loss {loss.item():.5f} ({time.perf_counter() - tic:.0f} s)", flush=True)
+    return vae.eval(), objects
+
+
+def stage_objects(vae_dir: Path, samples: Path, n: int, keys: list[str] | None, device: str):
+    from shapeflow.dataset import list_objects, load_arrays
+    from shapeflow.models.vae import load_pretrained
+
+    vae = load_pretrained(vae_dir, device).eval()
+    objects = list_objects(samples, "test") or list_objects(samples)
+    if keys:
+        objects = [o for o in objects if any(o.key.startswith(k) for k in keys)]
+    # One object per category first, in key order, so the shapes differ.
+    chosen, seen = [], set()
+    for o in sorted(objects, key=lambda o: o.key):
+        if o.category not in seen:
+            chosen.append(o)
+            seen.add(o.category)
+    chosen += [o for o in objects if o not in chosen]
+    return vae, [(f"{o.category}/{o.key[:8]}", load_arrays(o.path)) for o in chosen[:n]]
+
+
+def run_method(method: str, field, resolution: int, device: str) -> tuple[object, object, dict]:
+    import torch
+
+    from shapeflow.geometry.decode import decode_grid, grid_to_mesh
+
+    calls = {"queries": 0}
+
+    def counted(q):
+        calls["queries"] += len(q)
+        return field(q)
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_memory()
+    before = resident_memory_mb()
+    tic = time.perf_counter()
+    if method == "dense":
+        values = decode_grid(counted, resolution, device=device, base=resolution)
+    elif method == "two_level":
+        values = decode_grid(counted, resolution, chunk=TWO_LEVEL_CHUNK, device=device, base=resolution // 2)
+    else:
+        values = decode_grid(counted, resolution, device=device)
+    decode_s = time.perf_counter() - tic
+    tic = time.perf_counter()
+    mesh = grid_to_mesh(values) if method == "hierarchical" else full_grid_mesh(values)
+    mc_s = time.perf_counter() - tic
+    memory = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_memory_mb() - before
+    row = {
+        "queries": calls["queries"],
+        "decode_s": decode_s,
+        "mc_s": mc_s,
+        "total_s": decode_s + mc_s,
+        "peak_memory_mb": memory,
+        "faces": len(mesh.faces),
+        "watertight": bool(mesh.is_watertight) if len(mesh.faces) else False,
+    }
+    return values, mesh, row
+
+
+def compare(values, mesh, dense_values, dense_mesh, dense_points, seed: int) -> dict:
+    import numpy as np
+
+    from shapeflow.geometry.sampling import sample_surface
+    from shapeflow.metrics import chamfer_distance
+
+    mask = surface_corner_mask(dense_values)
+    mismatch = int(((values < 0) != (dense_values < 0))[mask].sum())
+    if len(mesh.faces) == 0 or len(dense_mesh.faces) == 0:
+        return {"sign_mismatch": mismatch, "cd_to_dense": float("nan")}
+    points, _ = sample_surface(mesh, FLOOR_POINTS, np.random.default_rng(seed))
+    return {"sign_mismatch": mismatch, "cd_to_dense": chamfer_distance(points, dense_points)}
+
+
+def bench_shape(name: str, vae, arrays: dict, resolutions: list[int], dense_max: int, device: str) -> list[dict]:
+    import numpy as np
+    import torch
+
+    from shapeflow import config
+    from shapeflow.dataset import encoder_inputs
+    from shapeflow.geometry.sampling import sample_surface
+    from shapeflow.metrics import chamfer_distance
+
+    data = config.load_params(None).train_vae.data
+    inputs = {k: v.to(device) for k, v in encoder_inputs(arrays, data, 0).items()}
+    with torch.no_grad():
+        tokens = vae.decode(vae.encode(**inputs).mode())
+
+    def field(q):  # as inference.reconstruct queries it
+        return vae.query(tokens, q[None])[0]
+
+    rows = []
+    for resolution in resolutions:
+        dense_values = dense_mesh = dense_points = None
+        result = {}
+        for method in ("dense", "two_level", "hierarchical"):
+            if method == "dense" and resolution > dense_max:
+                continue
+            values, mesh, row = run_method(method, field, resolution, device)
+            if method == "dense":
+                dense_values, dense_mesh = values, mesh
+                if len(mesh.faces):
+                    dense_points, _ = sample_surface(mesh, FLOOR_POINTS, np.random.default_rng(1))
+                    again, _ = sample_surface(mesh, FLOOR_POINTS, np.random.default_rng(2))
+                    row["cd_floor"] = chamfer_distance(again, dense_points)
+            elif dense_values is not None:
+                row |= compare(values, mesh, dense_values, dense_mesh, dense_points, seed=3)
+            result[method] = row
+            print(
+                f"{name} {resolution}^3 {method}: {row['queries']:,} queries, {row['total_s']:.1f} s"
+                + (f", sign_mismatch {row['sign_mismatch']}" if "sign_mismatch" in row else ""),
+                flush=True,
+            )
+        rows.append({"shape": name, "resolution": resolution, **result})
+    return rows
+
+
+def summary_rows(rows: list[dict]) -> list[list[object]]:
+    table = []
+    for r in rows:
+        dense, two, hier = r.get("dense"), r["two_level"], r["hierarchical"]
+
+        def ratio(a, b, key):
+            return f"{a[key] / b[key]:.1f}x" if a and b and b[key] else "-"
+
+        table.append(
+            [
+                r["shape"],
+                r["resolution"],
+                f"{dense['queries']:,}" if dense else "-",
+                f"{two['queries']:,}",
+                f"{hier['queries']:,}",
+                f"{dense['total_s']:.1f}" if dense else "-",
+                f"{two['total_s']:.1f}",
+                f"{hier['total_s']:.1f}",
+                ratio(dense, hier, "queries"),
+                ratio(dense, hier, "total_s"),
+                f"{hier['peak_memory_mb']:.0f}",
+                hier.get("sign_mismatch", "-"),
+                f"{hier['cd_to_dense']:.5f}" if "cd_to_dense" in hier else "-",
+                f"{dense['cd_floor']:.5f}" if dense and "cd_floor" in dense else "-",
+            ]
+        )
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vae", type=Path, help="a train_vae output folder (default: train one here)")
+    parser.add_argument("--samples", type=Path, help="the sample stage's output for --vae (default: data/samples)")
+    parser.add_argument("--objects", type=int, default=4, help="shapes from --samples (one per category first)")
+    parser.add_argument("--keys", nargs="+", help="object key prefixes to take from --samples")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--dense-max", type=int, help="largest resolution with a dense grid (CPU 256, GPU 512)")
+    parser.add_argument("--train-steps", type=int, default=300, help="steps of the VAE trained without --vae")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on a CPU (default: torch's)")
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "decode.json")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dense_max = args.dense_max or (512 if device == "cuda" else 256)
+    if args.vae:
+        samples = args.samples or Path("data/samples")
+        vae, objects = stage_objects(args.vae, samples, args.objects, args.keys, device)
+        source = f"{args.vae} on {samples}"
+    else:
+        vae, objects = builtin_objects(args.train_steps, device)
+        source = f"local preset trained {args.train_steps} steps on built-in {', '.join(BUILTIN_SHAPES)}"
+    rows = []
+    for name, arrays in objects:
+        rows += bench_shape(name, vae, arrays, args.resolutions, dense_max, device)
+    report = {
+        "device": device if device == "cpu" else torch.cuda.get_device_name(),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "vae": source,
+        "dense_max": dense_max,
+        "rows": rows,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    headers = [
+        "shape",
+        "R",
+        "queries dense",
+        "two-level",
+        "hier.",
+        "s dense",
+        "two-level",
+        "hier.",
+        "queries dense/hier.",
+        "time dense/hier.",
+        "hier. MB",
+        "sign_mismatch",
+        "cd_to_dense",
+        "cd floor",
+    ]
+    print_table(headers, summary_rows(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
