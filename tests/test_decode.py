@@ -112,3 +112,21 @@ def test_a_thin_part_between_the_coarse_grid_points_is_found_when_the_margin_cov
     # A margin for a slope far below the field's skips the plate at the coarse levels.
     missed = decode_grid(shallow, 128, slope=0.02)
     assert (missed > 0).all() and len(grid_to_mesh(missed).faces) == 0
+
+
+def test_query_chunks_follow_the_device(monkeypatch):
+    from shapeflow.geometry import decode
+
+    assert decode.default_chunk("cpu") == decode.CPU_CHUNK
+    low, high = decode.GPU_CHUNK_BOUNDS
+    for free, expected in ((1 << 20, low), (4 * decode.QUERY_BYTES * 100_000, 65536), (1 << 40, high)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 2 * free))
+        assert decode.default_chunk("cuda") == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decoding_on_the_gpu_gives_the_cpu_mesh():
+    cpu = decode_grid(thin_rod, 128)
+    gpu = decode_grid(lambda q: thin_rod(q.cpu()).to(q.device), 128, device="cuda")
+    assert np.array_equal(cpu < 0, gpu < 0)
+    assert len(grid_to_mesh(gpu).faces) == len(grid_to_mesh(cpu).faces)

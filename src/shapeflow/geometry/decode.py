@@ -45,13 +45,24 @@ BOUND = 1.0  # the grid covers [-BOUND, BOUND]^3
 MIN_BASE = 32  # the coarsest level: half its cell diagonal (0.054) under the learned truncation
 SLOPE = 1.5  # assumed bound on the field's change per unit length (see the module docstring)
 # Queries per field call. On a CPU the local decoder's per-(query, neighbour) tensors should stay in
-# cache: 2,048 queries ran 2.8x faster than 65,536 on one core. A GPU wants large batches.
-CPU_CHUNK, GPU_CHUNK = 2048, 1 << 17
+# cache: 2,048 queries ran 2.8x faster than 65,536 on one core. A GPU wants the largest batch that
+# fits: a quarter of its free memory at QUERY_BYTES a query (the local decoder's default preset holds
+# about 8 tensors of 8 neighbours x 128 channels per query in float32), within the GPU bounds.
+CPU_CHUNK = 2048
+GPU_CHUNK_BOUNDS = (1 << 14, 1 << 19)
+QUERY_BYTES = 8 * 8 * 128 * 4
 _CORNERS = [(i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)]
 
 
 def default_chunk(device: torch.device | str) -> int:
-    return GPU_CHUNK if torch.device(device).type == "cuda" else CPU_CHUNK
+    """Queries per field call on `device` (see CPU_CHUNK and GPU_CHUNK_BOUNDS)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_CHUNK
+    free, _ = torch.cuda.mem_get_info(device)
+    low, high = GPU_CHUNK_BOUNDS
+    fits = free // 4 // QUERY_BYTES
+    return int(min(high, max(low, 1 << max(int(fits).bit_length() - 1, 0))))
 
 
 def grid_coordinates(resolution: int, device: torch.device | str = "cpu") -> torch.Tensor:
