@@ -49,9 +49,8 @@ def dvc_stage(workdir: str, stage: str, experiment: str | None = None) -> bool:
     """One DVC stage; True when it ran, False when DVC found it up to date. Runs of an experiment
     are named after it in MLflow, as under `dvc exp run`."""
     logger = get_run_logger()
-    ran = dp.run_stage(
-        Path(workdir), stage, logger.info, dp.tool_env({"DVC_EXP_NAME": experiment} if experiment else None)
-    )
+    env = dp.tool_env({"DVC_EXP_NAME": experiment} if experiment else None, Path(workdir))
+    ran = dp.run_stage(Path(workdir), stage, logger.info, env)
     logger.info("stage %s %s", stage, "ran" if ran else "was up to date")
     return ran
 

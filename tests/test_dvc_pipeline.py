@@ -254,3 +254,18 @@ def test_a_reused_workspace_starts_from_the_committed_params_and_workspaces_can_
     assert len(worktrees.splitlines()) == 1 and dp.list_experiments(tmp_path) == []
     with pytest.raises(ValueError, match="no experiment workspace 'short'"):
         dp.remove_experiment(tmp_path, "short")
+
+
+def test_stages_of_a_workspace_import_its_own_checkout_of_the_package(tmp_path):
+    # An experiment worktree holds the commit it was made from; the installed package follows the
+    # main checkout. The stages must run the former, the code the worktree's dvc.lock hashes.
+    import subprocess
+
+    ws = tmp_path / "ws"
+    (ws / "src" / "shapeflow").mkdir(parents=True)
+    (ws / "src" / "shapeflow" / "__init__.py").write_text("WHERE = 'workspace'\n")
+    probe = [sys.executable, "-c", "import shapeflow; print(getattr(shapeflow, 'WHERE', 'installed'))"]
+    ours = subprocess.run(probe, env=dp.tool_env(None, ws), capture_output=True, text=True, cwd=tmp_path)
+    assert ours.stdout.strip() == "workspace", ours.stderr
+    plain = subprocess.run(probe, env=dp.tool_env(None, tmp_path), capture_output=True, text=True, cwd=tmp_path)
+    assert plain.stdout.strip() == "installed", plain.stderr

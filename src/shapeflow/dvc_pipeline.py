@@ -131,11 +131,17 @@ def dvc_command() -> list[str]:
     return [sys.executable, "-m", "dvc"]
 
 
-def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def tool_env(extra: Mapping[str, str] | None = None, workdir: Path | None = None) -> dict[str, str]:
     """The environment for DVC and the stages: this interpreter's bin folder first on PATH (the
-    stages call `shapeflow` and `accelerate`)."""
+    stages call `shapeflow` and `accelerate`). With a `workdir` holding its own checkout of the
+    package (an experiment worktree), its src/ comes first on PYTHONPATH: the stages run the code
+    that the workspace's dvc.lock hashes, not the installed package, which follows the main checkout
+    as it moves on."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if workdir is not None and (Path(workdir) / "src" / "shapeflow").is_dir():
+        src = str((Path(workdir) / "src").resolve())
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH", "")]))
     env.update(extra or {})
     return env
 
@@ -386,7 +392,7 @@ def run_experiment(
     repo = Path(repo).resolve()
     ws = experiment_workspace(repo, name, overrides, log)
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo / 'mlflow.db'}"
-    env = tool_env({"DVC_EXP_NAME": name, "MLFLOW_TRACKING_URI": tracking})
+    env = tool_env({"DVC_EXP_NAME": name, "MLFLOW_TRACKING_URI": tracking}, ws)
     for stage in force:
         code, tail = run_logged([*dvc_command(), "repro", "--force", "--single-item", stage], ws, log, env)
         if code != 0:
