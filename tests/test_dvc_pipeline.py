@@ -269,3 +269,49 @@ def test_stages_of_a_workspace_import_its_own_checkout_of_the_package(tmp_path):
     assert ours.stdout.strip() == "workspace", ours.stderr
     plain = subprocess.run(probe, env=dp.tool_env(None, tmp_path), capture_output=True, text=True, cwd=tmp_path)
     assert plain.stdout.strip() == "installed", plain.stderr
+
+
+@pytest.mark.slow
+def test_eval_metrics_and_plots_of_saved_experiments_reach_exp_show_and_metrics_diff(tmp_path):
+    """The project's .gitignore and its evaluate stage's outs, metrics and plots, on a stand-in
+    command: what `dvc exp save` keeps must include the evaluation figures."""
+    import subprocess
+
+    project = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]
+    write = (
+        "import json, os, yaml; s = yaml.safe_load(open('params.yaml'))['evaluate']['scale']; "
+        "[os.makedirs(d, exist_ok=True) for d in ('eval/recon', 'eval/samples', 'eval/plots')]; "
+        "open('eval/recon/a.txt', 'w').write('r'); open('eval/samples/a.txt', 'w').write('s'); "
+        "json.dump({'recon': {'f@0.02': 0.5 * s, 'cd': 0.01 / s}}, open('eval/metrics.json', 'w')); "
+        "json.dump({'run_id': 'x'}, open('eval/run.json', 'w')); "
+        "[open(f'eval/plots/{n}.csv', 'w').write('key,category,sample,f@0.02,mmd_cd,nearest_cd\\na,c,0,0.5,1,1\\n') "
+        "for n in ('recon', 'recon_categories', 'generation_categories', 'generation')]"
+    )
+    stage = {"cmd": f'python -c "{write}"', "params": ["evaluate"]}
+    stage |= {k: project[k] for k in ("outs", "metrics", "plots")}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": stage}}))
+    (tmp_path / "params.yaml").write_text("evaluate: {scale: 1.0}\n")
+    (tmp_path / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    for cmd in (["git", "init", "-q"], [*dp.dvc_command(), "init", "-q"], ["git", "add", "-A"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True)
+    subprocess.run(["git", "commit", "-qm", "evaluate"], cwd=tmp_path, check=True)
+    dp.run_experiment(tmp_path, "one", ["evaluate.scale=1.0"], lambda line: None, force=())
+    dp.run_experiment(tmp_path, "two", ["evaluate.scale=2.0"], lambda line: None, force=())
+
+    def dvc(*args: str) -> str:
+        proc = subprocess.run([*dp.dvc_command(), *args], cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert "failed to load" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+        return proc.stdout
+
+    shown = json.loads(dvc("exp", "show", "--json"))
+    figures = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp["revs"]:
+                metrics = rev["data"]["metrics"]["eval/metrics.json"]["data"]
+                figures[rev["name"]] = metrics["recon"]["f@0.02"]
+    assert figures == {"one": 0.5, "two": 1.0}
+    diff = json.loads(dvc("metrics", "diff", "one", "two", "--json"))
+    assert diff["eval/metrics.json"]["recon.f@0.02"] == {"old": 0.5, "new": 1.0, "diff": 0.5}
+    dvc("plots", "diff", "one", "two", "--json")

@@ -353,9 +353,30 @@ def remove_experiment(repo: Path, name: str) -> Path:
     return ws
 
 
+def git_kept_outputs(repo: Path) -> list[str]:
+    """Outputs of `repo`'s stages that git keeps instead of the DVC cache (`cache: false`: the
+    metrics and plots files), as declared in dvc.yaml."""
+    raw = yaml.safe_load((Path(repo) / "dvc.yaml").read_text()) or {}
+    kept = []
+    for body in (raw.get("stages") or {}).values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in body.get(kind) or []:
+                if isinstance(entry, dict):
+                    path, options = next(iter(entry.items()))
+                    if isinstance(options, dict) and options.get("cache") is False:
+                        kept.append(str(path))
+    return kept
+
+
 def save_experiment(ws: Path, name: str, log: Callable[[str], None]) -> None:
-    """Record the worktree's state as DVC experiment `name` (replacing an earlier one of that name)."""
-    code, tail = run_logged([*dvc_command(), "exp", "save", "--force", "-n", name], ws, log)
+    """Record the worktree's state as DVC experiment `name` (replacing an earlier one of that name).
+
+    `dvc exp save` takes only files git or DVC already track; the metrics and plots files that a
+    stage wrote for the first time are untracked still, so they are named with --include-untracked:
+    without them `dvc exp show`, `dvc metrics diff` and `dvc plots diff` miss the experiment's figures."""
+    untracked = [path for path in git_kept_outputs(ws) if (ws / path).exists()]
+    include = [arg for path in untracked for arg in ("--include-untracked", path)]
+    code, tail = run_logged([*dvc_command(), "exp", "save", "--force", "-n", name, *include], ws, log)
     if code != 0:
         raise RuntimeError(f"dvc exp save -n {name} in {ws} failed:\n{tail}")
 
