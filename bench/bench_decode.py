@@ -25,6 +25,11 @@ rings).
 
 The dense grid at 512^3 is 135M queries (about an hour a shape on 2 CPU cores): it is only computed
 up to `--dense-max` (default 256 on a CPU, 512 on a GPU); above it the two dense columns are empty.
+With `--evaluate-objects N` (and `--vae`), N test objects also go through the evaluate stage's
+per-object scoring (`recon_object`: decode, Chamfer and F-scores on 100,000 points, volume IoU)
+with the decoder before the hierarchy at 128^3 and with today's at 128^3 and 256^3: seconds per
+object and the mean figures, so the cost and what the coarser grid hid sit side by side.
+
 Prints JSON and a table; writes bench/results/decode.json unless --json says where.
 """
 
@@ -241,6 +246,51 @@ def bench_shape(name: str, vae, arrays: dict, resolutions: list[int], dense_max:
     return rows
 
 
+def evaluate_rows(vae_dir: Path, samples: Path, n: int, device: str) -> list[dict]:
+    """The evaluate stage's per-object scoring of n test objects, two-level 128^3 against the
+    hierarchical decoder at 128^3 and 256^3: mean seconds and figures per variant."""
+    import dataclasses
+    import statistics
+
+    import shapeflow.inference as inference
+    import shapeflow.stages.evaluate as evaluate
+    from shapeflow import config
+    from shapeflow.dataset import list_objects
+    from shapeflow.geometry.decode import decode_grid, decode_mesh, evaluate_points
+    from shapeflow.models.vae import load_pretrained
+
+    params = config.load_params(None)
+    vae = load_pretrained(vae_dir, device).eval()
+    objects = (list_objects(samples, "test") or list_objects(samples))[:n]
+    refs = evaluate.reference_paths(samples.parent / "watertight")
+
+    def two_level_mesh(field, resolution, chunk=None, device="cpu"):
+        return full_grid_mesh(decode_grid(field, resolution, TWO_LEVEL_CHUNK, device, base=resolution // 2))
+
+    variants = (("two_level", 128, two_level_mesh, TWO_LEVEL_CHUNK), ("hierarchical", 128, decode_mesh, None))
+    variants += (("hierarchical", 256, decode_mesh, None),)
+    rows = []
+    for method, resolution, mesher, chunk in variants:
+        inference.decode_mesh = mesher
+        evaluate.evaluate_points = lambda field, points, chunk_=None, c=chunk: evaluate_points(field, points, c)
+        p = dataclasses.replace(params.evaluate, resolution=resolution)
+        records, seconds = [], []
+        for obj in objects:
+            tic = time.perf_counter()
+            record, _, _ = evaluate.recon_object(vae, obj, refs.get(obj.key), p, params.train_vae.data, 0, device)
+            seconds.append(time.perf_counter() - tic)
+            records.append(record)
+        ok = [r for r in records if r["status"] == "ok"]
+        row = {"method": method, "resolution": resolution, "objects": len(ok), "s_per_object": statistics.mean(seconds)}
+        for key in ("cd", "f@0.01", "f@0.02", "nc", "iou_volume", "floor_f@0.01"):
+            row[key] = statistics.mean(float(r[key]) for r in ok)
+        rows.append(row)
+        summary = f"{row['s_per_object']:.1f} s/object, F@0.01 {row['f@0.01']:.3f}"
+        print(f"evaluate {method} {resolution}^3: {summary}", flush=True)
+    inference.decode_mesh, evaluate.evaluate_points = decode_mesh, evaluate_points
+    return rows
+
+
 def summary_rows(rows: list[dict]) -> list[list[object]]:
     table = []
     for r in rows:
@@ -281,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=300, help="steps of the VAE trained without --vae")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on a CPU (default: torch's)")
+    parser.add_argument("--evaluate-objects", type=int, default=0, help="test objects scored as evaluate does")
+    parser.add_argument("--skip-grids", action="store_true", help="only the --evaluate-objects comparison")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "decode.json")
     args = parser.parse_args(argv)
 
@@ -298,8 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         vae, objects = builtin_objects(args.train_steps, device)
         source = f"local preset trained {args.train_steps} steps on built-in {', '.join(BUILTIN_SHAPES)}"
     rows = []
-    for name, arrays in objects:
+    for name, arrays in [] if args.skip_grids else objects:
         rows += bench_shape(name, vae, arrays, args.resolutions, dense_max, device)
+    evaluated = []
+    if args.vae and args.evaluate_objects:
+        evaluated = evaluate_rows(args.vae, args.samples or Path("data/samples"), args.evaluate_objects, device)
     report = {
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "threads": torch.get_num_threads(),
@@ -307,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         "vae": source,
         "dense_max": dense_max,
         "rows": rows,
+        "evaluate": evaluated,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
@@ -327,7 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         "cd_to_dense",
         "cd floor",
     ]
-    print_table(headers, summary_rows(rows))
+    if rows:
+        print_table(headers, summary_rows(rows))
+    if evaluated:
+        keys = ["method", "resolution", "objects", "s_per_object", "cd", "f@0.01", "f@0.02", "nc", "iou_volume"]
+        print_table(keys, [[f"{r[k]:.4g}" if isinstance(r[k], float) else r[k] for k in keys] for r in evaluated])
     return 0
 
 
