@@ -17,8 +17,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.runtime import flow_run
 
 from shapeflow import dvc_pipeline as dp
 from shapeflow.report import metrics_markdown
@@ -85,20 +87,57 @@ def publish_report(workdir: str, title: str) -> str:
     return markdown
 
 
-def fan_out_stage(workdir: str, stage: str) -> bool:
-    """A stale per-object stage through the preprocessing fan-out, then `dvc commit`; False when up to date."""
-    if stage_is_up_to_date(workdir, stage):
-        get_run_logger().info("stage %s was up to date", stage)
-        return False
+def fan_out_stage(workdir: str, stage: str, wait_for: list) -> tuple[bool, object]:
+    """A stale per-object stage through the preprocessing fan-out, then `dvc commit`; (whether it
+    ran, the state that later stages wait for)."""
+    logger = get_run_logger()
+    checked = stage_is_up_to_date(workdir, stage, return_state=True, wait_for=wait_for)
+    if checked.result():
+        logger.info("stage %s was up to date", stage)
+        return False, checked
     src, dst = dp.stage_paths(Path(workdir), stage)
-    preprocess(
-        stage, str(Path(workdir) / src), str(Path(workdir) / dst), params_file=str(Path(workdir) / "params.yaml")
+    done = preprocess(
+        stage,
+        str(Path(workdir) / src),
+        str(Path(workdir) / dst),
+        params_file=str(Path(workdir) / "params.yaml"),
+        return_state=True,
+        wait_for=[checked],
     )
-    commit_stage(workdir, stage)
-    return True
+    totals = done.result()  # the sub-flow's summary, in this run's log too
+    logger.info("stage %s: %d objects ok, %d failed", stage, totals["ok"], totals["failed"])
+    committed = commit_stage(workdir, stage, return_state=True, wait_for=[done])
+    committed.result()
+    return True, committed
 
 
-@flow(name="pipeline", log_prints=True)
+def experiment_of(overrides: list[str] | None, experiment: str | None) -> str | None:
+    """The DVC experiment a run with these parameters makes; None: the main workspace."""
+    overrides = list(overrides or [])
+    return (experiment or dp.experiment_name(overrides)) if overrides else None
+
+
+def run_name() -> str:
+    """A flow run's name: its flow and the experiment it makes (or 'workspace')."""
+    params = flow_run.parameters
+    name = experiment_of(params.get("overrides"), params.get("experiment"))
+    return f"{flow_run.flow_name}: {name or 'workspace'}"
+
+
+def tag_run(name: str | None) -> list[str]:
+    """Tag this flow run with its experiment (`experiment:NAME`, or `experiment:workspace`), so the
+    UI's filters find every run of one experiment; the tags also go on the run's tasks."""
+    tag = f"experiment:{name or 'workspace'}"
+    run_id = flow_run.id
+    if run_id:
+        with get_client(sync_client=True) as client:
+            current = client.read_flow_run(run_id).tags
+            if tag not in current:
+                client.update_flow_run(run_id, tags=[*current, tag])
+    return [tag]
+
+
+@flow(name="pipeline", flow_run_name=run_name, log_prints=True)
 def pipeline(
     targets: list[str] | None = None,
     overrides: list[str] | None = None,
@@ -115,20 +154,27 @@ def pipeline(
     logger = get_run_logger()
     overrides = list(overrides or [])
     order = dp.stage_order(REPO, targets)
-    name = (experiment or dp.experiment_name(overrides)) if overrides else None
-    workdir = prepare_workspace(str(REPO), name, overrides) if name else str(REPO)
-    logger.info("stages in order: %s; in %s%s", ", ".join(order), workdir, f" (experiment {name})" if name else "")
-    ran = {}
-    for stage in order:
-        if fan_out and stage in PER_OBJECT:
-            ran[stage] = fan_out_stage(workdir, stage)
-        else:
-            ran[stage] = dvc_stage(workdir, stage, name)
-    if name:
-        save_experiment(workdir, name)
-    publish_report(
-        workdir, f"shapeflow {name or 'workspace'}: {', '.join(s for s, r in ran.items() if r) or 'nothing'} ran"
-    )
+    name = experiment_of(overrides, experiment)
+    with tags(*tag_run(name)):
+        workdir = prepare_workspace(str(REPO), name, overrides) if name else str(REPO)
+        logger.info("stages in order: %s; in %s%s", ", ".join(order), workdir, f" (experiment {name})" if name else "")
+        # Each stage waits for the stages whose outputs it reads (dvc.yaml's DAG), so the run graph
+        # draws fetch -> watertight -> sample -> train_vae -> train_dit -> evaluate.
+        graph = dp.upstream(dp.read_stages(REPO))
+        ran, states = {}, {}
+        for stage in order:
+            wait_for = [states[up] for up in sorted(graph[stage]) if up in states]
+            if fan_out and stage in PER_OBJECT:
+                ran[stage], states[stage] = fan_out_stage(workdir, stage, wait_for)
+            else:
+                states[stage] = dvc_stage(workdir, stage, name, return_state=True, wait_for=wait_for)
+                ran[stage] = states[stage].result()
+        last = list(states.values())[-1:]
+        if name:
+            last = [save_experiment(workdir, name, return_state=True, wait_for=last)]
+            last[0].result()
+        summary = ", ".join(s for s, r in ran.items() if r) or "nothing"
+        publish_report(workdir, f"shapeflow {name or 'workspace'}: {summary} ran", wait_for=last)
     return ran
 
 
@@ -137,18 +183,23 @@ def check_models(workdir: str) -> None:
     dp.check_models(Path(workdir))
 
 
-@flow(name="evaluate-only", log_prints=True)
+@flow(name="evaluate-only", flow_run_name=run_name, log_prints=True)
 def evaluate_only(overrides: list[str] | None = None, experiment: str | None = None) -> dict[str, bool]:
     """The evaluate stage alone, on the trained models already there (in the workspace, or in the
     experiment that `overrides` name). Without up-to-date models it fails at once, saying so and how
     to get them, instead of training them first."""
     overrides = list(overrides or [])
-    name = (experiment or dp.experiment_name(overrides)) if overrides else None
-    workdir = prepare_workspace(str(REPO), name, overrides) if name else str(REPO)
-    check_models(workdir)
-    ran = {"evaluate": dvc_stage(workdir, "evaluate", name)}
-    if name:
-        save_experiment(workdir, name)
-    outcome = "ran" if ran["evaluate"] else "was up to date"
-    publish_report(workdir, f"shapeflow {name or 'workspace'}: evaluate {outcome}")
+    name = experiment_of(overrides, experiment)
+    with tags(*tag_run(name)):
+        workdir = prepare_workspace(str(REPO), name, overrides) if name else str(REPO)
+        checked = check_models(workdir, return_state=True)
+        checked.result()
+        evaluated = dvc_stage(workdir, "evaluate", name, return_state=True, wait_for=[checked])
+        ran = {"evaluate": evaluated.result()}
+        last = [evaluated]
+        if name:
+            last = [save_experiment(workdir, name, return_state=True, wait_for=last)]
+            last[0].result()
+        outcome = "ran" if ran["evaluate"] else "was up to date"
+        publish_report(workdir, f"shapeflow {name or 'workspace'}: evaluate {outcome}", wait_for=last)
     return ran

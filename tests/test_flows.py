@@ -125,3 +125,25 @@ def test_pipeline_flow_fans_out_a_stale_per_object_stage_and_records_it_in_dvc_l
         assert status.returncode == 0 and status.stdout.strip() in ("{}", "")
         assert len(manifest(repo / "data" / "watertight")) == 8
         assert pipeline_flow.pipeline(targets=["watertight"]) == {"fetch": False, "watertight": False}
+
+    # The run graph: the fan-out of watertight waits for fetch, its commit for the fan-out; the run
+    # is named after what it builds and tagged with it.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline"])))
+        first = min(runs, key=lambda r: r.created)
+        assert first.name == "pipeline: workspace" and "experiment:workspace" in first.tags
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first.id])))
+    by_name = {t.name: t for t in tasks}
+
+    def waits_for(task_run) -> set:
+        return {ref.id for ref in task_run.task_inputs.get("wait_for", [])}
+
+    check = next(t for t in tasks if t.name.startswith("dvc-status"))
+    assert by_name["fetch"].id in waits_for(check)
+    fan_out = next(t for t in tasks if t.name.startswith("preprocess"))  # the sub-flow's task run
+    assert check.id in waits_for(fan_out)
+    assert fan_out.id in waits_for(by_name["commit watertight"])
+    assert all("experiment:workspace" in t.tags for t in (check, by_name["fetch"]))
