@@ -9,10 +9,19 @@ def reset_peak_memory() -> None:
         fh.write("5")
 
 
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process since start or the last reset, in MB."""
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024.0
-    raise RuntimeError("VmHWM not found in /proc/self/status")
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process since start or the last reset, in MB."""
+    return _status_mb("VmHWM")
+
+
+def resident_memory_mb() -> float:
+    """Resident memory of this process now, in MB."""
+    return _status_mb("VmRSS")

@@ -41,20 +41,12 @@ import os
 import time
 from pathlib import Path
 
-from _memory import peak_memory_mb, reset_peak_memory
+from _memory import peak_memory_mb, reset_peak_memory, resident_memory_mb
 from _table import print_table
 
 TWO_LEVEL_CHUNK = 65536  # queries per call of the decoder before the hierarchy
 FLOOR_POINTS = 100_000
 BUILTIN_SHAPES = ("table", "chair", "lamp", "ring")
-
-
-def resident_memory_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("VmRSS not found in /proc/self/status")
 
 
 def full_grid_mesh(values):
@@ -72,23 +64,6 @@ def full_grid_mesh(values):
     mesh.update_faces(mesh.nondegenerate_faces(height=None))
     mesh.remove_unreferenced_vertices()
     return mesh
-
-
-def surface_corner_mask(values):
-    """Grid points that are corners of a cell whose corners change sign."""
-    import numpy as np
-
-    r = values.shape[0] - 1
-    corners = [values[i : r + i, j : r + j, k : r + k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
-    lo = np.minimum.reduce(corners)
-    hi = np.maximum.reduce(corners)
-    crossed = (lo < 0) & (hi > 0)
-    mask = np.zeros(values.shape, dtype=bool)
-    for i in (0, 1):
-        for j in (0, 1):
-            for k in (0, 1):
-                mask[i : r + i, j : r + j, k : r + k] |= crossed
-    return mask
 
 
 def builtin_objects(steps: int, device: str) -> tuple[object, list[tuple[str, dict]]]:
@@ -192,10 +167,11 @@ def run_method(method: str, field, resolution: int, device: str) -> tuple[object
 def compare(values, mesh, dense_values, dense_mesh, dense_points, seed: int) -> dict:
     import numpy as np
 
+    from shapeflow.geometry.decode import crossed_corners
     from shapeflow.geometry.sampling import sample_surface
     from shapeflow.metrics import chamfer_distance
 
-    mask = surface_corner_mask(dense_values)
+    mask = crossed_corners(dense_values)
     mismatch = int(((values < 0) != (dense_values < 0))[mask].sum())
     if len(mesh.faces) == 0 or len(dense_mesh.faces) == 0:
         return {"sign_mismatch": mismatch, "cd_to_dense": float("nan")}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from shapeflow.geometry.decode import decode_grid, decode_mesh, grid_to_mesh
+from shapeflow.geometry.decode import crossed_corners, decode_grid, decode_mesh, grid_to_mesh
 from shapeflow.metrics import surface_metrics
 
 
@@ -48,25 +48,12 @@ def dense_grid(field, resolution: int) -> np.ndarray:
     return field(grid.reshape(-1, 3)).reshape((resolution + 1,) * 3).numpy()
 
 
-def surface_corners(values: np.ndarray) -> np.ndarray:
-    """Grid points that are corners of a cell whose corners change sign."""
-    r = values.shape[0] - 1
-    corners = np.stack([values[i : r + i, j : r + j, k : r + k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
-    crossed = (corners > 0).any(0) & (corners < 0).any(0)
-    mask = np.zeros(values.shape, dtype=bool)
-    for i in (0, 1):
-        for j in (0, 1):
-            for k in (0, 1):
-                mask[i : r + i, j : r + j, k : r + k] |= crossed
-    return mask
-
-
 @pytest.mark.parametrize("field", [thin_box, thin_plate, thin_rod, sphere], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("resolution", [64, 128])
 def test_hierarchical_decoding_gives_the_dense_grid_mesh_for_a_distance_field(field, resolution):
     dense = dense_grid(field, resolution)
     fine = decode_grid(field, resolution)
-    crossed = surface_corners(dense)
+    crossed = crossed_corners(dense)
     assert crossed.any()
     # Where the dense surface is, the values are the field's own; everywhere the sign agrees.
     assert np.allclose(fine[crossed], dense[crossed], atol=1e-6)
@@ -106,7 +93,7 @@ def test_a_thin_part_between_the_coarse_grid_points_is_found_when_the_margin_cov
         return 0.25 * ((q - torch.tensor([0.0, 1 / 64, 0.0])).abs() - half).max(dim=-1).values
 
     dense = dense_grid(shallow, 128)
-    crossed = surface_corners(dense)
+    crossed = crossed_corners(dense)
     assert crossed.any()
     assert np.array_equal(decode_grid(shallow, 128, slope=0.25)[crossed] < 0, dense[crossed] < 0)
     # A margin for a slope far below the field's skips the plate at the coarse levels.

@@ -140,6 +140,18 @@ def decode_grid(
     return values.cpu().numpy()
 
 
+def crossed_corners(values: np.ndarray) -> np.ndarray:
+    """Boolean mask of the grid points that are corners of a cell whose corners change sign: where
+    a decoded grid must agree with the dense one for marching cubes to give the same mesh."""
+    r = values.shape[0] - 1
+    corners = [values[i : r + i, j : r + j, k : r + k] for i, j, k in _CORNERS]
+    crossed = (np.minimum.reduce(corners) < 0) & (np.maximum.reduce(corners) > 0)
+    mask = np.zeros(values.shape, dtype=bool)
+    for i, j, k in _CORNERS:
+        mask[i : r + i, j : r + j, k : r + k] |= crossed
+    return mask
+
+
 def grid_to_mesh(values: np.ndarray) -> trimesh.Trimesh:
     """Zero level set of a grid over [-BOUND, BOUND]^3 (negative inside), outward faces, no slivers.
 
