@@ -45,6 +45,7 @@ bench: setup
 	$(BIN)/python bench/bench_salient.py
 	$(BIN)/python bench/bench_vae.py
 	$(BIN)/python bench/bench_dit.py
+	$(BIN)/python bench/bench_decode.py
 
 # Prefect server (127.0.0.1:4200), MLflow server (127.0.0.1:5000) and a worker on the `shapeflow` process
 # pool; logs and pid files in .shapeflow/services. `make deploy` registers prefect.yaml's deployments.
