@@ -116,9 +116,18 @@ def test_stage_writes_metrics_per_object_and_per_category_rows_and_previews(eval
     # The floor's "samples" are the references resampled: every reference covered, each its twin's nearest.
     assert gen["floor"]["cov_cd"] == 1.0 and gen["floor"]["1nna_cd"] == 0.0
     assert gen["floor"]["mmd_cd"] < gen["mmd_cd"]
+    # Category match: a 1-NN classifier over the train split. Every category has one object here, and
+    # an object is never its own neighbour, so the real shapes match none (the floor); the samples are
+    # scored against the same 8 shapes. No category reaches 10 training objects: no "common" figure.
+    assert gen["floor"]["category_match"] == 0.0 and 0.0 <= gen["category_match"] <= 1.0
+    assert gen["common_categories"] == 0 and written["generation"]["category_match_common"] is None
+    gen_rows = read_csv(out / "plots" / "generation.csv")
+    assert all(r["nearest_key"] and r["nearest_category"] for r in gen_rows)
+    assert {r["train_objects"] for r in read_csv(out / "plots" / "generation_categories.csv")} == {"1"}
     for folder in ("samples", "recon"):
         assert (out / folder / "preview.png").stat().st_size > 1000
-    assert len(list((out / "samples").glob("*.glb"))) == 2 and len(list((out / "recon").glob("*.glb"))) == 2
+    # The samples preview: preview_per_category (4) of each of the 8 categories, which has one sample.
+    assert len(list((out / "samples").glob("*.glb"))) == 8 and len(list((out / "recon").glob("*.glb"))) == 2
     assert metrics["recon"]["objects"] == 8
 
 
@@ -222,3 +231,18 @@ def test_a_perfect_reconstruction_scores_iou_one_and_the_noise_floor(models, bui
     assert recon["cd"] == pytest.approx(recon["floor"]["cd"], rel=0.1)
     assert recon["f@0.02"] == pytest.approx(recon["floor"]["f@0.02"], abs=0.05)
     assert recon["watertight_share"] == 1.0
+
+
+def test_nearest_training_shape_is_never_the_object_itself():
+    dist = np.array([[0.0, 0.5, 0.2], [0.3, 0.1, 0.9]])
+    keys, category = ["a", "b", "c"], {"a": "tree", "b": "rock", "c": "tree"}
+    # Row 0 is object "a" (distance 0 to itself): its neighbour is "c"; row 1 is a generated shape.
+    assert evaluate.nearest_train(dist, ["a", None], keys, category) == [("c", "tree", 0.2), ("b", "rock", 0.1)]
+    (row,) = evaluate.nearest_train(np.array([[0.0]]), ["a"], ["a"], {"a": "tree"})
+    assert row[:2] == ("", "") and np.isnan(row[2])
+
+
+def test_preview_takes_the_first_samples_of_each_category():
+    categories = ["rock", "rock", "rock", "tree", "bush", "tree", "tree"]
+    assert evaluate.preview_pick(categories, 2, 8) == [4, 0, 1, 3, 5]
+    assert evaluate.preview_pick([None] * 5, 2, 3) == [0, 1, 2]

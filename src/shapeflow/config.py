@@ -351,12 +351,14 @@ class EvaluateParams:
     recon_points: int = 100_000  # surface points a side for reconstruction CD, F-score, normal consistency
     gen_per_category: int = 0  # samples per category; 0: as many as the split holds of that category
     gen_points: int = 2048  # points per cloud for MMD, COV and 1-NNA (PointFlow)
-    previews: int = 8  # objects and samples drawn in the preview images
+    previews: int = 8  # objects drawn in the reconstruction preview (and samples, for an unconditional DiT)
+    preview_per_category: int = 4  # samples per category drawn in the samples preview
+    category_min_train: int = 10  # category_match_common counts the categories with this many training objects
 
     def check(self, where: str) -> None:
         if not 16 <= self.resolution <= 1024:
             raise ParamsError(f"{where}.resolution: between 16 and 1024, got {self.resolution}")
-        for name in ("recon_objects", "gen_per_category", "previews"):
+        for name in ("recon_objects", "gen_per_category", "previews", "preview_per_category", "category_min_train"):
             if getattr(self, name) < 0:
                 raise ParamsError(f"{where}.{name}: 0 or more, got {getattr(self, name)}")
         for name in ("recon_points", "gen_points"):

@@ -62,8 +62,11 @@ def preview_grid(meshes: list[trimesh.Trimesh], titles: list[str], tile: int = 2
     return np.asarray(canvas)
 
 
-def write_samples(results: list[tuple[str, trimesh.Trimesh]], out: Path, seed: int) -> list[dict[str, Any]]:
-    """sample_<i>.glb and .obj per (category, mesh), preview.png, samples.json; each file written atomically."""
+def write_samples(
+    results: list[tuple[str, trimesh.Trimesh]], out: Path, seed: int, columns: int = 4
+) -> list[dict[str, Any]]:
+    """sample_<i>.glb and .obj per (category, mesh), preview.png (`columns` tiles a row), samples.json;
+    each file written atomically."""
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +86,7 @@ def write_samples(results: list[tuple[str, trimesh.Trimesh]], out: Path, seed: i
             }
         )
     titles = [f"{i}: {category}" if category else str(i) for i, (category, _) in enumerate(results)]
-    grid = preview_grid([mesh for _, mesh in results], titles)
+    grid = preview_grid([mesh for _, mesh in results], titles, columns=max(1, columns))
     with atomic_path(out / "preview.png") as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
     atomic_write_text(out / "samples.json", json.dumps(rows, indent=2) + "\n")

@@ -7,9 +7,13 @@
    decoded field itself, not the mesh). Per object, per category, and the mean.
 2. Generation: the DiT samples shapes (each category of the split in turn, as many as the split holds
    of it unless `gen_per_category` says otherwise); MMD-CD, COV-CD and 1-NNA-CD against the split's
-   surfaces on `gen_points`-point clouds, per category and overall.
-3. The noise floor of both: the same metrics between two independent samplings of the reference
-   surfaces, the best figure a model could reach at these point counts.
+   surfaces on `gen_points`-point clouds, per category and overall. Category match: the share of
+   samples whose nearest training shape (Chamfer, a 1-nearest-neighbour classifier over the train
+   split) is of the category asked for; also over the categories with at least
+   `category_min_train` training objects only (`category_match_common`).
+3. The noise floor of all of them: the same metrics between two independent samplings of the reference
+   surfaces, the best figure a model could reach at these point counts; for category match, the same
+   classifier on the split's real shapes (an object is never its own neighbour).
 
 OUT gets metrics.json (the headline figures, DVC metrics), plots/*.csv (per object, per sample, per
 category), samples/ (meshes and preview.png of the generated shapes) and recon/ (reference beside
@@ -63,7 +67,17 @@ RECON_COLUMNS = (
     *(f"floor_{k}" for k in SURFACE_KEYS),
 )
 SAMPLE_COLUMNS = ("sample", "category", "faces", "watertight", "nearest_cd", "nearest_key", "nearest_category")
-GEN_CATEGORY_COLUMNS = ("category", "samples", "references", "empty", *GEN_KEYS, *(f"floor_{k}" for k in GEN_KEYS))
+GEN_CATEGORY_COLUMNS = (
+    "category",
+    "samples",
+    "references",
+    "train_objects",
+    "empty",
+    *GEN_KEYS,
+    "watertight_share",
+    "category_match",
+    *(f"floor_{k}" for k in (*GEN_KEYS, "category_match")),
+)
 RUN_FILE = "run.json"  # beside metrics.json: the MLflow run id and wall times
 
 
@@ -193,15 +207,38 @@ def cloud_metrics(gen: list[np.ndarray], ref: list[np.ndarray]) -> dict[str, flo
     return generation_metrics(gen, ref)
 
 
+def nearest_train(
+    dist: np.ndarray, own_keys: list[str | None], train_keys: list[str], train_category: dict[str, str]
+) -> list[tuple[str, str, float]]:
+    """(key, category, distance) of each row's nearest training shape in `dist` (rows by columns =
+    train_keys), never the row's own object (`own_keys`: the key a row was sampled from, None for a
+    generated shape). Rows with no candidate get ("", "", nan)."""
+    out = []
+    for row, own in zip(dist, own_keys, strict=True):
+        candidates = [j for j, k in enumerate(train_keys) if k != own]
+        if not candidates:
+            out.append(("", "", float("nan")))
+            continue
+        j = min(candidates, key=lambda c: row[c])
+        out.append((train_keys[j], train_category[train_keys[j]], float(row[j])))
+    return out
+
+
+def share(flags: list[bool]) -> float:
+    return float(np.mean(flags)) if flags else float("nan")
+
+
 def evaluate_generation(
     generator: ShapePipeline,
     objects: list[SampleObject],
     refs: dict[str, Reference],
+    train: dict[str, tuple[str, Reference]],
     p: config.EvaluateParams,
     g: config.GenerateParams,
     seed: int,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], list[tuple[str, trimesh.Trimesh]]]:
-    """(overall figures, one row per sample, one row per category, the samples)."""
+    """(overall figures, one row per sample, one row per category, the samples). `train`: category and
+    surface of each training object (key: (category, reference)), the category-match classifier."""
     scored = [o for o in objects if o.key in refs]
     ref_clouds = {o.key: refs[o.key].sample(p.gen_points, seed)[0] for o in scored}
     floor_clouds = {o.key: refs[o.key].sample(p.gen_points, seed + 1)[0] for o in scored}
@@ -217,33 +254,65 @@ def evaluate_generation(
     clouds = [sample_surface(mesh, p.gen_points, rng)[0] if len(mesh.faces) else None for _, mesh in results]
     keys = [o.key for o in scored]
     category_of = {o.key: o.category for o in scored}
-    dist = pairwise_chamfer([c for c in clouds if c is not None], [ref_clouds[k] for k in keys]) if keys else None
-    sample_rows, j = [], 0
-    for i, ((category, mesh), cloud) in enumerate(zip(results, clouds, strict=True)):
-        row = {
-            "sample": i,
-            "category": category,
-            "faces": len(mesh.faces),
-            "watertight": is_watertight_shape(mesh),
-            "nearest_cd": float("nan"),
-            "nearest_key": "",
-            "nearest_category": "",
-        }
-        if cloud is not None and dist is not None:
-            nearest = int(np.argmin(dist[j]))
-            row |= {
-                "nearest_cd": float(dist[j, nearest]),
-                "nearest_key": keys[nearest],
-                "nearest_category": category_of[keys[nearest]],
+    surfaced = [i for i, c in enumerate(clouds) if c is not None]
+
+    # Category match: a 1-nearest-neighbour classifier over the training shapes, applied to the samples
+    # and (the floor) to the split's real shapes.
+    classified = bool(generator.classes and train)
+    train_keys = sorted(train)
+    train_category = {k: train[k][0] for k in train_keys}
+    train_count: dict[str, int] = defaultdict(int)
+    for category in train_category.values():
+        train_count[category] += 1
+    sample_nearest: dict[int, tuple[str, str, float]] = {}
+    floor_nearest: dict[str, tuple[str, str, float]] = {}
+    if classified:
+        tic = time.perf_counter()
+        train_clouds = [train[k][1].sample(p.gen_points, seed + 2)[0] for k in train_keys]
+        if surfaced:
+            d = pairwise_chamfer([clouds[i] for i in surfaced], train_clouds)
+            sample_nearest = dict(
+                zip(surfaced, nearest_train(d, [None] * len(surfaced), train_keys, train_category), strict=True)
+            )
+        if keys:
+            d = pairwise_chamfer([floor_clouds[k] for k in keys], train_clouds)
+            floor_nearest = dict(zip(keys, nearest_train(d, keys, train_keys, train_category), strict=True))
+        log.info(
+            "evaluate: category classifier over %d training shapes in %.1f s",
+            len(train_keys),
+            time.perf_counter() - tic,
+        )
+
+    sample_rows = []
+    for i, (category, mesh) in enumerate(results):
+        nearest_key, nearest_category, nearest_cd = sample_nearest.get(i, ("", "", float("nan")))
+        sample_rows.append(
+            {
+                "sample": i,
+                "category": category,
+                "faces": len(mesh.faces),
+                "watertight": is_watertight_shape(mesh),
+                "nearest_cd": nearest_cd,
+                "nearest_key": nearest_key,
+                "nearest_category": nearest_category,
             }
-            j += 1
-        sample_rows.append(row)
+        )
+
+    def matches(idx: list[int]) -> list[bool]:
+        return [sample_rows[i]["nearest_category"] == sample_rows[i]["category"] for i in idx if i in sample_nearest]
+
+    def floor_matches(ref_keys: list[str]) -> list[bool]:
+        return [floor_nearest[k][1] == category_of[k] for k in ref_keys if floor_nearest.get(k, ("",))[0]]
 
     def figures(gen_idx: list[int], ref_keys: list[str]) -> dict[str, Any]:
         gen = [clouds[i] for i in gen_idx if clouds[i] is not None]
         out = {"samples": len(gen_idx), "references": len(ref_keys), "empty": len(gen_idx) - len(gen)}
         out |= cloud_metrics(gen, [ref_clouds[k] for k in ref_keys])
+        out["watertight_share"] = share([sample_rows[i]["watertight"] for i in gen_idx])
         floor = cloud_metrics([floor_clouds[k] for k in ref_keys], [ref_clouds[k] for k in ref_keys])
+        if classified:
+            out["category_match"] = share(matches(gen_idx))
+            floor["category_match"] = share(floor_matches(ref_keys))
         return out | {f"floor_{k}": v for k, v in floor.items()}
 
     overall = figures(list(range(len(results))), keys)
@@ -251,17 +320,21 @@ def evaluate_generation(
     if generator.classes:
         for category in sorted({c for c, _ in results}):
             idx = [i for i, (c, _) in enumerate(results) if c == category]
-            category_rows.append(
-                {"category": category, **figures(idx, [k for k in keys if category_of[k] == category])}
-            )
+            row = figures(idx, [k for k in keys if category_of[k] == category])
+            category_rows.append({"category": category, "train_objects": train_count.get(category, 0), **row})
     summary: dict[str, Any] = {k: overall[k] for k in ("samples", "references", "empty", *GEN_KEYS)}
-    summary["watertight_share"] = (
-        float(np.mean([r["watertight"] for r in sample_rows])) if sample_rows else float("nan")
-    )
-    if generator.classes:
-        matched = [r["nearest_category"] == r["category"] for r in sample_rows if r["nearest_key"]]
-        summary["category_match"] = float(np.mean(matched)) if matched else float("nan")
-    summary["floor"] = {k: overall[f"floor_{k}"] for k in GEN_KEYS}
+    summary["watertight_share"] = overall["watertight_share"]
+    floor_keys = list(GEN_KEYS)
+    if classified:
+        common = {c for c, n in train_count.items() if n >= p.category_min_train}
+        common_idx = [i for i, (c, _) in enumerate(results) if c in common]
+        summary["category_match"] = overall["category_match"]
+        summary["category_match_common"] = share(matches(common_idx))
+        summary["common_categories"] = len(common)
+        floor_keys.append("category_match")
+        overall["floor_category_match_common"] = share(floor_matches([k for k in keys if category_of[k] in common]))
+        floor_keys.append("category_match_common")
+    summary["floor"] = {k: overall[f"floor_{k}"] for k in floor_keys}
     return summary, sample_rows, category_rows, results
 
 
@@ -320,6 +393,37 @@ def model_run_id(folder: Path, file: str) -> str:
     except (OSError, ValueError):
         return "unknown"
     return str(body.get("meta", body).get("mlflow_run_id") or "unknown")
+
+
+def training_references(
+    paths: Paths, refs: dict[str, Reference], ref_paths: dict[str, Path]
+) -> dict[str, tuple[str, Reference]]:
+    """Category and surface of every train-split object (those of `refs` reused): the category-match
+    classifier's neighbours. An object whose mesh cannot be read is left out, as the log says."""
+    out: dict[str, tuple[str, Reference]] = {}
+    tic = time.perf_counter()
+    for obj in list_objects(paths.samples, "train"):
+        if obj.key in refs:
+            out[obj.key] = (obj.category, refs[obj.key])
+        elif obj.key in ref_paths:
+            try:
+                out[obj.key] = (obj.category, Reference(ref_paths[obj.key]))
+            except (OSError, ValueError) as exc:
+                log.error("evaluate: %s: training mesh unusable for category match: %s", obj.key, exc)
+    log.info("evaluate: %d training shapes loaded for category match in %.1f s", len(out), time.perf_counter() - tic)
+    return out
+
+
+def preview_pick(categories: list[str | None], per_category: int, unconditional: int) -> list[int]:
+    """Indices of the samples drawn in the preview: the first `per_category` of each category, in
+    category order, or the first `unconditional` samples when they have no category."""
+    if not any(categories):
+        return list(range(min(unconditional, len(categories))))
+    picked: dict[str, list[int]] = defaultdict(list)
+    for i, category in enumerate(categories):
+        if len(picked[category or ""]) < per_category:
+            picked[category or ""].append(i)
+    return [i for category in sorted(picked) for i in picked[category]]
 
 
 # -- the stage -----------------------------------------------------------------------------------------
@@ -400,16 +504,22 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
                         refs[obj.key] = Reference(ref_paths[obj.key])
                     except (OSError, ValueError) as exc:
                         log.error("evaluate: %s: reference mesh unusable for generation metrics: %s", obj.key, exc)
+            train = training_references(paths, refs, ref_paths) if generator.classes else {}
             tic = time.perf_counter()
             gen, sample_rows, gen_rows, results = evaluate_generation(
-                generator, objects, refs, p, params.train_dit.generate, params.seed
+                generator, objects, refs, train, p, params.train_dit.generate, params.seed
             )
             timings |= {"samples": len(results), "generation_s": time.perf_counter() - tic}
             log.info("evaluate: %d samples generated and scored in %.1f s", len(results), timings["generation_s"])
             metrics["generation"] = gen
             write_csv(paths.plots / "generation.csv", SAMPLE_COLUMNS, sample_rows)
             write_csv(paths.plots / "generation_categories.csv", GEN_CATEGORY_COLUMNS, gen_rows)
-            write_samples(results[: p.previews], paths.out / "samples", params.seed)
+            write_samples(
+                [results[i] for i in preview_pick([c for c, _ in results], p.preview_per_category, p.previews)],
+                paths.out / "samples",
+                params.seed,
+                columns=p.preview_per_category if generator.classes else 4,
+            )
 
         per_category = {"recon": {r["category"]: r for r in recon_rows}}
         if generator is not None:
