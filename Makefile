@@ -48,7 +48,8 @@ bench: setup
 	$(BIN)/python bench/bench_decode.py
 
 # Prefect server (127.0.0.1:4200), MLflow server (127.0.0.1:5000) and a worker on the `shapeflow` process
-# pool; logs and pid files in .shapeflow/services. `make deploy` registers prefect.yaml's deployments.
+# pool; logs and pid files in .shapeflow/services. `make deploy` registers prefect.yaml's deployments
+# and the automation that schedules a crashed run again (flows/automations.py).
 services: setup
 	scripts/services.sh start
 
@@ -57,6 +58,7 @@ stop-services:
 
 deploy: setup
 	eval "$$(scripts/services.sh env)" && SHAPEFLOW_REPO="$(CURDIR)" $(BIN)/prefect --no-prompt deploy --all
+	eval "$$(scripts/services.sh env)" && $(BIN)/python flows/automations.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -3,9 +3,11 @@
 - `pipeline`: every stage of dvc.yaml (or the chosen targets and what they need) as one Prefect task
   each, in DAG order, with `dvc repro --single-item`, so DVC skips what is up to date. Overrides
   (`["train_vae.steps=100", ...]`) run in an experiment workspace and end as a DVC experiment; the
-  workspace's params.yaml is left alone. A stage killed or blocked by a lock is retried; a stage that
-  fails for a real reason (a bad param) fails its task with the stage's error. The last task publishes a
-  markdown artifact: the metrics of the run with links to its MLflow runs.
+  workspace's params.yaml is left alone. A stage killed or blocked by a lock is retried (`stage_retries`
+  times); a stage that fails for a real reason (a bad param) fails its task with the stage's error. The
+  last task publishes a markdown artifact: the metrics of the run with links to its MLflow runs.
+- A run whose worker goes away mid-stage ends its stage and crashes; the automation of
+  flows/automations.py schedules it again for the next worker, up to `crash_retries` times.
 - `evaluate_only`: the evaluate stage alone, on the trained models already there; without up-to-date
   models it fails at once and says how to get them.
 
@@ -111,6 +113,19 @@ def fan_out_stage(workdir: str, stage: str, wait_for: list) -> tuple[bool, objec
     return True, committed
 
 
+def refuse_after_crashes(crash_retries: int) -> None:
+    """Stop a run that has been scheduled again after crashing more than `crash_retries` times (each
+    start counts in the run's run_count)."""
+    if crash_retries < 0:
+        raise ValueError(f"crash_retries: 0 or more, got {crash_retries}")
+    crashes = max(0, int(flow_run.run_count or 1) - 1)
+    if crashes > crash_retries:
+        raise RuntimeError(
+            f"this flow run already started {crashes + 1} times (crashed {crashes} times, crash_retries "
+            f"{crash_retries}): not running it again; its earlier logs say why, and a new run starts afresh"
+        )
+
+
 def experiment_of(overrides: list[str] | None, experiment: str | None) -> str | None:
     """The DVC experiment a run with these parameters makes; None: the main workspace."""
     overrides = list(overrides or [])
@@ -143,15 +158,21 @@ def pipeline(
     overrides: list[str] | None = None,
     experiment: str | None = None,
     fan_out: bool = True,
+    stage_retries: int = 2,
+    crash_retries: int = 2,
 ) -> dict[str, bool]:
     """Run the DVC pipeline (all stages, or `targets` and what they depend on) stage by stage.
 
     overrides: params as KEY.PATH=VALUE; with any, the run is the DVC experiment `experiment`
     (default: a name derived from the overrides), built in its own workspace. fan_out: run the
     per-object stages (watertight, sample) as shards on the task runner of `compute` (preprocess.py)
-    instead of as one process each.
+    instead of as one process each. stage_retries: how often a stage killed by a signal or blocked by a
+    lock is tried again within the run; crash_retries: how often the run itself is scheduled again after
+    crashing (its worker gone).
     """
     logger = get_run_logger()
+    refuse_after_crashes(crash_retries)
+    run_one = dvc_stage.with_options(retries=stage_retries)
     overrides = list(overrides or [])
     order = dp.stage_order(REPO, targets)
     name = experiment_of(overrides, experiment)
@@ -167,7 +188,7 @@ def pipeline(
             if fan_out and stage in PER_OBJECT:
                 ran[stage], states[stage] = fan_out_stage(workdir, stage, wait_for)
             else:
-                states[stage] = dvc_stage(workdir, stage, name, return_state=True, wait_for=wait_for)
+                states[stage] = run_one(workdir, stage, name, return_state=True, wait_for=wait_for)
                 ran[stage] = states[stage].result()
         last = list(states.values())[-1:]
         if name:
@@ -184,17 +205,22 @@ def check_models(workdir: str) -> None:
 
 
 @flow(name="evaluate-only", flow_run_name=run_name, log_prints=True)
-def evaluate_only(overrides: list[str] | None = None, experiment: str | None = None) -> dict[str, bool]:
+def evaluate_only(
+    overrides: list[str] | None = None, experiment: str | None = None, stage_retries: int = 2, crash_retries: int = 2
+) -> dict[str, bool]:
     """The evaluate stage alone, on the trained models already there (in the workspace, or in the
     experiment that `overrides` name). Without up-to-date models it fails at once, saying so and how
-    to get them, instead of training them first."""
+    to get them, instead of training them first. Retries as in `pipeline`."""
+    refuse_after_crashes(crash_retries)
     overrides = list(overrides or [])
     name = experiment_of(overrides, experiment)
     with tags(*tag_run(name)):
         workdir = prepare_workspace(str(REPO), name, overrides) if name else str(REPO)
         checked = check_models(workdir, return_state=True)
         checked.result()
-        evaluated = dvc_stage(workdir, "evaluate", name, return_state=True, wait_for=[checked])
+        evaluated = dvc_stage.with_options(retries=stage_retries)(
+            workdir, "evaluate", name, return_state=True, wait_for=[checked]
+        )
         ran = {"evaluate": evaluated.result()}
         last = [evaluated]
         if name:

@@ -22,6 +22,9 @@ export DO_NOT_TRACK=1
 export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
 export SHAPEFLOW_MLFLOW_UI=$MLFLOW_TRACKING_URI
 export SHAPEFLOW_REPO=$REPO
+# Flow runs list their running stages' process groups here (shapeflow.dvc_pipeline.run_logged), so
+# `stop` can end them: a flow run is in a session of its own, out of reach of the worker's group.
+export SHAPEFLOW_STAGE_GROUPS=$SERVICES_DIR/stages
 export PATH=$BIN:$PATH
 
 start_one() {  # name, health URL, command...
@@ -31,7 +34,9 @@ start_one() {  # name, health URL, command...
         echo "$name: already running (pid $(cat "$SERVICES_DIR/$name.pid"))"
         return
     fi
-    setsid "$@" >"$SERVICES_DIR/$name.log" 2>&1 < /dev/null &
+    # Appended, not truncated: the log of the run before a restart is what explains the restart.
+    echo "=== $name: started $(date -u +%Y-%m-%dT%H:%M:%SZ): $*" >>"$SERVICES_DIR/$name.log"
+    setsid "$@" >>"$SERVICES_DIR/$name.log" 2>&1 < /dev/null &
     echo $! >"$SERVICES_DIR/$name.pid"
     [ -z "$url" ] && { echo "$name: started (pid $!, log $SERVICES_DIR/$name.log)"; return; }
     for _ in $(seq 1 120); do
@@ -78,6 +83,26 @@ stop_one() {
     rm -f "$SERVICES_DIR/$name.pid"
 }
 
+stop_stages() {
+    # A flow run whose worker is gone stops its stage within seconds (and is marked crashed); a group
+    # still there after that (its flow run was killed outright) is ended here.
+    local file pgid
+    for file in "$SERVICES_DIR"/stages/*.pgid; do
+        [ -e "$file" ] || continue
+        pgid=$(basename "$file" .pgid)
+        if group_alive "$pgid"; then
+            for _ in $(seq 1 30); do group_alive "$pgid" || break; sleep 0.5; done
+            if group_alive "$pgid"; then
+                kill -TERM -- "-$pgid" 2>/dev/null || true
+                for _ in $(seq 1 20); do group_alive "$pgid" || break; sleep 0.5; done
+                kill -KILL -- "-$pgid" 2>/dev/null || true
+            fi
+            echo "stage (process group $pgid): stopped"
+        fi
+        rm -f "$file"
+    done
+}
+
 case ${1:-} in
 start)
     start_one prefect-server "$PREFECT_API_URL/health" prefect server start --host 127.0.0.1 --port "$PREFECT_PORT"
@@ -90,6 +115,7 @@ start)
     ;;
 stop)
     stop_one worker
+    stop_stages
     stop_one mlflow
     stop_one prefect-server
     ;;

@@ -147,3 +147,18 @@ def test_pipeline_flow_fans_out_a_stale_per_object_stage_and_records_it_in_dvc_l
     assert check.id in waits_for(fan_out)
     assert fan_out.id in waits_for(by_name["commit watertight"])
     assert all("experiment:workspace" in t.tags for t in (check, by_name["fetch"]))
+
+
+def test_a_run_that_crashed_more_than_crash_retries_times_is_not_run_again(monkeypatch):
+    from types import SimpleNamespace
+
+    import flows.pipeline as pipeline_flow
+
+    for run_count, crash_retries in ((1, 0), (2, 1), (3, 2)):
+        monkeypatch.setattr(pipeline_flow, "flow_run", SimpleNamespace(run_count=run_count))
+        pipeline_flow.refuse_after_crashes(crash_retries)  # within the allowance: runs
+    monkeypatch.setattr(pipeline_flow, "flow_run", SimpleNamespace(run_count=3))
+    with pytest.raises(RuntimeError, match="crashed 2 times, crash_retries 1"):
+        pipeline_flow.refuse_after_crashes(1)
+    with pytest.raises(ValueError, match="crash_retries: 0 or more"):
+        pipeline_flow.refuse_after_crashes(-1)

@@ -234,6 +234,33 @@ class Services:
         assert proc.returncode == 0, f"prefect {args}: {proc.stdout}\n{proc.stderr}"
         return proc.stdout
 
+    def python(self, *args: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, *args], cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, f"python {args}: {proc.stdout}\n{proc.stderr}"
+        return proc.stdout + proc.stderr
+
+    def trigger(self, name: str, parameters: dict) -> str:
+        """Start a run of a deployment; its flow run id."""
+        args = [f"--param={k}={json.dumps(v)}" for k, v in parameters.items()]
+        out = self.prefect("deployment", "run", name, *args)
+        return next(line.split("UUID:")[1].strip() for line in out.splitlines() if "UUID:" in line)
+
+    def wait_run(self, run_id: str, types: set[str], timeout: float = 600) -> dict:
+        """The flow run once its state type is one of `types`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            run = httpx.get(f"{self.api}/flow_runs/{run_id}", timeout=30).json()
+            if run["state"]["type"] in types:
+                return run
+            if time.monotonic() > deadline:
+                worker_log = (self.folder / "worker.log").read_text(errors="replace")[-3000:]
+                raise AssertionError(
+                    f"flow run {run_id} still {run['state']['type']} after {timeout} s; worker log:\n{worker_log}"
+                )
+            time.sleep(1)
+
     def kill_all(self) -> None:
         """Stop through the script, then make sure: every process group a pid file names is gone."""
         subprocess.run(
@@ -247,20 +274,7 @@ class Services:
 
     def run_deployment(self, name: str, parameters: dict, timeout: float = 600) -> dict:
         """Trigger a run as the README does, wait until it ends; the flow run as the API returns it."""
-        args = [f"--param={k}={json.dumps(v)}" for k, v in parameters.items()]
-        out = self.prefect("deployment", "run", name, *args)
-        run_id = next(line.split("UUID:")[1].strip() for line in out.splitlines() if "UUID:" in line)
-        deadline = time.monotonic() + timeout
-        while True:
-            run = httpx.get(f"{self.api}/flow_runs/{run_id}", timeout=30).json()
-            if run["state"]["type"] in TERMINAL:
-                return run
-            if time.monotonic() > deadline:
-                worker_log = (self.folder / "worker.log").read_text(errors="replace")[-3000:]
-                raise AssertionError(
-                    f"flow run {run_id} still {run['state']['type']} after {timeout} s; worker log:\n{worker_log}"
-                )
-            time.sleep(2)
+        return self.wait_run(self.trigger(name, parameters), TERMINAL, timeout)
 
     def logs(self, flow_run_id: str) -> list[str]:
         """Every log message of a flow run and its tasks, oldest first."""
@@ -304,6 +318,7 @@ def services(repo, tmp_path_factory):
     try:
         svc.script("start")
         svc.prefect("deploy", "--all")
+        svc.python("flows/automations.py")  # what `make deploy` runs after the deployments
         yield svc
     finally:
         svc.kill_all()
@@ -369,21 +384,36 @@ def test_a_triggered_deployment_with_an_override_ends_in_mlflow_as_a_dvc_experim
     assert any("recon.f@0.02" in a["data"] and services.mlflow in a["data"] for a in artifact)
 
 
-def kill_processes_in(folder: Path) -> int:
-    """SIGKILL every process whose working directory is under `folder` (a stage and its children)."""
-    killed = 0
+def processes_in(folder: Path) -> list[str]:
+    """The live processes whose working directory is under `folder` (a stage and its children), as
+    'pid command' lines."""
+    found = []
     for proc in Path("/proc").iterdir():
         try:
             cwd = os.readlink(proc / "cwd")
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if proc.name.isdigit() and (cwd == str(folder) or cwd.startswith(str(folder) + os.sep)):
-            try:
-                os.kill(int(proc.name), 9)
-                killed += 1
-            except ProcessLookupError:
-                pass
-    return killed
+        if proc.name.isdigit() and stat[0] != "Z" and (cwd == str(folder) or cwd.startswith(str(folder) + os.sep)):
+            found.append(f"{proc.name} {cmdline[:200]}")
+    return found
+
+
+def wait_no_processes_in(folder: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while left := processes_in(folder):
+        assert time.monotonic() < deadline, f"processes still running in {folder} after {timeout} s: {left}"
+        time.sleep(0.5)
+
+
+def wait_checkpoint(worktree: Path, after: int = 0, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(
+        int(p.parent.name.split("_")[1]) > after for p in worktree.glob("checkpoints/train_vae/step_*/trainer.json")
+    ):
+        assert time.monotonic() < deadline, f"no train_vae checkpoint past step {after} within {timeout} s"
+        time.sleep(0.1)
 
 
 def test_a_bad_param_fails_its_stage_and_a_killed_worker_resumes_on_rerun(services):
@@ -400,25 +430,33 @@ def test_a_bad_param_fails_its_stage_and_a_killed_worker_resumes_on_rerun(servic
     assert [t["name"] for t in failed] == ["train_vae"] and failed[0]["run_count"] == 1  # a bad param is not retried
     assert "stage sample was up to date" in "\n".join(services.logs(bad["id"]))
 
-    # A longer training, its worker killed (kill -9, the stage's processes with it) after the first checkpoint.
+    # A longer training, its worker killed (kill -9 of the worker's process group) after the first
+    # checkpoint: the flow run, in a session of its own, ends its stage (DVC, accelerate, the trainer)
+    # and crashes; the automation schedules the same run again, and the next worker completes it.
     longer = {
         "overrides": ["train_vae.preset=tiny", "train_vae.steps=60", "train_vae.checkpoint_every=5"],
         "experiment": "steps-6",
     }
-    args = [f"--param={k}={json.dumps(v)}" for k, v in longer.items()]
-    services.prefect("deployment", "run", "pipeline/full", *args)
+    run_id = services.trigger("pipeline/full", longer)
     worktree = services.repo / ".shapeflow" / "experiments" / "steps-6"
-    deadline = time.monotonic() + 300
-    while not list((worktree / "checkpoints" / "train_vae").glob("step_*/trainer.json")):
-        assert time.monotonic() < deadline, "no train_vae checkpoint within 300 s"
-        time.sleep(0.1)
+    wait_checkpoint(worktree)
     os.killpg(int((services.folder / "worker.pid").read_text()), 9)
-    kill_processes_in(worktree)
+    wait_no_processes_in(worktree)
+    assert list((services.folder / "stages").glob("*.pgid")) == []  # the flow run took its stage off the list
+    services.wait_run(run_id, {"SCHEDULED"}, timeout=120)  # crashed, then scheduled again by the automation
     started = services.script("start")  # the servers are up: only a new worker starts
     assert "worker: started" in started, (
         started
     )  # the killed worker (a zombie until reaped) is not taken for a live one
-    again = services.run_deployment("pipeline/full", longer)
+    again = services.wait_run(run_id, TERMINAL)
     assert again["state"]["type"] == "COMPLETED", again["state"]
-    messages = "\n".join(services.logs(again["id"]))
+    assert again["run_count"] == 2
+    messages = "\n".join(services.logs(run_id))
     assert "resuming from step" in messages and "stage watertight was up to date" in messages
+
+    # `make stop-services` mid-stage: nothing of the stage is left running either.
+    services.trigger("pipeline/full", {**longer, "overrides": [*longer["overrides"][:1], "train_vae.steps=120"]})
+    wait_checkpoint(worktree, after=60)
+    services.script("stop")
+    wait_no_processes_in(worktree)
+    services.script("start")  # the fixture's teardown stops them again

@@ -27,6 +27,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -146,10 +148,96 @@ def tool_env(extra: Mapping[str, str] | None = None, workdir: Path | None = None
     return env
 
 
+STAGE_GROUPS_ENV = "SHAPEFLOW_STAGE_GROUPS"  # a folder: one file per running stage's process group
+STOP_GRACE_S = 10.0  # SIGTERM, then this long before SIGKILL
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether process group `pgid` has a member that is not a zombie (a zombie has ended; it only
+    waits for its parent to read its status)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: any member counts
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def stop_group(pgid: int, grace_s: float = STOP_GRACE_S, leader: subprocess.Popen | None = None) -> None:
+    """End process group `pgid`: SIGTERM, then SIGKILL for what is left after `grace_s`. `leader`,
+    this process's child that leads the group, is reaped on the way."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if leader is not None:
+            leader.poll()
+        if not group_alive(pgid):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class ParentWatch:
+    """Under a Prefect worker (in a flow run's process, whose parent is the worker): when the worker
+    is gone, end the stage's process group `pgid`, then send this process SIGTERM, which Prefect
+    turns into a crashed flow run. A flow run's process is in a session of its own, out of reach of
+    a signal to the worker's group: without this, a killed worker would leave its stage running on,
+    unsupervised, beside the run that retries it."""
+
+    def __init__(self, pgid: int, poll_s: float = 1.0):
+        self.pgid, self.parent, self.poll_s = pgid, os.getppid(), poll_s
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.watch, name="shapeflow-parent-watch", daemon=True)
+
+    def watch(self) -> None:
+        while not self.done.wait(self.poll_s):
+            if os.getppid() != self.parent:
+                print(
+                    f"shapeflow: the worker (pid {self.parent}) that started this flow run is gone; stopping the stage",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                stop_group(self.pgid)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    def __enter__(self) -> ParentWatch:
+        if os.environ.get("PREFECT__FLOW_RUN_ID"):
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+
+
 def run_logged(
     cmd: Sequence[str], cwd: Path, log: Callable[[str], None], env: Mapping[str, str] | None = None
 ) -> tuple[int, str]:
-    """Run `cmd`, passing each output line to `log` as it comes; (exit status, the last lines)."""
+    """Run `cmd`, passing each output line to `log` as it comes; (exit status, the last lines).
+
+    The command and everything it starts (DVC, the stage, accelerate and its trainers) run in a
+    process group of their own, which is ended (SIGTERM, then SIGKILL) whenever this call ends
+    early: an exception, Prefect's SIGTERM on cancel or crash, the worker gone (`ParentWatch`). With
+    SHAPEFLOW_STAGE_GROUPS set (scripts/services.sh sets it for the worker), the group is listed
+    there while it runs, so stopping the services ends it even when this process was killed outright.
+    """
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     proc = subprocess.Popen(
         list(cmd),
@@ -159,17 +247,27 @@ def run_logged(
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
+        start_new_session=True,
     )
     assert proc.stdout is not None
+    registry = os.environ.get(STAGE_GROUPS_ENV)
+    listed = Path(registry) / f"{proc.pid}.pgid" if registry else None
+    if listed is not None:
+        listed.parent.mkdir(parents=True, exist_ok=True)
+        listed.write_text(f"{' '.join(cmd)}\n(in {cwd}, started by pid {os.getpid()})\n")
     try:
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            tail.append(line)
-            log(line)
+        with ParentWatch(proc.pid):
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                tail.append(line)
+                log(line)
+            proc.wait()
     finally:
-        if proc.poll() is None and sys.exc_info()[0] is not None:
-            proc.kill()
+        if proc.poll() is None:
+            stop_group(proc.pid, leader=proc)
         proc.wait()
+        if listed is not None:
+            listed.unlink(missing_ok=True)
     return proc.returncode, "\n".join(tail)
 
 
