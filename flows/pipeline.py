@@ -51,9 +51,12 @@ def retry_transient(task, task_run, state) -> bool:
 @task(name="dvc-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def dvc_stage(workdir: str, stage: str, experiment: str | None = None) -> bool:
     """One DVC stage; True when it ran, False when DVC found it up to date. Runs of an experiment
-    are named after it in MLflow, as under `dvc exp run`."""
+    are named after it in MLflow, as under `dvc exp run`, and tagged with this flow run's id and URL."""
     logger = get_run_logger()
-    env = dp.tool_env({"DVC_EXP_NAME": experiment} if experiment else None, Path(workdir))
+    extra = {"DVC_EXP_NAME": experiment} if experiment else {}
+    if flow_run.id:  # the stage's MLflow run names the flow run (tracking.pipeline_tags)
+        extra |= {"SHAPEFLOW_PREFECT_FLOW_RUN_ID": str(flow_run.id), "SHAPEFLOW_PREFECT_FLOW_RUN_URL": flow_run.ui_url}
+    env = dp.tool_env(extra, Path(workdir))
     ran = dp.run_stage(Path(workdir), stage, logger.info, env)
     logger.info("stage %s %s", stage, "ran" if ran else "was up to date")
     return ran

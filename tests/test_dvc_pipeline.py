@@ -272,7 +272,7 @@ def test_stages_of_a_workspace_import_its_own_checkout_of_the_package(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_metrics_and_plots_of_saved_experiments_reach_exp_show_and_metrics_diff(tmp_path):
+def test_eval_metrics_and_plots_of_saved_experiments_reach_exp_show_and_metrics_diff(tmp_path, monkeypatch):
     """The project's .gitignore and its evaluate stage's outs, metrics and plots, on a stand-in
     command: what `dvc exp save` keeps must include the evaluation figures."""
     import subprocess
@@ -283,7 +283,7 @@ def test_eval_metrics_and_plots_of_saved_experiments_reach_exp_show_and_metrics_
         "[os.makedirs(d, exist_ok=True) for d in ('eval/recon', 'eval/samples', 'eval/plots')]; "
         "open('eval/recon/a.txt', 'w').write('r'); open('eval/samples/a.txt', 'w').write('s'); "
         "json.dump({'recon': {'f@0.02': 0.5 * s, 'cd': 0.01 / s}}, open('eval/metrics.json', 'w')); "
-        "json.dump({'run_id': 'x'}, open('eval/run.json', 'w')); "
+        "json.dump({'mlflow_run_id': os.environ[f'TEST_RUN_{int(s)}']}, open('eval/run.json', 'w')); "
         "[open(f'eval/plots/{n}.csv', 'w').write('key,category,sample,f@0.02,mmd_cd,nearest_cd\\na,c,0,0.5,1,1\\n') "
         "for n in ('recon', 'recon_categories', 'generation_categories', 'generation')]"
     )
@@ -295,6 +295,14 @@ def test_eval_metrics_and_plots_of_saved_experiments_reach_exp_show_and_metrics_
     for cmd in (["git", "init", "-q"], [*dp.dvc_command(), "init", "-q"], ["git", "add", "-A"]):
         subprocess.run(cmd, cwd=tmp_path, check=True)
     subprocess.run(["git", "commit", "-qm", "evaluate"], cwd=tmp_path, check=True)
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(tracking_uri=uri)
+    runs = {scale: client.create_run(client.create_experiment(f"e{scale}")).info.run_id for scale in (1, 2)}
+    for scale, run_id in runs.items():
+        monkeypatch.setenv(f"TEST_RUN_{scale}", run_id)
     dp.run_experiment(tmp_path, "one", ["evaluate.scale=1.0"], lambda line: None, force=())
     dp.run_experiment(tmp_path, "two", ["evaluate.scale=2.0"], lambda line: None, force=())
 
@@ -312,6 +320,12 @@ def test_eval_metrics_and_plots_of_saved_experiments_reach_exp_show_and_metrics_
                 metrics = rev["data"]["metrics"]["eval/metrics.json"]["data"]
                 figures[rev["name"]] = metrics["recon"]["f@0.02"]
     assert figures == {"one": 0.5, "two": 1.0}
+    # Each experiment's MLflow run is tagged with the experiment's commit, the rev DVC shows for it.
+    revs = {
+        rev["name"]: rev["rev"] for commit in shown for exp in commit.get("experiments") or [] for rev in exp["revs"]
+    }
+    for name, scale in (("one", 1), ("two", 2)):
+        assert client.get_run(runs[scale]).data.tags["dvc_exp_commit"] == revs[name]
     diff = json.loads(dvc("metrics", "diff", "one", "two", "--json"))
     assert diff["eval/metrics.json"]["recon.f@0.02"] == {"old": 0.5, "new": 1.0, "diff": 0.5}
     dvc("plots", "diff", "one", "two", "--json")

@@ -363,6 +363,14 @@ def test_a_triggered_deployment_with_an_override_ends_in_mlflow_as_a_dvc_experim
     metrics = {m["key"]: m["value"] for m in evaluate_runs[0]["data"]["metrics"]}
     assert params["train_vae.steps"] == "6"
     assert {"recon.cd", "recon.f_0.01", "recon.f_0.02", "generation.mmd_cd"} <= set(metrics)
+    # The run names the flow run that made it, and the experiment commit `dvc exp save` made.
+    tags = {t["key"]: t["value"] for t in evaluate_runs[0]["data"]["tags"]}
+    assert tags["prefect_flow_run_id"] == run["id"] and tags["prefect_flow_run_url"].endswith(run["id"])
+    exp_rev = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=services.repo, capture_output=True, text=True
+    ).stdout
+    revs = {r["name"]: r["rev"] for c in _json_of(exp_rev) for e in c.get("experiments") or [] for r in e["revs"]}
+    assert tags["dvc_exp_commit"] == revs["steps-6"]
     vae_runs = [r for r in services.mlflow_runs("shapeflow-train_vae") if r["info"]["run_name"] == "steps-6"]
     assert [{p["key"]: p["value"] for p in r["data"]["params"]}["train_vae.steps"] for r in vae_runs] == ["6"]
     # The workspace's params are untouched; the experiment is DVC's.

@@ -477,6 +477,25 @@ def save_experiment(ws: Path, name: str, log: Callable[[str], None]) -> None:
     code, tail = run_logged([*dvc_command(), "exp", "save", "--force", "-n", name, *include], ws, log)
     if code != 0:
         raise RuntimeError(f"dvc exp save -n {name} in {ws} failed:\n{tail}")
+    rev = experiment_rev(ws, name)
+    if rev:
+        from shapeflow import report, tracking
+
+        runs = report.stage_run_ids(ws)
+        missed = tracking.tag_runs(runs, {"dvc_exp_commit": rev})
+        tagged = ", ".join(stage for stage in runs if stage not in missed) or "none"
+        log(f"experiment {name} is commit {rev}; its MLflow runs tagged with it: {tagged}")
+
+
+def experiment_rev(ws: Path, name: str) -> str | None:
+    """The commit of DVC experiment `name` based on the worktree's HEAD (refs/exps/..../<name>)."""
+    head = git(ws, "rev-parse", "HEAD")
+    refs = git(ws, "for-each-ref", "--format=%(objectname) %(refname)", f"refs/exps/{head[:2]}/{head[2:]}/")
+    for line in refs.splitlines():
+        sha, _, ref = line.partition(" ")
+        if ref.rsplit("/", 1)[-1] == name:
+            return sha
+    return None
 
 
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")

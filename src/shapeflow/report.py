@@ -72,6 +72,16 @@ def _get(body: dict[str, Any], dotted: str | tuple[str, ...]) -> Any:
     return node
 
 
+def stage_run_ids(workdir: Path) -> dict[str, str]:
+    """The MLflow run id each model and evaluation in `workdir` records beside its outputs, by stage."""
+    found = {}
+    for stage, _, (run_file, run_key), _ in SOURCES:
+        run_id = _get(_load(Path(workdir) / run_file), run_key)
+        if isinstance(run_id, str) and run_id:
+            found[stage] = run_id
+    return found
+
+
 def run_link(run_id: str | None, tracking_uri: str | None, ui_url: str | None) -> str:
     """`[abcd1234](UI/#/experiments/E/runs/R)` when the UI's address is known and the run is found."""
     if not run_id:

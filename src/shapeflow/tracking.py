@@ -27,10 +27,36 @@ def run_name(stage: str) -> str:
     return experiment if experiment else f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+# Set by the Prefect flows for the stages they start (flows/pipeline.py): the flow run behind a stage.
+PREFECT_ENV = {
+    "prefect_flow_run_id": "SHAPEFLOW_PREFECT_FLOW_RUN_ID",
+    "prefect_flow_run_url": "SHAPEFLOW_PREFECT_FLOW_RUN_URL",
+}
+
+
 def pipeline_tags() -> dict[str, str]:
-    """Tags every stage's run carries: the DVC experiment it ran in, when it ran in one."""
+    """Tags every stage's run carries: the DVC experiment it ran in, and the Prefect flow run that
+    started it, when there are."""
     experiment = os.environ.get("DVC_EXP_NAME")
-    return {"dvc_exp": experiment} if experiment else {}
+    tags = {"dvc_exp": experiment} if experiment else {}
+    return tags | {tag: os.environ[var] for tag, var in PREFECT_ENV.items() if os.environ.get(var)}
+
+
+def tag_runs(run_ids: Mapping[str, str], tags: Mapping[str, str]) -> list[str]:
+    """Set `tags` on the MLflow runs `run_ids` (by stage); the stages whose run was not found (a
+    tracking store that is elsewhere now, a run deleted) are returned, not raised."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+    missed = []
+    for stage, run_id in run_ids.items():
+        try:
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
+        except MlflowException:
+            missed.append(stage)
+    return missed
 
 
 def provenance_tags(stage: str, **dvc_inputs: str | Path) -> dict[str, str]:
