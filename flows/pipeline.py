@@ -49,7 +49,7 @@ def retry_transient(task, task_run, state) -> bool:
 
 
 @task(name="dvc-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def dvc_stage(workdir: str, stage: str, experiment: str | None = None) -> bool:
+def dvc_stage(workdir: str, stage: str, experiment: str | None = None, pull: bool = False) -> bool:
     """One DVC stage; True when it ran, False when DVC found it up to date. Runs of an experiment
     are named after it in MLflow, as under `dvc exp run`, and tagged with this flow run's id and URL."""
     logger = get_run_logger()
@@ -57,7 +57,7 @@ def dvc_stage(workdir: str, stage: str, experiment: str | None = None) -> bool:
     if flow_run.id:  # the stage's MLflow run names the flow run (tracking.pipeline_tags)
         extra |= {"SHAPEFLOW_PREFECT_FLOW_RUN_ID": str(flow_run.id), "SHAPEFLOW_PREFECT_FLOW_RUN_URL": flow_run.ui_url}
     env = dp.tool_env(extra, Path(workdir))
-    ran = dp.run_stage(Path(workdir), stage, logger.info, env)
+    ran = dp.run_stage(Path(workdir), stage, logger.info, env, pull=pull)
     logger.info("stage %s %s", stage, "ran" if ran else "was up to date")
     return ran
 
@@ -71,6 +71,18 @@ def prepare_workspace(repo: str, name: str, overrides: list[str]) -> str:
 @task(name="save-experiment")
 def save_experiment(workdir: str, name: str) -> None:
     dp.save_experiment(Path(workdir), name, get_run_logger().info)
+
+
+@task(name="dvc-pull", task_run_name="pull {stage}")
+def pull_stage(workdir: str, stage: str) -> bool:
+    got = dp.pull_stage(Path(workdir), stage, get_run_logger().info)
+    get_run_logger().info("stage %s: %s", stage, "outputs pulled from the remote" if got else "not all in the remote")
+    return got
+
+
+@task(name="dvc-push")
+def push_outputs(workdir: str) -> None:
+    dp.push_outputs(Path(workdir), get_run_logger().info)
 
 
 @task(name="dvc-status")
@@ -92,10 +104,12 @@ def publish_report(workdir: str, title: str) -> str:
     return markdown
 
 
-def fan_out_stage(workdir: str, stage: str, wait_for: list) -> tuple[bool, object]:
+def fan_out_stage(workdir: str, stage: str, wait_for: list, pull: bool = False) -> tuple[bool, object]:
     """A stale per-object stage through the preprocessing fan-out, then `dvc commit`; (whether it
-    ran, the state that later stages wait for)."""
+    ran, the state that later stages wait for). pull: first fetch its outputs from the DVC remote."""
     logger = get_run_logger()
+    if pull:
+        wait_for = [pull_stage(workdir, stage, return_state=True, wait_for=wait_for)]
     checked = stage_is_up_to_date(workdir, stage, return_state=True, wait_for=wait_for)
     if checked.result():
         logger.info("stage %s was up to date", stage)
@@ -163,6 +177,7 @@ def pipeline(
     fan_out: bool = True,
     stage_retries: int = 2,
     crash_retries: int = 2,
+    push: bool = True,
 ) -> dict[str, bool]:
     """Run the DVC pipeline (all stages, or `targets` and what they depend on) stage by stage.
 
@@ -171,7 +186,9 @@ def pipeline(
     per-object stages (watertight, sample) as shards on the task runner of `compute` (preprocess.py)
     instead of as one process each. stage_retries: how often a stage killed by a signal or blocked by a
     lock is tried again within the run; crash_retries: how often the run itself is scheduled again after
-    crashing (its worker gone).
+    crashing (its worker gone). With a default DVC remote (`dvc remote default`), stage outputs it
+    holds are pulled instead of rebuilt, and with `push` every output and the run cache are pushed
+    to it at the end, so other machines pull what this run made.
     """
     logger = get_run_logger()
     refuse_after_crashes(crash_retries)
@@ -185,17 +202,22 @@ def pipeline(
         # Each stage waits for the stages whose outputs it reads (dvc.yaml's DAG), so the run graph
         # draws fetch -> watertight -> sample -> train_vae -> train_dit -> evaluate.
         graph = dp.upstream(dp.read_stages(REPO))
+        remote = dp.default_remote(Path(workdir))
+        logger.info("DVC remote: %s", remote or "none (outputs stay on this machine)")
         ran, states = {}, {}
         for stage in order:
             wait_for = [states[up] for up in sorted(graph[stage]) if up in states]
             if fan_out and stage in PER_OBJECT:
-                ran[stage], states[stage] = fan_out_stage(workdir, stage, wait_for)
+                ran[stage], states[stage] = fan_out_stage(workdir, stage, wait_for, pull=bool(remote))
             else:
-                states[stage] = run_one(workdir, stage, name, return_state=True, wait_for=wait_for)
+                states[stage] = run_one(workdir, stage, name, bool(remote), return_state=True, wait_for=wait_for)
                 ran[stage] = states[stage].result()
         last = list(states.values())[-1:]
         if name:
             last = [save_experiment(workdir, name, return_state=True, wait_for=last)]
+            last[0].result()
+        if remote and push:
+            last = [push_outputs(workdir, return_state=True, wait_for=last)]
             last[0].result()
         summary = ", ".join(s for s, r in ran.items() if r) or "nothing"
         publish_report(workdir, f"shapeflow {name or 'workspace'}: {summary} ran", wait_for=last)

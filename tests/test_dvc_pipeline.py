@@ -329,3 +329,43 @@ def test_eval_metrics_and_plots_of_saved_experiments_reach_exp_show_and_metrics_
     diff = json.loads(dvc("metrics", "diff", "one", "two", "--json"))
     assert diff["eval/metrics.json"]["recon.f@0.02"] == {"old": 0.5, "new": 1.0, "diff": 0.5}
     dvc("plots", "diff", "one", "two", "--json")
+
+
+@pytest.mark.slow
+def test_a_second_clone_pulls_the_outputs_a_first_pushed_instead_of_rebuilding_them(tmp_path):
+    """A directory remote as the shared cache: the first machine runs and pushes, a clone with the
+    same remote pulls; experiment worktrees see a remote set for this machine only."""
+    import subprocess
+
+    first, store = tmp_path / "first", tmp_path / "store"
+    first.mkdir()
+    stages = {
+        "make": {"cmd": "python -c \"open('made.txt', 'w').write('made')\"", "outs": ["made.txt"]},
+        "later": {"cmd": "cp made.txt later.txt", "deps": ["made.txt"], "outs": ["later.txt"]},
+    }
+    (first / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (first / "params.yaml").write_text("seed: 0\n")
+    (first / ".gitignore").write_text(".shapeflow/\n")
+    for cmd in (["git", "init", "-q"], [*dp.dvc_command(), "init", "-q"]):
+        subprocess.run(cmd, cwd=first, check=True)
+    assert dp.default_remote(first) is None
+    subprocess.run([*dp.dvc_command(), "remote", "add", "--local", "-d", "store", str(store)], cwd=first, check=True)
+    assert dp.default_remote(first) == "store"
+    assert all(dp.run_stage(first, stage, lambda line: None) for stage in stages)
+    subprocess.run(["git", "add", "-A"], cwd=first, check=True)
+    subprocess.run(["git", "commit", "-qm", "two stages"], cwd=first, check=True)
+    dp.push_outputs(first, lambda line: None)
+    assert any(p.is_file() for p in store.rglob("*"))
+
+    # An experiment worktree has the committed .dvc/config, not the untracked config.local.
+    ws = dp.experiment_workspace(first, "exp", ["seed=1"], lambda line: None)
+    assert dp.default_remote(ws) == "store"
+
+    second = tmp_path / "second"
+    subprocess.run(["git", "clone", "-q", str(first), str(second)], check=True)
+    subprocess.run([*dp.dvc_command(), "remote", "add", "--local", "-d", "store", str(store)], cwd=second, check=True)
+    assert not (second / "made.txt").exists()
+    lines: list[str] = []
+    assert not any(dp.run_stage(second, stage, lines.append, pull=True) for stage in stages)  # nothing rebuilt
+    assert (second / "later.txt").read_text() == "made"
+    assert not any("Running stage" in line for line in lines)

@@ -315,6 +315,9 @@ def services(repo, tmp_path_factory):
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True).returncode != 0:
         commit(repo, "baseline")
     svc = Services(repo, tmp_path_factory.mktemp("services"))
+    # A directory as the DVC remote (set for this machine only): the flows pull from it and push to it.
+    svc.store = tmp_path_factory.mktemp("dvc-store")
+    dvc(repo, "remote", "add", "--local", "--force", "-d", "store", str(svc.store))
     try:
         svc.script("start")
         svc.prefect("deploy", "--all")
@@ -371,6 +374,12 @@ def test_a_triggered_deployment_with_an_override_ends_in_mlflow_as_a_dvc_experim
     ).stdout
     revs = {r["name"]: r["rev"] for c in _json_of(exp_rev) for e in c.get("experiments") or [] for r in e["revs"]}
     assert tags["dvc_exp_commit"] == revs["steps-6"]
+    # What the run made is in the DVC remote for other machines to pull.
+    assert "DVC remote: store" in "\n".join(services.logs(run["id"]))
+    pushed = {p.name for p in services.store.rglob("*") if p.is_file()}
+    lock = yaml.safe_load((services.repo / ".shapeflow" / "experiments" / "steps-6" / "dvc.lock").read_text())
+    vae = next(o for o in lock["stages"]["train_vae"]["outs"] if o["path"] == "models/vae")
+    assert vae["md5"].removesuffix(".dir")[2:] + ".dir" in pushed
     vae_runs = [r for r in services.mlflow_runs("shapeflow-train_vae") if r["info"]["run_name"] == "steps-6"]
     assert [{p["key"]: p["value"] for p in r["data"]["params"]}["train_vae.steps"] for r in vae_runs] == ["6"]
     # The workspace's params are untouched; the experiment is DVC's.

@@ -271,9 +271,35 @@ def run_logged(
     return proc.returncode, "\n".join(tail)
 
 
-def run_stage(workdir: Path, stage: str, log: Callable[[str], None], env: Mapping[str, str] | None = None) -> bool:
+def default_remote(workdir: Path, env: Mapping[str, str] | None = None) -> str | None:
+    """The name of the DVC remote that push and pull use in `workdir` (`dvc remote default`), or None."""
+    proc = subprocess.run(
+        [*dvc_command(), "remote", "default"], cwd=workdir, env=dict(env or tool_env()), capture_output=True, text=True
+    )
+    name = proc.stdout.strip()
+    return name if proc.returncode == 0 and name else None
+
+
+def pull_stage(workdir: Path, stage: str, log: Callable[[str], None], env: Mapping[str, str] | None = None) -> bool:
+    """`dvc pull STAGE`: the stage's outputs that dvc.lock names, from the default remote, when it has
+    them; True when they came, False when the remote lacks some (the stage then runs)."""
+    code, _ = run_logged([*dvc_command(), "pull", stage], workdir, log, env)
+    return code == 0
+
+
+def push_outputs(workdir: Path, log: Callable[[str], None], env: Mapping[str, str] | None = None) -> None:
+    """`dvc push --run-cache`: every output dvc.lock names, and DVC's run cache, to the default remote."""
+    code, tail = run_logged([*dvc_command(), "push", "--run-cache"], workdir, log, env)
+    if code != 0:
+        raise RuntimeError(f"dvc push in {workdir} failed:\n{tail}")
+
+
+def run_stage(
+    workdir: Path, stage: str, log: Callable[[str], None], env: Mapping[str, str] | None = None, pull: bool = False
+) -> bool:
     """`dvc repro --single-item STAGE` in `workdir`; True when it ran, False when DVC found it up to
-    date. Raises StageFailed with the output's last lines when the stage fails."""
+    date. pull: outputs missing here that the default remote holds are pulled instead of rebuilt
+    (`--pull`). Raises StageFailed with the output's last lines when the stage fails."""
     ran = False
 
     def watch(line: str) -> None:
@@ -281,7 +307,8 @@ def run_stage(workdir: Path, stage: str, log: Callable[[str], None], env: Mappin
         ran = ran or line.startswith(f"Running stage '{stage}'")
         log(line)
 
-    code, tail = run_logged([*dvc_command(), "repro", "--single-item", stage], workdir, watch, env)
+    pulling = ["--pull"] if pull else []
+    code, tail = run_logged([*dvc_command(), "repro", "--single-item", *pulling, stage], workdir, watch, env)
     if code != 0:
         raise StageFailed(stage, code, tail)
     return ran
@@ -424,11 +451,30 @@ def experiment_workspace(repo: Path, name: str, overrides: Sequence[str], log: C
         if code != 0:
             log(f"dvc checkout in {ws} left some outputs missing (their stages will run):\n{tail}")
         log(f"experiment workspace {ws} created from HEAD {git(repo, 'rev-parse', '--short', 'HEAD')}")
+    share_local_remotes(repo, ws, log)
     # Every run starts from the committed params plus its own overrides: those of an earlier run
     # (a typo among them) must not pile up in a reused workspace.
     git(ws, "checkout", "--quiet", head, "--", "params.yaml")
     apply_overrides(ws / "params.yaml", overrides)
     return ws
+
+
+def share_local_remotes(repo: Path, ws: Path, log: Callable[[str], None]) -> None:
+    """The DVC remotes set for this machine only (`dvc remote add --local`, in the repository's
+    untracked .dvc/config.local) set in the worktree too, with the same default: a worktree has the
+    committed .dvc/config but not that file."""
+    listed = subprocess.run(
+        [*dvc_command(), "config", "--list", "--local"], cwd=repo, env=tool_env(), capture_output=True, text=True
+    )
+    for line in listed.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if not sep or not (key.startswith("remote.") or key == "core.remote"):
+            continue
+        if key.startswith("remote.") and key.endswith(".url") and "://" not in value and not os.path.isabs(value):
+            value = str((Path(repo) / ".dvc" / value).resolve())  # relative to the config file's folder
+        code, tail = run_logged([*dvc_command(), "config", "--local", key, value], ws, log)
+        if code != 0:
+            raise RuntimeError(f"dvc config --local {key} in {ws} failed:\n{tail}")
 
 
 def list_experiments(repo: Path) -> list[tuple[str, Path]]:
@@ -526,19 +572,24 @@ def run_experiment(
     folder that did not change leaves its output, and so every later stage, as it was. Then `dvc
     repro` runs what is stale and `dvc exp save` records the experiment. The stages' MLflow runs are
     named after the experiment and go to $MLFLOW_TRACKING_URI, else to the repository's mlflow.db.
+    With a default DVC remote, outputs it holds are pulled instead of rebuilt (`dvc repro --pull`)
+    and what the run made is pushed to it at the end.
     """
     repo = Path(repo).resolve()
     ws = experiment_workspace(repo, name, overrides, log)
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo / 'mlflow.db'}"
     env = tool_env({"DVC_EXP_NAME": name, "MLFLOW_TRACKING_URI": tracking}, ws)
+    remote = default_remote(ws, env)
     for stage in force:
         code, tail = run_logged([*dvc_command(), "repro", "--force", "--single-item", stage], ws, log, env)
         if code != 0:
             raise StageFailed(stage, code, tail)
-    code, tail = run_logged([*dvc_command(), "repro"], ws, log, env)
+    code, tail = run_logged([*dvc_command(), "repro", *(["--pull"] if remote else [])], ws, log, env)
     if code != 0:
         raise StageFailed("pipeline", code, tail)
     save_experiment(ws, name, log)
+    if remote:
+        push_outputs(ws, log, env)
     return ws
 
 
