@@ -10,6 +10,8 @@ Usage (from the repository root):
         # the two newest FINISHED runs of experiment shapeflow-evaluate in ./mlflow.db
     .venv/bin/python scripts/mlflow_compare.py --runs RUN_A RUN_B RUN_C --out docs/mlflow-compare.png
     .venv/bin/python scripts/mlflow_compare.py --tracking-uri sqlite:////tmp/other.db --window 1600,1800
+    .venv/bin/python scripts/mlflow_compare.py --server http://127.0.0.1:5000
+        # the runs of a server that is already running (`make services`); nothing is started
 
 Needs chromium, chromium-browser or google-chrome on PATH (or --browser PATH) and
 Pillow. The compare-page route (`#/compare-runs?runs=[...]&experiments=[...]`) is the
@@ -65,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Screenshot the MLflow UI's compare view of two or more runs.")
     parser.add_argument(
         "--tracking-uri", default="sqlite:///mlflow.db", help="backend store URI (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--server", metavar="URL", help="a running MLflow server to use instead of starting one on --tracking-uri"
     )
     parser.add_argument(
         "--experiment", default="shapeflow-evaluate", help="experiment to take runs from (default: %(default)s)"
@@ -361,33 +366,41 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         browser = find_browser(args.browser)
-        check_sqlite_file(args.tracking_uri)
+        if args.server is None:
+            check_sqlite_file(args.tracking_uri)
         if args.runs is not None and len(args.runs) < 2:
             raise Fail(f"--runs needs at least 2 run ids, got {len(args.runs)}")
         with tempfile.TemporaryDirectory(prefix="mlflow-compare-") as tmp:
             workdir = Path(tmp)
-            port = free_port()
-            server, log_path = start_server(args.tracking_uri, port, workdir)
+            server = None
             try:
-                base = f"http://127.0.0.1:{port}"
-                wait_for_health(server, base, log_path, args.start_timeout)
-                if args.runs:
-                    runs = named_runs(base, args.runs, args.tracking_uri)
+                if args.server:
+                    base = ui = args.server.rstrip("/")
+                    source = base
+                    if not base.startswith(("http://", "https://")):
+                        raise Fail(f"--server {args.server!r}: an http(s) URL is required")
                 else:
-                    exp_id = experiment_id(base, args.experiment, args.tracking_uri)
+                    port = free_port()
+                    server, log_path = start_server(args.tracking_uri, port, workdir)
+                    base, ui, source = f"http://127.0.0.1:{port}", f"http://{UI_HOST}:{port}", args.tracking_uri
+                    wait_for_health(server, base, log_path, args.start_timeout)
+                if args.runs:
+                    runs = named_runs(base, args.runs, source)
+                else:
+                    exp_id = experiment_id(base, args.experiment, source)
                     runs = newest_finished_runs(base, exp_id)
                     if len(runs) < 2:
                         raise Fail(
-                            f"experiment {args.experiment!r} in {args.tracking_uri} "
-                            f"has {len(runs)} FINISHED run(s); need 2"
+                            f"experiment {args.experiment!r} in {source} has {len(runs)} FINISHED run(s); need 2"
                         )
-                url = compare_url(f"http://{UI_HOST}:{port}", runs)
+                url = compare_url(ui, runs)
                 print(
                     f"comparing {', '.join(run['run_name'] or run['run_id'] for run in runs)}: {url}", file=sys.stderr
                 )
                 capture(browser, url, args.out, args.window, args.virtual_time_ms, workdir)
             finally:
-                kill_group(server, grace=5)
+                if server is not None:
+                    kill_group(server, grace=5)
     except Fail as err:
         print(f"mlflow_compare: error: {err}", file=sys.stderr)
         return 1

@@ -143,9 +143,17 @@ def test_stage_logs_one_run_tagged_with_the_model_runs_and_all_sections(evaluate
     assert run.data.params["evaluate.resolution"] == "32" and run.data.params["train_dit.steps"] == "4"
     assert run.data.metrics["recon.cd"] == pytest.approx(metrics["recon"]["cd"])
     assert run.data.metrics["generation.mmd_cd"] == pytest.approx(metrics["generation"]["mmd_cd"])
-    assert any(name.startswith("category.recon.") and name.endswith("f_0.02") for name in run.data.metrics)
+    # The compare view opens on the first metric logged: the headline F-score, counts last, and the
+    # per-category figures as tables instead of a hundred metric keys.
+    logged = [m.key for m in run.data._metric_objs]
+    assert logged[:3] == ["recon.f_0.02", "recon.f_0.01", "recon.cd"] and logged[-1].endswith(
+        ("objects", "failed", "empty", "samples", "references", "common_categories")
+    )
+    assert not any(name.startswith("category.") for name in logged)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"recon", "samples", "plots"} <= artifacts
+    assert {"recon", "samples", "plots", "tables"} <= artifacts
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "tables/recon_categories.json")).read_text())
+    assert "f@0.02" in table["columns"] and len(table["data"]) == metrics["recon"]["objects"]  # a category each
 
 
 def test_a_corrupt_sample_file_fails_that_object_and_the_others_are_scored(

@@ -154,6 +154,14 @@ class Tracker:
         items = [Metric(_metric_name(k), float(v), now, step) for k, v in metrics.items()]
         self._client.log_batch(self.run_id, metrics=items)
 
+    def log_table(self, rows: list[Mapping[str, Any]], artifact_file: str) -> None:
+        """Rows of one table (the same columns) as an MLflow table artifact (JSON, shown in the UI)."""
+        if not self.active or not rows:
+            return
+        columns = list(rows[0])
+        data = {c: [_table_cell(row.get(c)) for row in rows] for c in columns}
+        self._client.log_table(self.run_id, data=data, artifact_file=artifact_file)
+
     def log_artifacts(self, folder: str | Path, artifact_path: str) -> None:
         if self.active:
             self._client.log_artifacts(self.run_id, str(folder), artifact_path)
@@ -173,6 +181,13 @@ class Tracker:
         except Exception:
             self.end("FAILED")
             raise
+
+
+def _table_cell(value: Any) -> Any:
+    """JSON has no NaN: a figure that could not be computed is None in a table."""
+    if isinstance(value, float) and value != value:
+        return None
+    return value
 
 
 def _metric_name(name: str) -> str:
