@@ -68,6 +68,7 @@ class Stage:
     name: str
     deps: tuple[str, ...]
     outs: tuple[str, ...]
+    git_kept: tuple[str, ...] = ()  # outputs with `cache: false`: git keeps them, not the DVC cache
 
 
 def read_stages(repo: Path) -> dict[str, Stage]:
@@ -78,11 +79,14 @@ def read_stages(repo: Path) -> dict[str, Stage]:
     raw = yaml.safe_load(path.read_text()) or {}
     stages = {}
     for name, body in (raw.get("stages") or {}).items():
-        outs = []
+        outs, kept = [], []
         for kind in ("outs", "metrics", "plots"):
             for entry in body.get(kind) or []:
-                outs.append(next(iter(entry)) if isinstance(entry, dict) else str(entry))
-        stages[name] = Stage(name, tuple(str(d) for d in body.get("deps") or []), tuple(outs))
+                path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
+                outs.append(str(path))
+                if isinstance(options, dict) and options.get("cache") is False:
+                    kept.append(str(path))
+        stages[name] = Stage(name, tuple(str(d) for d in body.get("deps") or []), tuple(outs), tuple(kept))
     return stages
 
 
@@ -500,16 +504,7 @@ def remove_experiment(repo: Path, name: str) -> Path:
 def git_kept_outputs(repo: Path) -> list[str]:
     """Outputs of `repo`'s stages that git keeps instead of the DVC cache (`cache: false`: the
     metrics and plots files), as declared in dvc.yaml."""
-    raw = yaml.safe_load((Path(repo) / "dvc.yaml").read_text()) or {}
-    kept = []
-    for body in (raw.get("stages") or {}).values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in body.get(kind) or []:
-                if isinstance(entry, dict):
-                    path, options = next(iter(entry.items()))
-                    if isinstance(options, dict) and options.get("cache") is False:
-                        kept.append(str(path))
-    return kept
+    return [path for stage in read_stages(repo).values() for path in stage.git_kept]
 
 
 def save_experiment(ws: Path, name: str, log: Callable[[str], None]) -> None:
