@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -111,6 +112,22 @@ def test_killed_training_resumes_from_its_last_checkpoint(two_samples, tmp_path)
     assert steps == list(range(2, 41, 2))  # no step logged twice, none missing
     _, found = runs(tmp_path)
     assert len(found) == 1 and found[0].info.status == "FINISHED"  # the resumed run is the same run
+
+
+@pytest.mark.slow
+def test_a_training_stopped_by_sigterm_ends_its_mlflow_run_as_killed(two_samples, tmp_path):
+    params = write_params(tmp_path, steps=400, checkpoint_every=2, val_every=0, val_objects=1)
+    cmd = [sys.executable, *stage_args(tmp_path, two_samples, params, "--val-split", "train")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "ck").glob("step_*/trainer.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "train-vae: interrupted" in err
+    _, found = runs(tmp_path)
+    assert [r.info.status for r in found] == ["KILLED"]
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from shapeflow import __version__, evaluate_recon
@@ -27,11 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM (a stopped worker, a cancelled flow run, `kill`) ends a command as Ctrl-C does: its
+    # MLflow run is marked KILLED and half-written files are removed, instead of an abrupt exit.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"shapeflow {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except (ParamsError, ManifestError, FolderBusyError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"shapeflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
