@@ -91,7 +91,14 @@ def test_stage_writes_raw_and_ema_weights_scores_and_one_tracked_run(builtin_sam
         len(categories)
     )
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 3
-    assert "model/ema/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "model/ema")}
+    # The DiT (with its VAE) is an MLflow model, registered as a version of shapeflow-dit with its scores,
+    # and the samples it was trained on are the run's dataset input.
+    (version,) = client.search_model_versions("name='shapeflow-dit'")
+    assert version.run_id == run.info.run_id and "gen_watertight_share" in version.tags
+    model = {a.path for a in client.list_artifacts(run.info.run_id, "mlflow-model/artifacts/dit/ema")}
+    assert "mlflow-model/artifacts/dit/ema/model.safetensors" in model
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == builtin_samples.name and dataset.tags[0].value == "training"
 
     # Other DiT settings (here: unconditional) retrain, but read the latents from the cache.
     params = write_params(tmp_path, steps=4, lr=1e-4, final_samples=1, conditional=False)
@@ -186,6 +193,21 @@ def test_generate_writes_meshes_and_a_preview_and_repeats_itself_for_a_seed(trai
         a = trimesh.load(tmp_path / "a" / f"sample_{i:03d}.obj", force="mesh", process=False)
         b = trimesh.load(tmp_path / "b" / f"sample_{i:03d}.obj", force="mesh", process=False)
         assert np.array_equal(a.vertices, b.vertices) and np.array_equal(a.faces, b.faces)
+
+
+@pytest.mark.slow
+def test_generate_loads_a_registered_version_by_its_models_uri(trained_dit, small_vae, tmp_path):
+    args = ("--n", "2", "--category", "chair", "--steps", "3", "--resolution", "32", "--seed", "3")
+    from_files = generate(trained_dit, small_vae, tmp_path / "files", *args)
+    assert from_files.returncode == 0, from_files.stderr
+    cmd = ["-m", "shapeflow.cli", "--params", str(trained_dit / "params.yaml"), "generate", str(tmp_path / "registry")]
+    from_registry = run_cli([*cmd, "--model", "models:/shapeflow-dit/1", *args], trained_dit)
+    assert from_registry.returncode == 0, from_registry.stderr
+    for i in range(2):
+        a = (tmp_path / "files" / f"sample_{i:03d}.obj").read_bytes()
+        assert a == (tmp_path / "registry" / f"sample_{i:03d}.obj").read_bytes()
+    missing = run_cli([*cmd, "--model", "models:/shapeflow-dit/9", *args], trained_dit)
+    assert missing.returncode != 0 and "shapeflow-dit" in missing.stderr
 
 
 @pytest.mark.slow

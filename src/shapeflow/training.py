@@ -32,7 +32,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from shapeflow import config
+from shapeflow import config, registry
 from shapeflow import manifest as mf
 from shapeflow.tracking import Tracker, run_name
 
@@ -423,6 +423,19 @@ class Job:
     # items with replacement, each category equally often (category_weights, WeightedEpochSampler);
     # otherwise an epoch is a shuffle of every item.
     categories: Sequence[str] = ()
+    # On rank 0 after save: (MLflow run id, the final metrics) -> log and register the saved model
+    # (shapeflow.registry); None logs the output folder as plain artifacts.
+    register: Callable[[str, Mapping[str, Any]], None] | None = None
+    samples: Path | None = None  # the sample-stage output trained on: logged as the run's dataset input
+
+
+def _logged_or_warned(what: str, log_it: Callable[[], None]) -> None:
+    """MLflow logging that must not cost a finished training its outputs (they are on disk already):
+    a failure is logged as an error, not raised."""
+    try:
+        log_it()
+    except Exception as exc:  # noqa: BLE001 - a tracking server that refuses, a registry it lacks
+        log.error("MLflow: logging %s failed: %s: %s", what, type(exc).__name__, exc)
 
 
 def fit(accelerator: Accelerator, p: LoopParams, seed: int, paths: Outputs, job: Job) -> dict[str, Any]:
@@ -455,6 +468,8 @@ def _fit(accelerator: Accelerator, p: LoopParams, seed: int, paths: Outputs, job
     facts = {"world_size": str(world), "precision": accelerator.mixed_precision, "device": accelerator.device.type}
     params = {"seed": seed, job.stage: dataclasses.asdict(p), **job.params}
     run_id = tracker.start(f"shapeflow-{job.stage}", run_name(job.stage), run_id, {**job.tags, **facts}, params)
+    if run_id is not None and job.samples is not None and step == 0:
+        _logged_or_warned("the dataset input", lambda: registry.log_dataset(run_id, job.samples))
     progress = _Progress(accelerator, tracker, job, p, step, paths.checkpoints)
     grad_norm = torch.zeros(())
     with tracker.ends_on_error():
@@ -491,8 +506,11 @@ def _fit(accelerator: Accelerator, p: LoopParams, seed: int, paths: Outputs, job
     if accelerator.is_main_process:
         metrics |= job.save(accelerator.unwrap_model(model), step, run_id)
         _write_reports(metrics, paths)
-        tracker.log_artifacts(paths.out, "model")
         tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, float)}, step)
+        if job.register is not None and run_id is not None:
+            _logged_or_warned("the model", lambda: job.register(run_id, metrics))
+        else:
+            tracker.log_artifacts(paths.out, "model")
         tracker.end("FINISHED")
         ckpts.clear()
     accelerator.wait_for_everyone()

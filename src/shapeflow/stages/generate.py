@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from shapeflow import config
+from shapeflow import config, registry
 from shapeflow.inference import ShapePipeline
 from shapeflow.render import write_samples
 
@@ -50,6 +50,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dit", type=Path, default=Path("models/dit"), help="train_dit output (default: %(default)s)")
     p.add_argument("--vae", type=Path, default=Path("models/vae"), help="train_vae output (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        help="a DiT from MLflow instead of --dit/--vae: models:/shapeflow-dit/<version>, models:/shapeflow-dit@<alias> "
+        "or runs:/<run id>/mlflow-model (the tracking server is $MLFLOW_TRACKING_URI)",
+    )
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA ones")
     p.set_defaults(func=main)
 
@@ -57,7 +62,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     params = config.load_params(args.params)
     g = config.replace(params.train_dit.generate, steps=args.steps, guidance=args.guidance, resolution=args.resolution)
-    rows = run(args.dit, args.vae, args.out, g, args.n, args.category, args.seed, ema=not args.raw)
+    dit, vae = args.dit, args.vae
+    if args.model:
+        folders = registry.load_model_folders(args.model)
+        if "dit" not in folders:
+            raise config.ParamsError(f"--model {args.model}: a VAE, not a DiT (use a {registry.DIT_MODEL} version)")
+        dit, vae = folders["dit"], folders["vae"]
+    rows = run(dit, vae, args.out, g, args.n, args.category, args.seed, ema=not args.raw)
     tight = sum(r["watertight"] for r in rows)
     print(f"generate: {len(rows)} shapes in {args.out} ({tight} watertight), preview {args.out / 'preview.png'}")
     return 0

@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from scipy.spatial import cKDTree
 from torch.utils.data import TensorDataset
 
-from shapeflow import config, flow, tracking, training
+from shapeflow import config, flow, registry, tracking, training
 from shapeflow import manifest as mf
 from shapeflow.dataset import SampleObject, drop_thin_shells, encoder_inputs, list_objects, load_arrays
 from shapeflow.geometry.mesh import is_watertight_shape
@@ -351,6 +351,15 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
         validation=training.Validation(scores if len(z_val) else None, VAL_COLUMNS),
         ema=ema,
         categories=data.train.categories,
+        register=lambda run_id, metrics: registry.register(
+            run_id,
+            registry.DIT_MODEL,
+            {"dit": paths.out, "vae": paths.vae},
+            registry.dit_signature(p.generate.steps, p.generate.guidance, p.generate.resolution),
+            f"{p.preset} DiT ({conditioning}) with its VAE: (category, seed) rows in, GLB meshes out",
+            {k: v for k, v in metrics.items() if k.startswith(("val_", "gen_")) and isinstance(v, float)},
+        ),
+        samples=paths.samples,
     )
     return training.fit(accelerator, p, params.seed, paths, job)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from shapeflow import config, tracking, training
+from shapeflow import config, registry, tracking, training
 from shapeflow import manifest as mf
 from shapeflow.dataset import ShapeSamples, drop_thin_shells, list_objects, load_arrays
 from shapeflow.geometry.mesh import sampled_frame
@@ -191,6 +191,15 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
         per_sample={"points_per_s": p.data.volume_points + p.data.near_points + p.data.sharp_near_points},
         loader_workers=p.data.loader_workers,
         categories=[o.category for o in train_objects],
+        register=lambda run_id, metrics: registry.register(
+            run_id,
+            registry.VAE_MODEL,
+            {"vae": paths.out},
+            registry.vae_signature(cfg.num_latents, cfg.latent_dim),
+            f"{p.preset} VecSet VAE: point clouds (B, N, 6) in, latents (B, {cfg.num_latents}, {cfg.latent_dim}) out",
+            {k: v for k, v in metrics.items() if k.startswith("val_") and isinstance(v, float)},
+        ),
+        samples=paths.samples,
     )
     return training.fit(accelerator, p, params.seed, paths, job)
 
