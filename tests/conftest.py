@@ -30,9 +30,13 @@ TINY_VAE = {
 
 
 def make_samples(root: Path, per_category: int = 1, resolution: int = 96) -> Path:
-    """fetch -> watertight -> sample of the built-in set (no defects) under `root`; returns the samples folder."""
+    """fetch -> watertight -> sample of the built-in set (no defects) under `root`, every object in the
+    train split (the tests choose their own val objects); returns the samples folder."""
     params = config.Params(
-        fetch=config.FetchParams(builtin=config.BuiltinParams(per_category=per_category, defect_share=0.0)),
+        fetch=config.FetchParams(
+            builtin=config.BuiltinParams(per_category=per_category, defect_share=0.0),
+            split=config.SplitParams(val=0.0, test=0.0),
+        ),
         watertight=config.WatertightParams(resolution=resolution),
         sample=config.SampleParams(**SAMPLE_COUNTS),
     )

@@ -51,6 +51,7 @@ _ROUND_SECTIONS = 48  # segments around big surfaces of revolution (mug, vase, t
 _THIN_SECTIONS = 16  # segments around legs, poles and spokes
 _PROFILE_POINTS = 36  # samples along a random profile curve
 _DEFECT_COUNT_WEIGHTS = (0.6, 0.3, 0.1)  # how many defects a defective object carries: 1, 2, 3
+QUANTUM = 2.0**-16  # vertex coordinates are written as multiples of this (about 1.5e-5; see quantise)
 
 Part = trimesh.Trimesh
 Family = Callable[[np.random.Generator], list[Part]]
@@ -682,14 +683,25 @@ def generate_builtin(per_category: int, defect_share: float, seed: int) -> Itera
             yield BuiltinObject(f"{category}-{index:04d}", category, mesh, defects)
 
 
+def quantise(vertices: np.ndarray) -> np.ndarray:
+    """Coordinates rounded to multiples of QUANTUM (float64, exact).
+
+    The shapes come from trigonometry and matrix products, whose last bits differ between CPUs and
+    maths libraries; rounded to a grid some 10^11 times coarser than those differences, the same
+    object gives the same numbers on any machine (unless a value falls within a few ulps of a
+    rounding boundary, about 1 in 10^11 per coordinate)."""
+    return np.round(np.asarray(vertices, dtype=np.float64) / QUANTUM) * QUANTUM
+
+
 def export_bytes(mesh: trimesh.Trimesh) -> bytes:
-    """Binary little-endian PLY of the vertex and face arrays exactly as given.
+    """Binary little-endian PLY of the face array as given and the vertices quantised.
 
     Written by hand instead of through trimesh's exporter so that the bytes depend on nothing but the
-    arrays (no library version in a comment, no processing): their sha256 is the object's key.
+    arrays (no library version in a comment, no processing): their sha256 is the object's key, and
+    with it the object's split, so the bytes must be the same on every machine (`quantise`).
     Vertices are stored as doubles so that loading them back gives the very same numbers.
     """
-    vertices = np.ascontiguousarray(mesh.vertices, dtype="<f8")  # (V, 3)
+    vertices = np.ascontiguousarray(quantise(mesh.vertices), dtype="<f8")  # (V, 3)
     faces = np.asarray(mesh.faces, dtype=np.int64)  # (F, 3)
     if faces.size and (faces.min() < 0 or faces.max() >= len(vertices)):
         raise ValueError(f"builtin: face indices out of range [0, {len(vertices)}) in the mesh to export")
