@@ -85,6 +85,13 @@ def push_outputs(workdir: str) -> None:
     dp.push_outputs(Path(workdir), get_run_logger().info)
 
 
+@task(name="reuse-outputs", task_run_name="reuse {stage}")
+def reuse_outputs(workdir: str, stage: str) -> bool:
+    """The outputs of an earlier run of the stage with the same inputs and params, from the shared
+    DVC cache (any experiment or workspace); True when reused."""
+    return dp.reuse_outputs(Path(workdir), stage, get_run_logger().info)
+
+
 @task(name="dvc-status")
 def stage_is_up_to_date(workdir: str, stage: str) -> bool:
     return dp.up_to_date(Path(workdir), stage)
@@ -114,6 +121,9 @@ def fan_out_stage(workdir: str, stage: str, wait_for: list, pull: bool = False) 
     if checked.result():
         logger.info("stage %s was up to date", stage)
         return False, checked
+    reused = reuse_outputs(workdir, stage, return_state=True, wait_for=[checked])
+    if reused.result():
+        return False, reused
     src, dst = dp.stage_paths(Path(workdir), stage)
     done = preprocess(
         stage,
@@ -121,7 +131,7 @@ def fan_out_stage(workdir: str, stage: str, wait_for: list, pull: bool = False) 
         str(Path(workdir) / dst),
         params_file=str(Path(workdir) / "params.yaml"),
         return_state=True,
-        wait_for=[checked],
+        wait_for=[reused],
     )
     totals = done.result()  # the sub-flow's summary, in this run's log too
     logger.info("stage %s: %d objects ok, %d failed", stage, totals["ok"], totals["failed"])

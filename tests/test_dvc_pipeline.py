@@ -369,3 +369,51 @@ def test_a_second_clone_pulls_the_outputs_a_first_pushed_instead_of_rebuilding_t
     assert not any(dp.run_stage(second, stage, lines.append, pull=True) for stage in stages)  # nothing rebuilt
     assert (second / "later.txt").read_text() == "made"
     assert not any("Running stage" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_a_persist_stage_is_reused_in_another_workspace_with_the_same_inputs_and_params(tmp_path):
+    """DVC's run cache skips stages with persist outputs; shapeflow.reuse keeps their runs instead."""
+    import subprocess
+
+    counter = tmp_path / "runs.txt"  # outside the repository: how often `per` really ran
+    per = (
+        "import yaml, pathlib; s = yaml.safe_load(open('params.yaml'))['per']['scale']; "
+        "pathlib.Path('per').mkdir(exist_ok=True); "
+        "open('per/out.txt', 'w').write(open('made.txt').read() * s); "
+        f"open({str(counter)!r}, 'a').write('x')"
+    )
+    stages = {
+        "make": {"cmd": "python -c \"open('made.txt', 'w').write('m')\"", "deps": ["tool.py"], "outs": ["made.txt"]},
+        "per": {
+            "cmd": f'python -c "{per}"',
+            "deps": ["made.txt", "tool.py"],
+            "params": ["per"],
+            "outs": [{"per": {"persist": True}}],
+        },
+    }
+    (tmp_path / "repo").mkdir()
+    repo = tmp_path / "repo"
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (repo / "params.yaml").write_text("per: {scale: 2}\ntrain: {steps: 1}\n")
+    (repo / "tool.py").write_text("# code the stages depend on\n")
+    (repo / ".gitignore").write_text(".shapeflow/\n")
+    for cmd in (["git", "init", "-q"], [*dp.dvc_command(), "init", "-q"], ["git", "add", "-A"]):
+        subprocess.run(cmd, cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "two stages"], cwd=repo, check=True)
+    assert dp.read_stages(repo)["per"].persist and not dp.read_stages(repo)["make"].persist
+    assert dp.run_stage(repo, "make", lambda line: None) and dp.run_stage(repo, "per", lambda line: None)
+    assert counter.read_text() == "x"
+
+    # Another workspace (no dvc.lock committed), a param `per` does not read: reused, not run.
+    ws = dp.experiment_workspace(repo, "other", ["train.steps=5"], lambda line: None)
+    lines: list[str] = []
+    assert dp.run_stage(ws, "make", lines.append) is False  # DVC's own run cache
+    assert dp.run_stage(ws, "per", lines.append) is False
+    assert counter.read_text() == "x" and (ws / "per" / "out.txt").read_text() == "mm"
+    assert any("reused" in line for line in lines) and dp.up_to_date(ws, "per")
+    # A param it reads changed: it runs.
+    ws = dp.experiment_workspace(repo, "scaled", ["per.scale=3"], lambda line: None)
+    assert dp.run_stage(ws, "make", lambda line: None) is False
+    assert dp.run_stage(ws, "per", lambda line: None) is True
+    assert counter.read_text() == "xx" and (ws / "per" / "out.txt").read_text() == "mmm"

@@ -126,6 +126,21 @@ def test_pipeline_flow_fans_out_a_stale_per_object_stage_and_records_it_in_dvc_l
         assert len(manifest(repo / "data" / "watertight")) == 8
         assert pipeline_flow.pipeline(targets=["watertight"]) == {"fetch": False, "watertight": False}
 
+        # An experiment whose worktree has no dvc.lock yet (none committed): fetch runs there (it reads
+        # outside the workspace), watertight (persist outputs, which DVC's run cache skips) is the kept
+        # run above, checked out from the cache instead of computed again.
+        subprocess.run(["git", "add", "-A", "--", ".", ":!dvc.lock"], cwd=repo, check=True)
+        git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+        subprocess.run([*git, "commit", "-qm", "code"], cwd=repo, check=True)
+        ran = pipeline_flow.pipeline(targets=["watertight"], overrides=["train_vae.steps=7"], experiment="other")
+        assert ran == {"fetch": True, "watertight": False}
+        ws = repo / ".shapeflow" / "experiments" / "other"
+        assert manifest(ws / "data" / "watertight") == manifest(repo / "data" / "watertight")
+        status = subprocess.run(
+            [sys.executable, "-m", "dvc", "status", "--json", "watertight"], cwd=ws, capture_output=True, text=True
+        )
+        assert status.returncode == 0 and status.stdout.strip() in ("{}", ""), status.stdout
+
     # The run graph: the fan-out of watertight waits for fetch, its commit for the fan-out; the run
     # is named after what it builds and tagged with it.
     from prefect.client.orchestration import get_client
@@ -143,8 +158,9 @@ def test_pipeline_flow_fans_out_a_stale_per_object_stage_and_records_it_in_dvc_l
 
     check = next(t for t in tasks if t.name.startswith("dvc-status"))
     assert by_name["fetch"].id in waits_for(check)
+    assert check.id in waits_for(by_name["reuse watertight"])
     fan_out = next(t for t in tasks if t.name.startswith("preprocess"))  # the sub-flow's task run
-    assert check.id in waits_for(fan_out)
+    assert by_name["reuse watertight"].id in waits_for(fan_out)
     assert fan_out.id in waits_for(by_name["commit watertight"])
     assert all("experiment:workspace" in t.tags for t in (check, by_name["fetch"]))
 

@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from shapeflow import reuse
+
 EXPERIMENTS_DIR = Path(".shapeflow") / "experiments"
 TAIL_LINES = 40
 # Exit statuses of a process killed by a signal: SIGKILL (OOM killer, `kill -9`) and SIGTERM.
@@ -69,6 +71,7 @@ class Stage:
     deps: tuple[str, ...]
     outs: tuple[str, ...]
     git_kept: tuple[str, ...] = ()  # outputs with `cache: false`: git keeps them, not the DVC cache
+    persist: bool = False  # every output is `persist: true` (the per-object stages): DVC's run cache skips it
 
 
 def read_stages(repo: Path) -> dict[str, Stage]:
@@ -79,14 +82,17 @@ def read_stages(repo: Path) -> dict[str, Stage]:
     raw = yaml.safe_load(path.read_text()) or {}
     stages = {}
     for name, body in (raw.get("stages") or {}).items():
-        outs, kept = [], []
+        outs, kept, persist = [], [], []
         for kind in ("outs", "metrics", "plots"):
             for entry in body.get(kind) or []:
                 path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
+                options = options if isinstance(options, dict) else {}
                 outs.append(str(path))
-                if isinstance(options, dict) and options.get("cache") is False:
+                persist.append(bool(options.get("persist")))
+                if options.get("cache") is False:
                     kept.append(str(path))
-        stages[name] = Stage(name, tuple(str(d) for d in body.get("deps") or []), tuple(outs), tuple(kept))
+        deps = tuple(str(d) for d in body.get("deps") or [])
+        stages[name] = Stage(name, deps, tuple(outs), tuple(kept), bool(persist) and all(persist))
     return stages
 
 
@@ -298,12 +304,51 @@ def push_outputs(workdir: Path, log: Callable[[str], None], env: Mapping[str, st
         raise RuntimeError(f"dvc push in {workdir} failed:\n{tail}")
 
 
+def cache_dir(workdir: Path, env: Mapping[str, str] | None = None) -> Path:
+    """The DVC cache folder `workdir` uses (an experiment worktree shares the repository's)."""
+    proc = subprocess.run(
+        [*dvc_command(), "cache", "dir"], cwd=workdir, env=dict(env or tool_env()), capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc cache dir in {workdir} failed: {proc.stderr.strip()}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def checkout_stage(workdir: Path, stage: str, env: Mapping[str, str] | None = None) -> bool:
+    code, _ = run_logged([*dvc_command(), "checkout", "--force", stage], workdir, lambda line: None, env)
+    return code == 0
+
+
+def reuse_outputs(workdir: Path, stage: str, log: Callable[[str], None], env: Mapping[str, str] | None = None) -> bool:
+    """For a stage DVC's run cache skips (persist outputs): the outputs of an earlier run with the
+    same inputs and params, from any workspace sharing the cache (shapeflow.reuse); True when reused."""
+    if not read_stages(workdir)[stage].persist:
+        return False
+    return reuse.restore(workdir, stage, cache_dir(workdir, env), lambda ws, name: checkout_stage(ws, name, env), log)
+
+
+def record_outputs(workdir: Path, stage: str, env: Mapping[str, str] | None = None) -> None:
+    """Keep a completed persist-output stage's dvc.lock entry for `reuse_outputs` elsewhere."""
+    if read_stages(workdir)[stage].persist:
+        reuse.record(workdir, stage, cache_dir(workdir, env))
+
+
 def run_stage(
-    workdir: Path, stage: str, log: Callable[[str], None], env: Mapping[str, str] | None = None, pull: bool = False
+    workdir: Path,
+    stage: str,
+    log: Callable[[str], None],
+    env: Mapping[str, str] | None = None,
+    pull: bool = False,
+    reuse_runs: bool = True,
 ) -> bool:
     """`dvc repro --single-item STAGE` in `workdir`; True when it ran, False when DVC found it up to
-    date. pull: outputs missing here that the default remote holds are pulled instead of rebuilt
-    (`--pull`). Raises StageFailed with the output's last lines when the stage fails."""
+    date or its outputs were reused. pull: outputs missing here that the default remote holds are
+    pulled instead of rebuilt (`--pull`). reuse_runs: a persist-output stage that is stale takes the
+    outputs of an earlier run with the same inputs and params (`reuse_outputs`). Raises StageFailed
+    with the output's last lines when the stage fails."""
+    if reuse_runs and read_stages(workdir)[stage].persist and not up_to_date(workdir, stage, env):
+        if reuse_outputs(workdir, stage, log, env):
+            return False
     ran = False
 
     def watch(line: str) -> None:
@@ -315,6 +360,8 @@ def run_stage(
     code, tail = run_logged([*dvc_command(), "repro", "--single-item", *pulling, stage], workdir, watch, env)
     if code != 0:
         raise StageFailed(stage, code, tail)
+    if reuse_runs:
+        record_outputs(workdir, stage, env)
     return ran
 
 
@@ -373,6 +420,7 @@ def commit_stage(workdir: Path, stage: str, log: Callable[[str], None], env: Map
     code, tail = run_logged([*dvc_command(), "commit", "--force", stage], workdir, log, env)
     if code != 0:
         raise StageFailed(stage, code, tail)
+    record_outputs(workdir, stage, env)
 
 
 def git(repo: Path, *args: str) -> str:
@@ -564,9 +612,11 @@ def run_experiment(
 
     The `force` stages run even when DVC finds them up to date: fetch reads a folder whose contents
     are no DVC dependency, and rerunning it costs little (it redoes no object it has), while a
-    folder that did not change leaves its output, and so every later stage, as it was. Then `dvc
-    repro` runs what is stale and `dvc exp save` records the experiment. The stages' MLflow runs are
-    named after the experiment and go to $MLFLOW_TRACKING_URI, else to the repository's mlflow.db.
+    folder that did not change leaves its output, and so every later stage, as it was. Then each
+    stage in DAG order (`run_stage`: what is stale runs, a per-object stage that ran with the same
+    inputs and params in another workspace is reused) and `dvc exp save` records the experiment.
+    The stages' MLflow runs are named after the experiment and go to $MLFLOW_TRACKING_URI, else to
+    the repository's mlflow.db.
     With a default DVC remote, outputs it holds are pulled instead of rebuilt (`dvc repro --pull`)
     and what the run made is pushed to it at the end.
     """
@@ -579,9 +629,8 @@ def run_experiment(
         code, tail = run_logged([*dvc_command(), "repro", "--force", "--single-item", stage], ws, log, env)
         if code != 0:
             raise StageFailed(stage, code, tail)
-    code, tail = run_logged([*dvc_command(), "repro", *(["--pull"] if remote else [])], ws, log, env)
-    if code != 0:
-        raise StageFailed("pipeline", code, tail)
+    for stage in stage_order(ws):
+        run_stage(ws, stage, log, env, pull=bool(remote))
     save_experiment(ws, name, log)
     if remote:
         push_outputs(ws, log, env)
