@@ -33,6 +33,15 @@ def test_sphere_decodes_to_a_closed_outward_mesh_on_the_surface():
     assert metrics["f@0.02"] > 0.99 and metrics["cd"] < 0.012
 
 
+def test_a_shape_that_reaches_the_box_is_capped_there_and_closed():
+    # A slab through the whole box (inside |z| < 0.3 everywhere on the box's sides): marching cubes
+    # alone would leave it open where it meets the box; the mesh is closed at the box's faces.
+    mesh = decode_mesh(lambda q: q[:, 2].abs() - 0.3, 32)
+    assert mesh.is_watertight and mesh.volume > 0
+    assert abs(mesh.volume - 2.0 * 2.0 * 0.6) < 0.05
+    assert np.abs(mesh.vertices).max() <= 1.0 + 1e-6
+
+
 def thin_plate(q: torch.Tensor) -> torch.Tensor:  # 0.008 thick: under one cell even at 128^3
     half = torch.tensor([0.6, 0.004, 0.3])
     return (q.abs() - half).max(dim=-1).values

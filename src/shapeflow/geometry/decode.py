@@ -152,13 +152,24 @@ def crossed_corners(values: np.ndarray) -> np.ndarray:
     return mask
 
 
+OUTSIDE_CAP = 1e-6  # the least value a boundary grid point gets: outside, by next to nothing
+
+
 def grid_to_mesh(values: np.ndarray) -> trimesh.Trimesh:
     """Zero level set of a grid over [-BOUND, BOUND]^3 (negative inside), outward faces, no slivers.
 
-    Marching cubes only on the blocks whose values change sign. An empty mesh (no faces) when the
-    field never changes sign.
+    Marching cubes only on the blocks whose values change sign. Everything beyond the grid counts as
+    outside: where the field is still negative on the grid's boundary (a shape that reaches the box),
+    the surface is capped on the boundary instead of left open, so the mesh is closed. An empty mesh
+    (no faces) when the field never changes sign.
     """
     resolution = values.shape[0] - 1
+    values = np.array(values, dtype=np.float32)
+    for axis in range(3):
+        for end in (0, -1):
+            face = [slice(None)] * 3
+            face[axis] = end
+            np.maximum(values[tuple(face)], OUTSIDE_CAP, out=values[tuple(face)])
     origins, blocks = _sign_change_blocks(values)
     verts, faces = march_blocks(blocks, origins)
     if len(faces) == 0:
