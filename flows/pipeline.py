@@ -69,8 +69,8 @@ def prepare_workspace(repo: str, name: str, overrides: list[str]) -> str:
 
 
 @task(name="save-experiment")
-def save_experiment(workdir: str, name: str) -> None:
-    dp.save_experiment(Path(workdir), name, get_run_logger().info)
+def save_experiment(workdir: str, name: str, stages: list[str] | None = None) -> None:
+    dp.save_experiment(Path(workdir), name, get_run_logger().info, stages or ())
 
 
 @task(name="dvc-pull", task_run_name="pull {stage}")
@@ -224,7 +224,7 @@ def pipeline(
                 ran[stage] = states[stage].result()
         last = list(states.values())[-1:]
         if name:
-            last = [save_experiment(workdir, name, return_state=True, wait_for=last)]
+            last = [save_experiment(workdir, name, order if targets else None, return_state=True, wait_for=last)]
             last[0].result()
         if remote and push:
             last = [push_outputs(workdir, return_state=True, wait_for=last)]

@@ -95,8 +95,16 @@ def test_stage_writes_raw_and_ema_weights_scores_and_one_tracked_run(builtin_sam
     # and the samples it was trained on are the run's dataset input.
     (version,) = client.search_model_versions("name='shapeflow-dit'")
     assert version.run_id == run.info.run_id and "gen_watertight_share" in version.tags
-    model = {a.path for a in client.list_artifacts(run.info.run_id, "mlflow-model/artifacts/dit/ema")}
-    assert "mlflow-model/artifacts/dit/ema/model.safetensors" in model
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == run.info.run_id and logged.name == "mlflow-model"
+    location = Path(logged.artifact_location.removeprefix("file://"))
+    spec = yaml.safe_load(((location if location.is_absolute() else tmp_path / location) / "MLmodel").read_text())
+    assert "glb" in spec["signature"]["outputs"] and "guidance" in spec["signature"]["params"]
+    assert (
+        (location if location.is_absolute() else tmp_path / location)
+        .joinpath("artifacts/dit/ema/model.safetensors")
+        .is_file()
+    )
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.name == builtin_samples.name and dataset.tags[0].value == "training"
 

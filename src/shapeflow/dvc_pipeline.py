@@ -555,7 +555,7 @@ def git_kept_outputs(repo: Path) -> list[str]:
     return [path for stage in read_stages(repo).values() for path in stage.git_kept]
 
 
-def save_experiment(ws: Path, name: str, log: Callable[[str], None]) -> None:
+def save_experiment(ws: Path, name: str, log: Callable[[str], None], targets: Sequence[str] = ()) -> None:
     """Record the worktree's state as DVC experiment `name` (replacing an earlier one of that name).
 
     `dvc exp save` takes only files git or DVC already track; the metrics and plots files that a
@@ -563,7 +563,8 @@ def save_experiment(ws: Path, name: str, log: Callable[[str], None]) -> None:
     without them `dvc exp show`, `dvc metrics diff` and `dvc plots diff` miss the experiment's figures."""
     untracked = [path for path in git_kept_outputs(ws) if (ws / path).exists()]
     include = [arg for path in untracked for arg in ("--include-untracked", path)]
-    code, tail = run_logged([*dvc_command(), "exp", "save", "--force", "-n", name, *include], ws, log)
+    # targets: the stages a run with targets went through; the others' outputs may not exist here.
+    code, tail = run_logged([*dvc_command(), "exp", "save", "--force", "-n", name, *include, *targets], ws, log)
     if code != 0:
         raise RuntimeError(f"dvc exp save -n {name} in {ws} failed:\n{tail}")
     rev = experiment_rev(ws, name)

@@ -104,7 +104,8 @@ def register(
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name, description=description)
-    version = client.create_model_version(name, info.model_uri, run_id=run_id, description=description)
+    version = mlflow.register_model(info.model_uri, name)  # links the version to the logged model and run
+    client.update_model_version(name, version.version, description=description)
     for key, value in scores.items():
         client.set_model_version_tag(name, version.version, key, f"{value:.6g}")
     return str(version.version)
