@@ -254,3 +254,9 @@ def test_preview_takes_the_first_samples_of_each_category():
     categories = ["rock", "rock", "rock", "tree", "bush", "tree", "tree"]
     assert evaluate.preview_pick(categories, 2, 8) == [4, 0, 1, 3, 5]
     assert evaluate.preview_pick([None] * 5, 2, 3) == [0, 1, 2]
+
+
+def test_preview_puts_each_category_on_a_row_of_its_own():
+    picked = [(c, None) for c in ("bush", "rock", "rock", "rock", "tree")]
+    assert evaluate.category_rows_layout(picked, 3) == [0, None, None, 1, 2, 3, 4]
+    assert evaluate.category_rows_layout([(None, None)] * 3, 2) == [0, 1, 2]

@@ -48,8 +48,11 @@ def render(mesh: trimesh.Trimesh, size: int = 256, points: int = 60_000, seed: i
     return image
 
 
-def preview_grid(meshes: list[trimesh.Trimesh], titles: list[str], tile: int = 256, columns: int = 4) -> np.ndarray:
-    """The meshes rendered side by side, `columns` a row, each titled. (H, W, 3) uint8."""
+def preview_grid(
+    meshes: list[trimesh.Trimesh | None], titles: list[str], tile: int = 256, columns: int = 4
+) -> np.ndarray:
+    """The meshes rendered side by side, `columns` a row, each titled; None leaves its tile blank.
+    (H, W, 3) uint8."""
     from PIL import Image, ImageDraw
 
     rows = max(1, -(-len(meshes) // columns))
@@ -57,15 +60,22 @@ def preview_grid(meshes: list[trimesh.Trimesh], titles: list[str], tile: int = 2
     draw = ImageDraw.Draw(canvas)
     for i, (mesh, title) in enumerate(zip(meshes, titles, strict=True)):
         x, y = (i % columns) * tile, (i // columns) * tile
+        if mesh is None:
+            continue
         canvas.paste(Image.fromarray(render(mesh, tile, seed=i)), (x, y))
         draw.text((x + 6, y + 4), title, fill=(0, 0, 0))
     return np.asarray(canvas)
 
 
 def write_samples(
-    results: list[tuple[str, trimesh.Trimesh]], out: Path, seed: int, columns: int = 4
+    results: list[tuple[str, trimesh.Trimesh]],
+    out: Path,
+    seed: int,
+    columns: int = 4,
+    layout: list[int | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """sample_<i>.glb and .obj per (category, mesh), preview.png (`columns` tiles a row), samples.json;
+    """sample_<i>.glb and .obj per (category, mesh), preview.png (`columns` tiles a row, in the order
+    of `layout`: indices into `results`, None for a blank tile; default all in order), samples.json;
     each file written atomically."""
     from PIL import Image
 
@@ -85,8 +95,9 @@ def write_samples(
                 "seed": seed,
             }
         )
-    titles = [f"{i}: {category}" if category else str(i) for i, (category, _) in enumerate(results)]
-    grid = preview_grid([mesh for _, mesh in results], titles, columns=max(1, columns))
+    order = list(range(len(results))) if layout is None else layout
+    titles = ["" if i is None else f"{i}: {results[i][0]}" if results[i][0] else str(i) for i in order]
+    grid = preview_grid([None if i is None else results[i][1] for i in order], titles, columns=max(1, columns))
     with atomic_path(out / "preview.png") as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
     atomic_write_text(out / "samples.json", json.dumps(rows, indent=2) + "\n")

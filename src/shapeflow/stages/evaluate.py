@@ -453,6 +453,19 @@ def preview_pick(categories: list[str | None], per_category: int, unconditional:
     return [i for category in sorted(picked) for i in picked[category]]
 
 
+def category_rows_layout(picked: list[tuple[str | None, trimesh.Trimesh]], columns: int) -> list[int | None]:
+    """Preview tiles with each category on a row of its own (blank tiles after a short one); samples
+    without a category simply in order."""
+    if not any(category for category, _ in picked):
+        return list(range(len(picked)))
+    layout: list[int | None] = []
+    for i, (category, _) in enumerate(picked):
+        if layout and i > 0 and picked[i - 1][0] != category and len(layout) % columns:
+            layout += [None] * (columns - len(layout) % columns)
+        layout.append(i)
+    return layout
+
+
 # -- the stage -----------------------------------------------------------------------------------------
 
 
@@ -541,12 +554,9 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
             metrics["generation"] = gen
             write_csv(paths.plots / "generation.csv", SAMPLE_COLUMNS, sample_rows)
             write_csv(paths.plots / "generation_categories.csv", GEN_CATEGORY_COLUMNS, gen_rows)
-            write_samples(
-                [results[i] for i in preview_pick([c for c, _ in results], p.preview_per_category, p.previews)],
-                paths.out / "samples",
-                params.seed,
-                columns=p.preview_per_category if generator.classes else 4,
-            )
+            picked = [results[i] for i in preview_pick([c for c, _ in results], p.preview_per_category, p.previews)]
+            columns = p.preview_per_category if generator.classes else 4
+            write_samples(picked, paths.out / "samples", params.seed, columns, category_rows_layout(picked, columns))
 
         tracker.log_metrics(headline_first(flat_metrics(metrics)), 0)
         # Per-category figures as tables (the artifact view shows them; mlflow.load_table joins them
