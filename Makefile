@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup pipeline test test-fast lint bench clean-venv services stop-services deploy
+.PHONY: setup pipeline test test-fast lint bench clean-venv services stop-services deploy exps
 
 setup: $(VENV)/.installed
 
@@ -59,6 +59,13 @@ stop-services:
 deploy: setup
 	eval "$$(scripts/services.sh env)" && SHAPEFLOW_REPO="$(CURDIR)" $(BIN)/prefect --no-prompt deploy --all
 	eval "$$(scripts/services.sh env)" && $(BIN)/python flows/automations.py
+
+# `dvc exp show` narrowed to the headline figures and the most changed params, so it fits a terminal
+# (the full table has a column for every param and metric). EXP_KEEP replaces the column set (regexes
+# of column names); EXP_ARGS passes more options, e.g. EXP_ARGS="--rev 5cb712b" or "-A".
+EXP_KEEP ?= Experiment|recon\.f@0\.02$$|recon\.cd$$|generation\.mmd_cd$$|generation\.category_match_common$$|train_vae\.steps$$|train_dit\.steps$$
+exps: setup
+	$(BIN)/dvc exp show --drop '.*' --keep '$(EXP_KEEP)' $(EXP_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
