@@ -70,14 +70,18 @@ running() {
     [ -f "$SERVICES_DIR/$1.pid" ] && alive "$(cat "$SERVICES_DIR/$1.pid")"
 }
 
+end_group() {  # SIGTERM to process group $1, SIGKILL to what is left after 10 s
+    kill -TERM -- "-$1" 2>/dev/null || true
+    for _ in $(seq 1 20); do group_alive "$1" || break; sleep 0.5; done
+    kill -KILL -- "-$1" 2>/dev/null || true
+}
+
 stop_one() {
     local name=$1 pid
     [ -f "$SERVICES_DIR/$name.pid" ] || return 0
     pid=$(cat "$SERVICES_DIR/$name.pid")
     if group_alive "$pid"; then
-        kill -TERM -- "-$pid" 2>/dev/null || true
-        for _ in $(seq 1 20); do group_alive "$pid" || break; sleep 0.5; done
-        kill -KILL -- "-$pid" 2>/dev/null || true
+        end_group "$pid"
         echo "$name: stopped"
     fi
     rm -f "$SERVICES_DIR/$name.pid"
@@ -92,11 +96,7 @@ stop_stages() {
         pgid=$(basename "$file" .pgid)
         if group_alive "$pgid"; then
             for _ in $(seq 1 30); do group_alive "$pgid" || break; sleep 0.5; done
-            if group_alive "$pgid"; then
-                kill -TERM -- "-$pgid" 2>/dev/null || true
-                for _ in $(seq 1 20); do group_alive "$pgid" || break; sleep 0.5; done
-                kill -KILL -- "-$pgid" 2>/dev/null || true
-            fi
+            group_alive "$pgid" && end_group "$pgid"
             echo "stage (process group $pgid): stopped"
         fi
         rm -f "$file"
