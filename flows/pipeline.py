@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - started as `python flows/pipeline.py`
     from preprocess import preprocess
 
 PER_OBJECT = ("watertight", "sample")
+FAILURES_LOGGED = 50  # failed objects of a fan-out named one by one in the pipeline run's log
 
 REPO = Path(os.environ.get("SHAPEFLOW_REPO", Path(__file__).resolve().parents[1]))
 
@@ -133,8 +134,17 @@ def fan_out_stage(workdir: str, stage: str, wait_for: list, pull: bool = False) 
         return_state=True,
         wait_for=[reused],
     )
-    totals = done.result()  # the sub-flow's summary, in this run's log too
+    totals = done.result()  # the sub-flow's summary and failures, in this run's log too
     logger.info("stage %s: %d objects ok, %d failed", stage, totals["ok"], totals["failed"])
+    failures = totals.get("failures") or []
+    for line in failures[:FAILURES_LOGGED]:
+        logger.warning("stage %s: object %s", stage, line)
+    if len(failures) > FAILURES_LOGGED:
+        logger.warning(
+            "stage %s: %d more failed objects (the stage's manifest.csv lists them)",
+            stage,
+            len(failures) - FAILURES_LOGGED,
+        )
     committed = commit_stage(workdir, stage, return_state=True, wait_for=[done])
     committed.result()
     return True, committed

@@ -24,15 +24,15 @@ STAGES = ("watertight", "sample")
 
 
 @task(name="preprocess-shard", task_run_name="{stage} shard {rank}/{world_size}")
-def preprocess_shard(stage: str, params_file: str, src: str, dst: str, rank: int, world_size: int) -> dict[str, int]:
-    """One shard of a per-object stage, on one core; {"ok": n, "failed": m}."""
+def preprocess_shard(stage: str, params_file: str, src: str, dst: str, rank: int, world_size: int) -> dict:
+    """One shard of a per-object stage, on one core; {"ok": n, "failed": m, "failures": [line, ...]}."""
     from shapeflow.stages import sample, watertight
 
     params = config.load_params(params_file)
     run = {"watertight": watertight.run, "sample": sample.run}[stage]
     records = run(params, src, dst, workers=1, rank=rank, world_size=world_size)
-    failed = sum(1 for r in records if r.get("status") != "ok")
-    return {"ok": len(records) - failed, "failed": failed}
+    failures = [f"{r.get('key', '?')[:12]}: {r.get('reason', '')}" for r in records if r.get("status") != "ok"]
+    return {"ok": len(records) - len(failures), "failed": len(failures), "failures": failures}
 
 
 def task_runner(compute: config.ComputeParams):
@@ -49,9 +49,9 @@ def shard_count(compute: config.ComputeParams) -> int:
 
 
 @flow(name="preprocess-shards")
-def _fan_out(stage: str, params_file: str, src: str, dst: str, shards: int) -> dict[str, int]:
+def _fan_out(stage: str, params_file: str, src: str, dst: str, shards: int) -> dict:
     futures = [preprocess_shard.submit(stage, params_file, src, dst, rank, shards) for rank in range(shards)]
-    totals = {"ok": 0, "failed": 0}
+    totals: dict = {"ok": 0, "failed": 0, "failures": []}
     for future in futures:
         for key, value in future.result().items():
             totals[key] += value
@@ -60,8 +60,9 @@ def _fan_out(stage: str, params_file: str, src: str, dst: str, shards: int) -> d
 
 
 @flow(name="preprocess")
-def preprocess(stage: str, src: str, dst: str, params_file: str = "params.yaml") -> dict[str, int]:
-    """Run `stage` (watertight or sample) from `src` into `dst` as shards on the configured task runner."""
+def preprocess(stage: str, src: str, dst: str, params_file: str = "params.yaml") -> dict:
+    """Run `stage` (watertight or sample) from `src` into `dst` as shards on the configured task runner;
+    the totals and one line per failed object (key and reason), for the calling flow's log."""
     if stage not in STAGES:
         raise ValueError(f"preprocess: stage {stage!r} is not a per-object stage; one of {list(STAGES)}")
     params = config.load_params(params_file)

@@ -54,13 +54,30 @@ def test_process_pool_shards_do_what_the_stage_does(prefect_api, raw, tmp_path):
     totals = preprocess(
         "watertight", str(raw), str(tmp_path / "fanned"), params_file=str(write_params(tmp_path, shards=3))
     )
-    assert totals == {"ok": 8, "failed": 0}
+    assert totals == {"ok": 8, "failed": 0, "failures": []}
     from shapeflow.stages import watertight
 
     watertight.run(config.load_params(tmp_path / "params.yaml"), raw, tmp_path / "direct", workers=1)
     assert manifest(tmp_path / "fanned") == manifest(tmp_path / "direct")
     fanned = sorted(p.name for p in (tmp_path / "fanned" / "objects").iterdir())
     assert fanned == sorted(p.name for p in (tmp_path / "direct" / "objects").iterdir()) and len(fanned) == 8
+
+
+def test_a_failed_object_of_a_shard_is_named_in_the_fan_outs_result(prefect_api, raw, tmp_path):
+    import shutil
+
+    from flows.preprocess import preprocess
+
+    broken = tmp_path / "raw"
+    shutil.copytree(raw, broken)
+    victim = sorted((broken / "objects").iterdir())[0]
+    victim.write_bytes(b"ply\nnot a mesh")
+    totals = preprocess(
+        "watertight", str(broken), str(tmp_path / "out"), params_file=str(write_params(tmp_path, shards=2))
+    )
+    assert totals["ok"] == 7 and totals["failed"] == 1
+    (line,) = totals["failures"]
+    assert line.startswith(victim.name[:12]) and str(victim.name) in line
 
 
 def test_dask_cluster_runs_the_shards_when_params_name_its_address(prefect_api, raw, tmp_path):
@@ -74,7 +91,7 @@ def test_dask_cluster_runs_the_shards_when_params_name_its_address(prefect_api, 
         params = write_params(tmp_path, shards=2, dask_address=cluster.scheduler_address)
         assert type(task_runner(config.load_params(params).compute)).__name__ == "DaskTaskRunner"
         totals = preprocess("watertight", str(raw), str(tmp_path / "dask"), params_file=str(params))
-        assert totals == {"ok": 8, "failed": 0}
+        assert totals == {"ok": 8, "failed": 0, "failures": []}
         assert set(manifest(tmp_path / "dask").values()) == {"ok"}
         # The shards went through the cluster's scheduler: one task each, finished in memory.
         finished = {t[0] for t in cluster.scheduler.transition_log if t[2] == "memory"}
