@@ -374,6 +374,13 @@ def test_a_triggered_deployment_with_an_override_ends_in_mlflow_as_a_dvc_experim
     ).stdout
     revs = {r["name"]: r["rev"] for c in _json_of(exp_rev) for e in c.get("experiments") or [] for r in e["revs"]}
     assert tags["dvc_exp_commit"] == revs["steps-6"]
+    # Both models are registered, each version linked to the run that trained it.
+    for name, experiment in (("shapeflow-vae", "shapeflow-train_vae"), ("shapeflow-dit", "shapeflow-train_dit")):
+        found = httpx.get(
+            f"{services.mlflow}/api/2.0/mlflow/model-versions/search", params={"filter": f"name='{name}'"}, timeout=30
+        ).json()["model_versions"]
+        trained = {r["info"]["run_id"] for r in services.mlflow_runs(experiment) if r["info"]["run_name"] == "steps-6"}
+        assert trained & {v["run_id"] for v in found}, (name, found)
     # What the run made is in the DVC remote for other machines to pull.
     assert "DVC remote: store" in "\n".join(services.logs(run["id"]))
     pushed = {p.name for p in services.store.rglob("*") if p.is_file()}
@@ -434,12 +441,11 @@ def wait_checkpoint(worktree: Path, after: int = 0, timeout: float = 300) -> Non
 
 
 def test_a_bad_param_fails_its_stage_and_a_killed_worker_resumes_on_rerun(services):
-    """Runs in the experiment of the test above: its finished stages stay finished."""
-    bad = services.run_deployment("pipeline/full", {"overrides": ["train_vae.preset=huge"], "experiment": "steps-6"})
+    """Runs in the experiment of the test above: its finished stages stay finished. A typo in an
+    override fails the stage that reads it; the corrected list under the same name then runs."""
+    bad = services.run_deployment("pipeline/full", {"overrides": ["train_vae.stepz=60"], "experiment": "steps-6"})
     assert bad["state"]["type"] == "FAILED"
-    assert (
-        "stage 'train_vae' failed" in bad["state"]["message"] and "unknown VAE preset 'huge'" in bad["state"]["message"]
-    )
+    assert "stage 'train_vae' failed" in bad["state"]["message"] and "stepz" in bad["state"]["message"]
     task_runs = httpx.post(
         f"{services.api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [bad["id"]]}}}, timeout=30
     ).json()
