@@ -468,9 +468,10 @@ def test_a_bad_param_fails_its_stage_and_a_killed_worker_resumes_on_rerun(servic
     assert list((services.folder / "stages").glob("*.pgid")) == []  # the flow run took its stage off the list
     services.wait_run(run_id, {"SCHEDULED"}, timeout=120)  # crashed, then scheduled again by the automation
     started = services.script("start")  # the servers are up: only a new worker starts
-    assert "worker: started" in started, (
-        started
-    )  # the killed worker (a zombie until reaped) is not taken for a live one
+    # The killed worker (a zombie until reaped) is not taken for a live one; its log is appended to.
+    assert "worker: started" in started, started
+    worker_log = (services.folder / "worker.log").read_text(errors="replace")
+    assert worker_log.count("=== worker: started") == 2 and "submitting flow run" in worker_log
     again = services.wait_run(run_id, TERMINAL)
     assert again["state"]["type"] == "COMPLETED", again["state"]
     assert again["run_count"] == 2
