@@ -8,8 +8,10 @@ marching cubes.
 Every shape the VAE was trained on lies inside the normalisation box [-0.95, 0.95]^3 (docs/conventions.md), so
 outside it a shape's signed distance is at least the distance to the box. A sample's field is held
 to that bound before marching cubes (`within_box`): the decoder is least accurate in the margin between
-the box and the grid's edge, where a field just below zero leaves the mesh open at the edge of the
-grid. Inside the box no sign changes. Reconstructions are scored on the VAE's field as it is.
+the box and the grid's edge, where a field just below zero would reach the edge of the grid (the mesh
+is then capped there, see geometry.decode.grid_to_mesh). Inside the box no sign changes.
+Reconstructions are scored on the VAE's field as it is: a field still negative at the grid's edge
+shows as a cap there, away from the reference surface.
 """
 
 from __future__ import annotations
