@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def test_stage_writes_weights_metrics_curves_and_one_tracked_run(two_samples, tm
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 3
     # The VAE is an MLflow model, registered as a version of shapeflow-vae linked to this run.
     (version,) = client.search_model_versions("name='shapeflow-vae'")
-    assert version.run_id == run.info.run_id and "val_cd" in version.tags
+    assert version.run_id == run.info.run_id and {"val_cd", "val_f_0.02"} <= set(version.tags)
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +287,11 @@ def test_a_kill_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(two_sam
         if kill:
             cmd = [sys.executable, *stage_args(work, two_samples, params, "--val-split", "train")]
             assert kill_at_first_checkpoint(cmd, work, env_for(work), work / "ck") >= 3
+            # On a busy machine the kill may come after the checkpoint at step 6 (an epoch boundary):
+            # leave the one at step 3, mid-epoch, which is what this test is about.
+            for later in (work / "ck").glob("step_*"):
+                if int(later.name.split("_")[1]) > 3:
+                    shutil.rmtree(later)
         done = train(work, two_samples, params, "--val-split", "train")
         assert done.returncode == 0, done.stderr
         assert ("resuming from step 3" in done.stderr) == kill

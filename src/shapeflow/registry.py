@@ -106,8 +106,8 @@ def register(
         client.create_registered_model(name, description=description)
     version = mlflow.register_model(info.model_uri, name)  # links the version to the logged model and run
     client.update_model_version(name, version.version, description=description)
-    for key, value in scores.items():
-        client.set_model_version_tag(name, version.version, key, f"{value:.6g}")
+    for key, value in scores.items():  # tag names take no '@': 'val_f@0.02' -> 'val_f_0.02'
+        client.set_model_version_tag(name, version.version, tracking.metric_name(key), f"{value:.6g}")
     return str(version.version)
 
 

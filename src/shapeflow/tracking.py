@@ -151,7 +151,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(_metric_name(k), float(v), now, step) for k, v in metrics.items()]
+        items = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()]
         self._client.log_batch(self.run_id, metrics=items)
 
     def log_table(self, rows: list[Mapping[str, Any]], artifact_file: str) -> None:
@@ -190,6 +190,6 @@ def _table_cell(value: Any) -> Any:
     return value
 
 
-def _metric_name(name: str) -> str:
+def metric_name(name: str) -> str:
     """MLflow metric names allow letters, digits, _ - . space : / only: 'f@0.02' -> 'f_0.02'."""
     return re.sub(r"[^\w\-. :/]", "_", name)
