@@ -199,23 +199,9 @@ def wait_for_health(proc: subprocess.Popen, base: str, log_path: Path, timeout: 
 
 def kill_group(proc: subprocess.Popen, grace: float) -> None:
     """Stop a process and everything in its process group: SIGTERM, then SIGKILL after `grace` seconds."""
-    pgid = proc.pid  # start_new_session=True made the process its group's leader
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        proc.poll()  # reap the leader so it does not count as alive
-        try:
-            os.killpg(pgid, 0)  # anyone left in the group?
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    from shapeflow.dvc_pipeline import stop_group
+
+    stop_group(proc.pid, grace, leader=proc)  # start_new_session=True made the process its group's leader
     proc.wait()
 
 
