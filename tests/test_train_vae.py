@@ -126,6 +126,8 @@ def test_a_training_stopped_by_sigterm_ends_its_mlflow_run_as_killed(two_samples
     while not list((tmp_path / "ck").glob("step_*/trainer.json")):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
         time.sleep(0.1)
+    _, found = runs(tmp_path)  # still training: the run says so, and names the data it reads
+    assert [r.info.status for r in found] == ["RUNNING"] and len(found[0].inputs.dataset_inputs) == 1
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM and "train-vae: interrupted" in err

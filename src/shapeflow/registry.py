@@ -122,8 +122,13 @@ def log_dataset(run_id: str, samples: Path, context: str = "training") -> None:
     dataset = mlflow.data.from_pandas(
         frame, source=str(Path(samples).resolve()), name=Path(samples).name, digest=digest[:36]
     )
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_input(dataset, context=context)
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    # Through the client: the training's run is still going, and leaving a fluent `start_run` block
+    # would mark it FINISHED.
+    entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+    mlflow.MlflowClient().log_inputs(run_id, datasets=[entry])
 
 
 def load_model_folders(model_uri: str) -> dict[str, Path]:
