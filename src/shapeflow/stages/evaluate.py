@@ -341,15 +341,6 @@ def evaluate_generation(
 # -- outputs -------------------------------------------------------------------------------------------
 
 
-def finite_or_none(value: Any) -> Any:
-    """JSON has no NaN: a figure that could not be computed is written as null."""
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with mf.atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
@@ -403,14 +394,14 @@ HEADLINE = (
 )
 
 
+COUNT_KEYS = {"objects", "failed", "empty", "samples", "references", "common_categories"}
+
+
 def headline_first(flat: dict[str, float]) -> dict[str, float]:
     """`flat` with the HEADLINE figures first, then the other figures, then the counts."""
     counts = {k: v for k, v in flat.items() if k.rsplit(".", 1)[-1] in COUNT_KEYS}
     head = {k: flat[k] for k in HEADLINE if k in flat}
     return head | {k: v for k, v in flat.items() if k not in head and k not in counts} | counts
-
-
-COUNT_KEYS = {"objects", "failed", "empty", "samples", "references", "common_categories"}
 
 
 def model_run_id(folder: Path, file: str) -> str:
@@ -422,21 +413,28 @@ def model_run_id(folder: Path, file: str) -> str:
     return str(body.get("meta", body).get("mlflow_run_id") or "unknown")
 
 
+def load_references(
+    objects: list[SampleObject], ref_paths: dict[str, Path], refs: dict[str, Reference], purpose: str
+) -> None:
+    """Add to `refs` the reference surface of each of `objects` it lacks; an object whose mesh cannot
+    be read is left out, as the log says."""
+    for obj in objects:
+        if obj.key in ref_paths and obj.key not in refs:
+            try:
+                refs[obj.key] = Reference(ref_paths[obj.key])
+            except (OSError, ValueError) as exc:
+                log.error("evaluate: %s: reference mesh unusable for %s: %s", obj.key, purpose, exc)
+
+
 def training_references(
     paths: Paths, refs: dict[str, Reference], ref_paths: dict[str, Path]
 ) -> dict[str, tuple[str, Reference]]:
-    """Category and surface of every train-split object (those of `refs` reused): the category-match
-    classifier's neighbours. An object whose mesh cannot be read is left out, as the log says."""
-    out: dict[str, tuple[str, Reference]] = {}
+    """Category and surface of every train-split object (those already in `refs` reused): the
+    category-match classifier's neighbours."""
     tic = time.perf_counter()
-    for obj in list_objects(paths.samples, "train"):
-        if obj.key in refs:
-            out[obj.key] = (obj.category, refs[obj.key])
-        elif obj.key in ref_paths:
-            try:
-                out[obj.key] = (obj.category, Reference(ref_paths[obj.key]))
-            except (OSError, ValueError) as exc:
-                log.error("evaluate: %s: training mesh unusable for category match: %s", obj.key, exc)
+    train = list_objects(paths.samples, "train")
+    load_references(train, ref_paths, refs, "category match")
+    out = {obj.key: (obj.category, refs[obj.key]) for obj in train if obj.key in refs}
     log.info("evaluate: %d training shapes loaded for category match in %.1f s", len(out), time.perf_counter() - tic)
     return out
 
@@ -538,12 +536,7 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
         write_recon_preview(pairs, paths.out / "recon")
 
         if generator is not None:
-            for obj in objects:
-                if obj.key in ref_paths and obj.key not in refs:
-                    try:
-                        refs[obj.key] = Reference(ref_paths[obj.key])
-                    except (OSError, ValueError) as exc:
-                        log.error("evaluate: %s: reference mesh unusable for generation metrics: %s", obj.key, exc)
+            load_references(objects, ref_paths, refs, "generation metrics")
             train = training_references(paths, refs, ref_paths) if generator.classes else {}
             tic = time.perf_counter()
             gen, sample_rows, gen_rows, results = evaluate_generation(
@@ -572,7 +565,7 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
         run_info = {"mlflow_run_id": tracker.run_id, "device": device.type, "timings": timings}
         mf.atomic_write_text(paths.out / RUN_FILE, json.dumps(run_info, indent=2) + "\n")
         mf.atomic_write_text(
-            paths.metrics, json.dumps(finite_or_none(metrics), indent=2) + "\n"
+            paths.metrics, json.dumps(mf.finite_or_none(metrics), indent=2) + "\n"
         )  # last: marks a complete run
     tracker.end("FINISHED")
     return metrics
