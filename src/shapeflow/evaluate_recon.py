@@ -21,7 +21,7 @@ from shapeflow import manifest as mf
 from shapeflow.dataset import list_objects
 from shapeflow.models.vae import load_pretrained as load_vae
 from shapeflow.stages import fetch, sample, watertight
-from shapeflow.stages.evaluate import finite_or_none, recon_object, recon_summary, reference_paths
+from shapeflow.stages.evaluate import recon_object, recon_summary, reference_paths
 
 
 def evaluate_recon(params: config.Params, mesh_dir: Path, vae_dir: Path, work: Path) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def evaluate_recon(params: config.Params, mesh_dir: Path, vae_dir: Path, work: P
         records.append({"source": source.get(obj.key, obj.key)} | record)
     summary, _ = recon_summary(records + failed)
     report = {"mesh_dir": str(mesh_dir), "vae": str(vae_dir), "mean": summary, "objects": records + failed}
-    mf.atomic_write_text(work / "report.json", json.dumps(finite_or_none(report), indent=2) + "\n")
+    mf.atomic_write_text(work / "report.json", json.dumps(mf.finite_or_none(report), indent=2) + "\n")
     return report
 
 

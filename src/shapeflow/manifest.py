@@ -14,6 +14,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -184,6 +185,16 @@ def writing_lock(folder: str | Path, shard: tuple[int, int] = (0, 1)) -> Iterato
     finally:
         for fd in held:
             os.close(fd)
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON has no NaN: a figure that could not be computed (NaN, inf) is written as null; dicts are
+    walked."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def read_manifest(path: str | Path, required: Sequence[str] = ("key", "path")) -> list[dict[str, str]]:

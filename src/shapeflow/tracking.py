@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from shapeflow import manifest as mf
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
@@ -32,6 +34,12 @@ PREFECT_ENV = {
     "prefect_flow_run_id": "SHAPEFLOW_PREFECT_FLOW_RUN_ID",
     "prefect_flow_run_url": "SHAPEFLOW_PREFECT_FLOW_RUN_URL",
 }
+
+
+def prefect_env(flow_run_id: str, flow_run_url: str | None) -> dict[str, str]:
+    """The environment a Prefect flow gives the stages it starts, for `pipeline_tags` to read."""
+    values = {"prefect_flow_run_id": flow_run_id, "prefect_flow_run_url": flow_run_url}
+    return {PREFECT_ENV[tag]: value for tag, value in values.items() if value}
 
 
 def pipeline_tags() -> dict[str, str]:
@@ -159,7 +167,7 @@ class Tracker:
         if not self.active or not rows:
             return
         columns = list(rows[0])
-        data = {c: [_table_cell(row.get(c)) for row in rows] for c in columns}
+        data = {c: [mf.finite_or_none(row.get(c)) for row in rows] for c in columns}
         self._client.log_table(self.run_id, data=data, artifact_file=artifact_file)
 
     def log_artifacts(self, folder: str | Path, artifact_path: str) -> None:
@@ -181,13 +189,6 @@ class Tracker:
         except Exception:
             self.end("FAILED")
             raise
-
-
-def _table_cell(value: Any) -> Any:
-    """JSON has no NaN: a figure that could not be computed is None in a table."""
-    if isinstance(value, float) and value != value:
-        return None
-    return value
 
 
 def metric_name(name: str) -> str:
