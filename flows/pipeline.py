@@ -25,6 +25,7 @@ from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 
 from shapeflow import dvc_pipeline as dp
+from shapeflow import tracking
 from shapeflow.report import metrics_markdown
 
 try:  # run as a deployment, flows/ is the working directory's sub-folder; imported by tests as flows.pipeline
@@ -56,7 +57,7 @@ def dvc_stage(workdir: str, stage: str, experiment: str | None = None, pull: boo
     logger = get_run_logger()
     extra = {"DVC_EXP_NAME": experiment} if experiment else {}
     if flow_run.id:  # the stage's MLflow run names the flow run (tracking.pipeline_tags)
-        extra |= {"SHAPEFLOW_PREFECT_FLOW_RUN_ID": str(flow_run.id), "SHAPEFLOW_PREFECT_FLOW_RUN_URL": flow_run.ui_url}
+        extra |= tracking.prefect_env(str(flow_run.id), flow_run.ui_url)
     env = dp.tool_env(extra, Path(workdir))
     ran = dp.run_stage(Path(workdir), stage, logger.info, env, pull=pull)
     logger.info("stage %s %s", stage, "ran" if ran else "was up to date")

@@ -41,8 +41,8 @@ def test_provenance_tags_name_the_stage_commit_experiment_and_each_inputs_hash(t
     monkeypatch.delenv("DVC_EXP_NAME")
     assert "dvc_exp" not in tracking.provenance_tags("evaluate")
     # Started by a Prefect flow run: the run names it (id and the UI's address).
-    monkeypatch.setenv("SHAPEFLOW_PREFECT_FLOW_RUN_ID", "1234-abcd")
-    monkeypatch.setenv("SHAPEFLOW_PREFECT_FLOW_RUN_URL", "http://127.0.0.1:4200/flow-runs/flow-run/1234-abcd")
+    for var, value in tracking.prefect_env("1234-abcd", "http://127.0.0.1:4200/flow-runs/flow-run/1234-abcd").items():
+        monkeypatch.setenv(var, value)
     tags = tracking.provenance_tags("evaluate")
     assert tags["prefect_flow_run_id"] == "1234-abcd" and tags["prefect_flow_run_url"].endswith("/1234-abcd")
 
