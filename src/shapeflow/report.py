@@ -109,12 +109,13 @@ def metrics_markdown(workdir: Path, tracking_uri: str | None = None, ui_url: str
     """One table per stage that has written its metrics, with the link to its MLflow run."""
     lines = [f"# shapeflow run in `{workdir}`", ""]
     found = False
-    for stage, metrics_file, (run_file, run_key), keys in SOURCES:
+    run_ids = stage_run_ids(workdir)
+    for stage, metrics_file, _, keys in SOURCES:
         metrics = _load(Path(workdir) / metrics_file)
         if not metrics:
             continue
         found = True
-        run_id = _get(_load(Path(workdir) / run_file), run_key)
+        run_id = run_ids.get(stage)
         lines += [
             f"## {stage} (MLflow run {run_link(run_id, tracking_uri, ui_url)})",
             "",
