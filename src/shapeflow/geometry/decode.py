@@ -165,11 +165,8 @@ def grid_to_mesh(values: np.ndarray) -> trimesh.Trimesh:
     """
     resolution = values.shape[0] - 1
     values = np.array(values, dtype=np.float32)
-    for axis in range(3):
-        for end in (0, -1):
-            face = [slice(None)] * 3
-            face[axis] = end
-            np.maximum(values[tuple(face)], OUTSIDE_CAP, out=values[tuple(face)])
+    for sides in (np.s_[[0, -1], :, :], np.s_[:, [0, -1], :], np.s_[:, :, [0, -1]]):  # the six faces of the grid
+        values[sides] = np.maximum(values[sides], OUTSIDE_CAP)
     origins, blocks = _sign_change_blocks(values)
     verts, faces = march_blocks(blocks, origins)
     if len(faces) == 0:
