@@ -139,6 +139,39 @@ class WatertightParams:
 
 
 @dataclass(frozen=True)
+class GridSampleParams:
+    """What the sample stage adds for the grid family (train_vae.family: grid); see geometry.grids."""
+
+    resolution: int = 64  # cells per axis of the coarse grid of truncated signed distances
+    truncation: float = 0.1  # its values are clipped to +-truncation
+    sparse_resolution: int = 128  # cells per axis of the near-surface level
+    band_cells: float = 2.0  # near-surface cells: centre within band_cells of those cells of the surface
+
+    @property
+    def band(self) -> float:
+        return self.band_cells * 2.0 / self.sparse_resolution
+
+    def check(self, where: str) -> None:
+        def power_of_two(n: int) -> bool:
+            return n >= 1 and not n & (n - 1)
+
+        if not (16 <= self.resolution <= 256 and self.resolution % 16 == 0 and power_of_two(self.resolution // 16)):
+            raise ParamsError(f"{where}.resolution: 16, 32, 64, 128 or 256, got {self.resolution}")
+        ratio = self.sparse_resolution // self.resolution
+        if self.sparse_resolution % self.resolution or ratio < 2 or not power_of_two(ratio):
+            raise ParamsError(
+                f"{where}.sparse_resolution: {self.resolution} (the resolution) times 2, 4, ..., "
+                f"got {self.sparse_resolution}"
+            )
+        if self.sparse_resolution > 1024:
+            raise ParamsError(f"{where}.sparse_resolution: at most 1024, got {self.sparse_resolution}")
+        if self.band_cells <= 0:
+            raise ParamsError(f"{where}.band_cells: positive, got {self.band_cells}")
+        if self.truncation <= 0:
+            raise ParamsError(f"{where}.truncation: positive, got {self.truncation}")
+
+
+@dataclass(frozen=True)
 class SampleParams:
     surface: int = 16384
     sharp: int = 4096
@@ -148,6 +181,8 @@ class SampleParams:
     near_scales: tuple[float, ...] = (0.005, 0.02)
     sharp_near: int = 8192
     sharp_near_scale: float = 0.005
+    # Written only when train_vae.family is grid.
+    grid: GridSampleParams = field(default_factory=GridSampleParams)
 
     def check(self, where: str) -> None:
         for name in ("surface", "volume", "near"):
@@ -249,7 +284,10 @@ def _check_training(section: Any, where: str, model: str, non_negative: tuple[st
 
 @dataclass(frozen=True)
 class TrainVAEParams:
-    preset: str = "tiny"  # a preset of shapeflow.models.vae.PRESETS
+    # vecset: a set of latent tokens (shapeflow.models.vae); grid: a latent grid from 3-D convolutions
+    # over the sample stage's grids (shapeflow.models.grid_vae). The DiT follows the VAE's family.
+    family: Literal["vecset", "grid"] = "vecset"
+    preset: str = "tiny"  # a size in the family's PRESETS: tiny (tests), local (CPU default), base
     # Fields of the preset's VAEConfig to replace, e.g. {num_latents: 128}; checked by the stage.
     model: dict[str, Any] = field(default_factory=dict)
     loss: VAELossParams = field(default_factory=VAELossParams)

@@ -18,7 +18,8 @@ import fpsample
 import numpy as np
 import trimesh
 
-from shapeflow.config import SampleParams
+from shapeflow.config import GridSampleParams, SampleParams
+from shapeflow.geometry import grids
 from shapeflow.geometry.mesh import adjacent_half_edges, half_edges
 from shapeflow.geometry.sdf import Backend, signed_distance
 
@@ -199,6 +200,26 @@ def sample_object(
         "sharp_near_points": queries[2],
         "sharp_near_sdf": sharp_near_sdf,
         "n_sharp_edges": np.array(n_edges, dtype=np.int64),
+    }
+
+
+def sample_grids(mesh: trimesh.Trimesh, params: GridSampleParams, backend: Backend = "auto") -> dict[str, np.ndarray]:
+    """What the grid family reads, for one watertight mesh in normalised space (geometry.grids):
+
+    grid_sdf     float16 (R, R, R)  signed distance at the cell centres, clipped to +-truncation
+    sparse_index uint16 (K, 3)      cells of the sparse_resolution grid whose centre is within the band
+    sparse_sdf   float16 (K,)       their signed distances
+    """
+
+    def sdf(points: np.ndarray) -> np.ndarray:
+        return signed_distance(mesh.vertices, mesh.faces, points, backend=backend).astype(np.float32)
+
+    grid = grids.truncated_grid(sdf, params.resolution, params.truncation)
+    index, values = grids.surface_cells(sdf, grid, params.sparse_resolution, params.band)
+    return {
+        "grid_sdf": grid.astype(np.float16),
+        "sparse_index": index.astype(np.uint16),
+        "sparse_sdf": values.astype(np.float16),
     }
 
 

@@ -2,7 +2,8 @@
 
 `shapeflow sample SRC DST` works on a watertight-stage output (its manifest.csv) or on any folder of
 closed meshes. DST gets `objects/<key>.npz` (arrays listed in `geometry.sampling.sample_object`,
-plain arrays, readable with `np.load(path, allow_pickle=False)`), `records/<key>.json` and
+plain arrays, readable with `np.load(path, allow_pickle=False)`; with train_vae.family grid also
+those of `geometry.sampling.sample_grids`), `records/<key>.json` and
 `manifest.csv`. Each object's random stream is seeded from (params seed, object key), so its samples
 do not depend on the order, the number of workers or the sharding.
 """
@@ -10,6 +11,7 @@ do not depend on the order, the number of workers or the sharding.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 from pathlib import Path
@@ -20,7 +22,7 @@ import numpy as np
 from shapeflow import config, runner
 from shapeflow import manifest as mf
 from shapeflow.geometry.mesh import sampled_frame
-from shapeflow.geometry.sampling import sample_object
+from shapeflow.geometry.sampling import sample_grids, sample_object
 
 COLUMNS = (
     *mf.OBJECT_COLUMNS,
@@ -44,9 +46,18 @@ def object_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def with_grids(params: config.Params) -> bool:
+    """Whether the outputs carry the grid family's arrays: only when train_vae.family asks for them."""
+    return params.train_vae.family == "grid"
+
+
 def params_hash(params: config.Params) -> str:
-    """What an output depends on besides its input file: the sample section, the seed, the format."""
-    blob = f"{config.section_hash(params.sample)}:{params.seed}:{FORMAT_VERSION}"
+    """What an output depends on besides its input file: the sample section (its grid part only when
+    grids are written), the seed, the format."""
+    points = dataclasses.replace(params.sample, grid=config.GridSampleParams())
+    blob = f"{config.section_hash(points)}:{params.seed}:{FORMAT_VERSION}"
+    if with_grids(params):
+        blob += f":grid:{config.section_hash(params.sample.grid)}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -58,6 +69,8 @@ def process_object(task: runner.Task, out_dir: Path, params: config.Params) -> d
     up_offset = np.array([float(task.meta.get(f"offset_{a}", 0.0)) for a in "xyz"])
     scale, offset = scale * up_scale, offset * up_scale + up_offset
     arrays = sample_object(mesh, params.sample, object_seed(params.seed, task.key))
+    if with_grids(params):
+        arrays |= sample_grids(mesh, params.sample.grid)
     rel = f"{mf.OBJECTS}/{task.key}.npz"
     with mf.atomic_path(out_dir / rel) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
