@@ -29,16 +29,22 @@ TINY_VAE = {
 }
 
 
-def make_samples(root: Path, per_category: int = 1, resolution: int = 96) -> Path:
+# The grids the grid-family tests sample (sample.grid params): 32^3 and a near-surface level at 64^3.
+SMALL_GRIDS = {"resolution": 32, "sparse_resolution": 64}
+
+
+def make_samples(root: Path, per_category: int = 1, resolution: int = 96, family: str = "vecset") -> Path:
     """fetch -> watertight -> sample of the built-in set (no defects) under `root`, every object in the
-    train split (the tests choose their own val objects); returns the samples folder."""
+    train split (the tests choose their own val objects); returns the samples folder. family grid:
+    the samples carry SMALL_GRIDS grids too."""
     params = config.Params(
         fetch=config.FetchParams(
             builtin=config.BuiltinParams(per_category=per_category, defect_share=0.0),
             split=config.SplitParams(val=0.0, test=0.0),
         ),
         watertight=config.WatertightParams(resolution=resolution),
-        sample=config.SampleParams(**SAMPLE_COUNTS),
+        sample=config.SampleParams(**SAMPLE_COUNTS, grid=config.GridSampleParams(**SMALL_GRIDS)),
+        train_vae=config.TrainVAEParams(family=family),
     )
     fetch.run(params, root / "raw", workers=1)
     watertight.run(params, root / "raw", root / "watertight", workers=1)
@@ -95,3 +101,9 @@ def one_thread():
 def builtin_samples(tmp_path_factory) -> Path:
     """One object per built-in category, sampled with small counts."""
     return make_samples(tmp_path_factory.mktemp("builtin"))
+
+
+@pytest.fixture(scope="session")
+def grid_samples(tmp_path_factory) -> Path:
+    """One object per built-in category, sampled with small counts and SMALL_GRIDS grids (grid family)."""
+    return make_samples(tmp_path_factory.mktemp("builtin_grid"), family="grid")

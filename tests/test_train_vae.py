@@ -302,3 +302,66 @@ def test_a_kill_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(two_sam
     straight, resumed = weights(tmp_path / "straight", False), weights(tmp_path / "killed", True)
     assert straight.keys() == resumed.keys()
     assert [k for k in straight if not torch.equal(straight[k], resumed[k])] == []
+
+
+# -- the grid family --------------------------------------------------------------------------------
+
+GRID = {"family": "grid", "preset": "tiny", "model": {}}
+
+
+@pytest.fixture(scope="module")
+def two_grid_samples(grid_samples, tmp_path_factory) -> Path:
+    """Two of the built-in objects with their grids (sample stage run for the grid family)."""
+    folder = tmp_path_factory.mktemp("two_grid")
+    keys = sorted(p.stem for p in (grid_samples / "objects").glob("*.npz"))[:2]
+    samples = subset(grid_samples, folder / "samples", lambda row: row["key"] in keys)
+    (folder / "watertight").symlink_to(grid_samples.parent / "watertight")
+    return samples
+
+
+@pytest.mark.slow
+def test_grid_family_overfits_one_builtin_shape(grid_samples, tmp_path):
+    chair = subset(grid_samples, tmp_path / "samples", lambda row: row["category"] == "chair")
+    (tmp_path / "watertight").symlink_to(grid_samples.parent / "watertight")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"seed": 0, "train_vae": OVERFIT | GRID | {"steps": 300, "log_every": 50}}))
+    proc = run_cli(stage_args(tmp_path, chair, params, "--val-split", "train"), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    print(f"grid VAE, one chair: F@0.02 {metrics['val_f@0.02']:.4f}, CD {metrics['val_cd']:.4f}")
+    assert metrics["train_objects"] == 1 and metrics["val_f@0.02"] >= 0.99
+    saved = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert saved["format"] == "shapeflow.grid_vae/1" and saved["config"]["resolution"] == 32  # the data's grids
+    with open(tmp_path / "reports" / "loss.csv", newline="") as fh:
+        assert {"cells", "coarse"} <= set(csv.DictReader(fh).fieldnames)
+    _, found = runs(tmp_path)
+    assert found[0].data.params["train_vae.family"] == "grid"
+
+
+@pytest.mark.slow
+def test_grid_family_two_ranks_end_with_identical_weights(two_grid_samples, tmp_path):
+    params = write_params(tmp_path, steps=4, checkpoint_every=2, val_objects=1, batch_size=1, **GRID)
+    proc = train(tmp_path, two_grid_samples, params, "--val-split", "train", launcher=TWO_CPU_RANKS)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and len(set(metrics["rank_checksums"])) == 1
+
+
+@pytest.mark.slow
+def test_grid_family_killed_training_resumes(two_grid_samples, tmp_path):
+    params = write_params(tmp_path, steps=20, checkpoint_every=4, val_every=0, val_objects=1, **GRID)
+    cmd = [sys.executable, *stage_args(tmp_path, two_grid_samples, params, "--val-split", "train")]
+    saved = kill_at_first_checkpoint(cmd, tmp_path, env_for(tmp_path), tmp_path / "ck")
+    assert 4 <= saved < 20 and not (tmp_path / "vae").exists()
+    rerun = train(tmp_path, two_grid_samples, params, "--val-split", "train")
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming from step {saved}" in rerun.stderr
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["steps"] == 20
+
+
+def test_grid_family_on_samples_without_grids_says_to_rerun_the_sample_stage(two_samples, tmp_path):
+    params = write_params(tmp_path, steps=2, **GRID)
+    proc = train(tmp_path, two_samples, params)
+    assert proc.returncode != 0
+    assert "train_vae.family: grid needs the sample stage's grids" in proc.stderr
+    assert "dvc repro sample" in proc.stderr

@@ -235,12 +235,13 @@ class VAELossParams:
     volume_weight: float = 1.0
     near_weight: float = 1.0
     sharp_weight: float = 1.0
+    coarse_weight: float = 1.0  # grid family: the coarse field against the input grid
     kl_weight: float = 1e-4
 
     def check(self, where: str) -> None:
         if self.truncation <= 0:
             raise ParamsError(f"{where}.truncation: positive, got {self.truncation}")
-        for name in ("volume_weight", "near_weight", "sharp_weight", "kl_weight"):
+        for name in ("volume_weight", "near_weight", "sharp_weight", "coarse_weight", "kl_weight"):
             if getattr(self, name) < 0:
                 raise ParamsError(f"{where}.{name}: 0 or more, got {getattr(self, name)}")
 

@@ -24,6 +24,7 @@ from shapeflow.config import ParamsError, VAEDataParams
 log = logging.getLogger(__name__)
 SUPERVISION = ("vol", "near", "sharp_near")  # npz prefixes: <kind>_points, <kind>_sdf
 ENCODER_ARRAYS = ("surface_points", "surface_normals", "sharp_points", "sharp_normals")
+GRID_ARRAYS = ("grid_sdf", "sparse_index", "sparse_sdf", "sparse_resolution")  # the grid family's
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,16 @@ def _subset(n_available: int, n: int, generator: torch.Generator | None) -> torc
 
 
 class ShapeSamples(Dataset):
-    def __init__(self, objects: list[SampleObject], counts: VAEDataParams, seed: int = 0):
+    """family: what the encoder reads, "vecset" (surface points) or "grid" (the truncated SDF grid, with
+    the near-surface cells as more supervision); see `draw`."""
+
+    def __init__(self, objects: list[SampleObject], counts: VAEDataParams, seed: int = 0, family: str = "vecset"):
         if not objects:
             raise ValueError("no objects to train on (is the split empty, or did every object fail upstream?)")
         self.objects = objects
         self.counts = counts
         self.seed = seed
+        self.family = family
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -114,15 +119,25 @@ class ShapeSamples(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         digest = hashlib.sha256(f"{self.seed}:{self.epoch}:{index}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        return draw(load_arrays(self.objects[index].path), self.counts, generator) | {"index": torch.tensor(index)}
+        obj = self.objects[index]
+        arrays = load_arrays(obj.path)
+        if self.family == "grid" and GRID_ARRAYS[0] not in arrays:
+            raise ValueError(
+                f"{obj.path}: no grid arrays; the grid family needs the sample stage run with train_vae.family: grid"
+            )
+        return draw(arrays, self.counts, generator, self.family) | {"index": torch.tensor(index)}
 
 
 def draw(
-    arrays: dict[str, np.ndarray], counts: VAEDataParams, generator: torch.Generator | None
+    arrays: dict[str, np.ndarray], counts: VAEDataParams, generator: torch.Generator | None, family: str = "vecset"
 ) -> dict[str, torch.Tensor]:
-    """One random training view of an object's arrays: the encoder view and the supervision."""
+    """One random training view of an object's arrays: the encoder view and the supervision.
+
+    vecset: points, normals, sharp_points, sharp_normals; grid: grid (1, R, R, R) and `near_points`
+    of its near-surface cells (cell_points, cell_sdf). Both: <kind>_points and <kind>_sdf for the
+    kinds in SUPERVISION."""
     t = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
-    out = _encoder_view(t, counts, generator)
+    out = _grid_view(t, counts, generator) if family == "grid" else _encoder_view(t, counts, generator)
     wanted = {"vol": counts.volume_points, "near": counts.near_points, "sharp_near": counts.sharp_near_points}
     for kind in SUPERVISION:
         src = kind if len(t[f"{kind}_points"]) else "near"
@@ -144,6 +159,27 @@ def _encoder_view(
     out["sharp_points"] = t[f"{sharp_src}_points"][pick].float()
     out["sharp_normals"] = t[f"{sharp_src}_normals"][pick].float()
     return out
+
+
+def cell_centres(index: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Centres (K, 3) of cells (K, 3) of a grid of `resolution` cells per axis over [-1, 1]^3
+    (geometry.grids.cell_centres in torch)."""
+    return -1.0 + (index.float() + 0.5) * (2.0 / resolution)
+
+
+def _grid_view(
+    t: dict[str, torch.Tensor], counts: VAEDataParams, generator: torch.Generator | None
+) -> dict[str, torch.Tensor]:
+    """The grid the encoder reads, and a random subset of the near-surface cells with their distances."""
+    index, sdf = t["sparse_index"], t["sparse_sdf"]
+    if not len(index):
+        raise ValueError("an object with no near-surface cells")
+    pick = _subset(len(index), counts.near_points, generator)
+    return {
+        "grid": t["grid_sdf"].float()[None],
+        "cell_points": cell_centres(index[pick].long(), int(t["sparse_resolution"])),
+        "cell_sdf": sdf[pick].float(),
+    }
 
 
 def encoder_inputs(arrays: dict[str, np.ndarray], counts: VAEDataParams, seed: int) -> dict[str, torch.Tensor]:

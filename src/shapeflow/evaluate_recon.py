@@ -19,7 +19,9 @@ import torch
 from shapeflow import config
 from shapeflow import manifest as mf
 from shapeflow.dataset import list_objects
-from shapeflow.models.vae import load_pretrained as load_vae
+from shapeflow.models import families
+from shapeflow.models.families import load_vae
+from shapeflow.models.grid_vae import GridVAEConfig
 from shapeflow.stages import fetch, sample, watertight
 from shapeflow.stages.evaluate import recon_object, recon_summary, reference_paths
 
@@ -35,6 +37,15 @@ def evaluate_recon(params: config.Params, mesh_dir: Path, vae_dir: Path, work: P
     local = config.replace(params.fetch.local, path=str(mesh_dir.resolve()), extra_paths=())
     fetch_params = dataclasses.replace(params.fetch, source="local", extra_sources=(), local=local)
     params = dataclasses.replace(params, fetch=fetch_params)
+    vae_config = families.load_config(vae_dir)
+    if isinstance(vae_config, GridVAEConfig):  # the sample stage then writes the grids it reads
+        grid = dataclasses.replace(params.sample.grid, resolution=vae_config.resolution)
+        grid = dataclasses.replace(grid, sparse_resolution=max(grid.sparse_resolution, 2 * grid.resolution))
+        params = dataclasses.replace(
+            params,
+            sample=dataclasses.replace(params.sample, grid=grid),
+            train_vae=dataclasses.replace(params.train_vae, family="grid"),
+        )
     fetch.run(params, work / "raw")
     watertight.run(params, work / "raw", work / "watertight")
     sample.run(params, work / "watertight", work / "samples")

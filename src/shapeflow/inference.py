@@ -28,12 +28,10 @@ import torch
 import trimesh
 
 from shapeflow import config, flow
-from shapeflow.dataset import encoder_inputs
 from shapeflow.geometry.decode import FieldFn, decode_mesh
 from shapeflow.geometry.mesh import HALF_SPAN
 from shapeflow.models import dit as dit_lib
-from shapeflow.models.vae import VecSetVAE
-from shapeflow.models.vae import load_pretrained as load_vae
+from shapeflow.models.families import AnyVAE, encoder_inputs, load_vae
 
 GENERATOR_FILE = "generator.json"  # beside the DiT weights: classes, latent statistics, flow params
 EMA_DIR, RAW_DIR = "ema", "raw"
@@ -49,7 +47,7 @@ def decode_autocast(device: torch.device | str):
 
 @torch.no_grad()
 def reconstruct(
-    model: VecSetVAE,
+    model: AnyVAE,
     arrays: dict[str, np.ndarray],
     data: config.VAEDataParams,
     seed: int,
@@ -57,11 +55,12 @@ def reconstruct(
     device: torch.device,
     autocast=None,
 ) -> tuple[FieldFn, trimesh.Trimesh]:
-    """An object's reconstruction: the posterior mean of its seeded encoder view, decoded to latent
-    tokens; the field (query points (Q, 3) -> signed distances (Q,)) they define, and its mesh.
+    """An object's reconstruction: the posterior mean of its seeded encoder view (its points, or its
+    grid for the grid family), decoded; the field (query points (Q, 3) -> signed distances (Q,)) it
+    defines, and its mesh.
     `autocast`: a context factory (default: `decode_autocast(device)`)."""
     autocast = autocast or decode_autocast(device)
-    inputs = {k: v.to(device) for k, v in encoder_inputs(arrays, data, seed).items()}
+    inputs = {k: v.to(device) for k, v in encoder_inputs(model, arrays, data, seed).items()}
     with autocast():
         tokens = model.decode(model.encode(**inputs).mode())
 
@@ -112,7 +111,7 @@ class LatentStats:
 class ShapePipeline:
     """A DiT (EMA weights unless told otherwise) and the VAE whose latents it was trained on."""
 
-    def __init__(self, dit: dit_lib.DiT, vae: VecSetVAE, stats: LatentStats, classes: list[str], t_shift: float = 1.0):
+    def __init__(self, dit: dit_lib.DiT, vae: AnyVAE, stats: LatentStats, classes: list[str], t_shift: float = 1.0):
         self.dit, self.vae, self.stats, self.classes, self.t_shift = dit, vae, stats, classes, t_shift
         self.device = next(dit.parameters()).device
 

@@ -2,7 +2,8 @@
 logged with the model and run to load it; shapeflow.registry logs it). `kind` in the model config:
 
 - `vae`: point clouds (float32 (B, N, 6): surface points in the normalised frame and their normals)
-  in, the posterior-mean latents (B, M, C) out.
+  or, for a grid-family VAE, truncated SDF grids (float32 (B, R, R, R)) in, the posterior-mean
+  latents (B, M, C) out.
 - `generator`: rows of (category, seed) in, one shape per row out: category, seed, faces, watertight
   and the mesh as GLB bytes; params steps, guidance, resolution.
 """
@@ -27,9 +28,9 @@ class ShapeflowModel(mlflow.pyfunc.PythonModel):
 
             self.pipeline = ShapePipeline.load(context.artifacts["dit"], context.artifacts["vae"], "cpu")
         else:
-            from shapeflow.models.vae import load_pretrained
+            from shapeflow.models.families import load_vae
 
-            self.vae = load_pretrained(context.artifacts["vae"], "cpu")
+            self.vae = load_vae(context.artifacts["vae"], "cpu")
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         return self.generate(model_input, params) if self.kind == "generator" else self.encode(model_input)
@@ -37,9 +38,18 @@ class ShapeflowModel(mlflow.pyfunc.PythonModel):
     def encode(self, model_input) -> np.ndarray:
         import torch
 
+        from shapeflow.models.families import family_of
+
+        grid = family_of(self.vae) == "grid"
         if isinstance(model_input, dict):  # a named tensor input arrives as {name: array}
-            model_input = model_input["points_normals"]
+            model_input = model_input["grid_sdf" if grid else "points_normals"]
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        if grid:
+            side = self.vae.config.resolution
+            if x.shape[1:] != (side, side, side):
+                raise ValueError(f"expected (batch, {side}, {side}, {side}) grids, got shape {tuple(x.shape)}")
+            with torch.no_grad():
+                return self.vae.encode(x[:, None]).mode().numpy()
         if x.ndim != 3 or x.shape[-1] != 6:
             raise ValueError(f"expected (batch, points, 6) points and normals, got shape {tuple(x.shape)}")
         with torch.no_grad():

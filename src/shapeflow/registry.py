@@ -47,12 +47,24 @@ def _requirements() -> list[str]:
     return out
 
 
-def vae_signature(num_latents: int, latent_dim: int):
+def vae_input(grid_resolution: int) -> str:
+    """What the registered VAE reads: point clouds, or (grid family) truncated SDF grids of that side."""
+    if grid_resolution:
+        return f"truncated SDF grids (B, {grid_resolution}, {grid_resolution}, {grid_resolution})"
+    return "point clouds (B, N, 6)"
+
+
+def vae_signature(num_latents: int, latent_dim: int, grid_resolution: int = 0):
+    """grid_resolution: 0 for the VecSet family (points and normals in), else the grid family's side."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
+    if grid_resolution:
+        shape, name = (-1, grid_resolution, grid_resolution, grid_resolution), "grid_sdf"
+    else:
+        shape, name = (-1, -1, 6), "points_normals"
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, 6), "points_normals")]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), shape, name)]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_latents, latent_dim), "latents")]),
     )
 

@@ -209,6 +209,7 @@ def sample_grids(mesh: trimesh.Trimesh, params: GridSampleParams, backend: Backe
     grid_sdf     float16 (R, R, R)  signed distance at the cell centres, clipped to +-truncation
     sparse_index uint16 (K, 3)      cells of the sparse_resolution grid whose centre is within the band
     sparse_sdf   float16 (K,)       their signed distances
+    sparse_resolution int64 ()      the fine grid's cells per axis
     """
 
     def sdf(points: np.ndarray) -> np.ndarray:
@@ -220,6 +221,7 @@ def sample_grids(mesh: trimesh.Trimesh, params: GridSampleParams, backend: Backe
         "grid_sdf": grid.astype(np.float16),
         "sparse_index": index.astype(np.uint16),
         "sparse_sdf": values.astype(np.float16),
+        "sparse_resolution": np.array(params.sparse_resolution, dtype=np.int64),
     }
 
 

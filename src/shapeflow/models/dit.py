@@ -1,7 +1,9 @@
-"""Diffusion Transformer (DiT, Peebles & Xie 2023) over a set of VAE latent tokens.
+"""Diffusion Transformer (DiT, Peebles & Xie 2023) over the VAE's latent tokens.
 
-The VecSet latents are an unordered set, so there is no patchify and no positional embedding: every
-layer acts per token or through attention, and the network is permutation-equivariant over tokens.
+VecSet latents are an unordered set: no patchify and no positional embedding; every layer acts per
+token or through attention, and the network is permutation-equivariant over tokens. Grid latents
+(`grid_side` > 0: tokens on a grid_side^3 grid in C order) are patchified: each patch_size^3 block of
+cells becomes one token, with a fixed 3-D sin-cos position, and the output is unpatchified back.
 Each block: adaLN-zero self-attention (shift/scale/gate from the timestep + pooled class embedding),
 cross-attention to the class's condition tokens, adaLN-zero MLP. The network predicts the
 rectified-flow velocity; the flow itself (t, interpolation, target, sampler, CFG) lives in
@@ -36,9 +38,19 @@ class DiTConfig(io.ModelConfig):
     num_classes: int = 0  # 0: unconditional; else labels 0..num_classes-1, and num_classes is "null"
     qk_norm: bool = True  # RMSNorm on q and k per head (keeps attention logits bounded)
     cond_tokens: int = 1  # condition tokens each class embedding becomes (cross-attention context)
+    grid_side: int = 0  # 0: the tokens are a set; else they are the cells of a grid_side^3 grid in C order
+    patch_size: int = 2  # grid tokens: cells per patch along an axis
 
     def check(self) -> None:
-        self.check_at_least_one("latent_dim", "num_tokens", "width", "depth", "heads", "mlp_ratio", "cond_tokens")
+        self.check_at_least_one(
+            "latent_dim", "num_tokens", "width", "depth", "heads", "mlp_ratio", "cond_tokens", "patch_size"
+        )
+        if self.grid_side:
+            if self.grid_side % self.patch_size:
+                raise ValueError(f"patch_size {self.patch_size} must divide the latent grid's side {self.grid_side}")
+            if self.num_tokens != self.grid_side**3:
+                raise ValueError(f"num_tokens {self.num_tokens} must be grid_side^3 = {self.grid_side**3}")
+
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be 0 (unconditional) or more, got {self.num_classes}")
         if self.width % self.heads:
@@ -177,19 +189,54 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+def patchify(x: torch.Tensor, side: int, patch: int) -> torch.Tensor:
+    """Tokens of a side^3 grid in C order (B, side^3, D) -> one token per patch^3 block, the blocks in
+    C order and each block's cells in C order: (B, (side / patch)^3, patch^3 D)."""
+    b, _, d = x.shape
+    n = side // patch
+    x = x.view(b, n, patch, n, patch, n, patch, d).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(b, n**3, patch**3 * d)
+
+
+def unpatchify(x: torch.Tensor, side: int, patch: int) -> torch.Tensor:
+    """The inverse of `patchify`: (B, (side / patch)^3, patch^3 D) -> (B, side^3, D)."""
+    b, _, pd = x.shape
+    n, d = side // patch, pd // patch**3
+    x = x.view(b, n, n, n, patch, patch, patch, d).permute(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(b, side**3, d)
+
+
+def sincos_3d(n: int, width: int) -> torch.Tensor:
+    """Fixed positions of an n^3 grid's cells in C order (n^3, width): a third of the channels for each
+    axis, half sines and half cosines of the cell's index at geometric frequencies (as MAE's 2-D ones);
+    the channels a third of the width leaves over (width mod 6) are zero."""
+    per_axis = width // 6 * 2
+    freqs = 1.0 / 10_000 ** (torch.arange(per_axis // 2, dtype=torch.float64) / (per_axis // 2))
+    index = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    parts = []
+    for axis in range(3):
+        angles = index[:, axis, None] * freqs  # (n^3, per_axis / 2)
+        parts += [angles.sin(), angles.cos()]
+    parts.append(torch.zeros(len(index), width - 3 * per_axis, dtype=torch.float64))
+    return torch.cat(parts, dim=-1).float()
+
+
 class DiT(nn.Module):
-    """Velocity network v(z_t, t, y) over latent token sets (B, M, latent_dim)."""
+    """Velocity network v(z_t, t, y) over latent tokens (B, M, latent_dim): a set, or a grid's cells."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
         config.check()
         c = config
         self.config = c
-        self.x_embed = nn.Linear(c.latent_dim, c.width)
+        token_dim = c.latent_dim * (c.patch_size**3 if c.grid_side else 1)
+        self.x_embed = nn.Linear(token_dim, c.width)
+        if c.grid_side:
+            self.register_buffer("pos_embed", sincos_3d(c.grid_side // c.patch_size, c.width), persistent=False)
         self.t_embed = TimestepEmbedder(c.width)
         self.y_embed = ClassEmbedder(c.num_classes, c.width, c.cond_tokens) if c.num_classes else None
         self.blocks = nn.ModuleList(DiTBlock(c) for _ in range(c.depth))
-        self.final = FinalLayer(c.width, c.latent_dim)
+        self.final = FinalLayer(c.width, token_dim)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -218,7 +265,11 @@ class DiT(nn.Module):
         -> velocity (B, M, latent_dim).
         """
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        h = self.x_embed(x)  # (B, M, C)
+        cfg = self.config
+        if cfg.grid_side:
+            h = self.x_embed(patchify(x, cfg.grid_side, cfg.patch_size)) + self.pos_embed.to(x.dtype)  # (B, N, C)
+        else:
+            h = self.x_embed(x)  # (B, M, C)
         c = self.t_embed(t)  # (B, C)
         context = None
         if self.y_embed is not None:
@@ -230,7 +281,8 @@ class DiT(nn.Module):
             raise ValueError("this DiT is unconditional (num_classes: 0): y must be None")
         for block in self.blocks:
             h = block(h, c, context)
-        return self.final(h, c)  # (B, M, latent_dim)
+        out = self.final(h, c)
+        return unpatchify(out, cfg.grid_side, cfg.patch_size) if cfg.grid_side else out  # (B, M, latent_dim)
 
 
 FORMAT = "shapeflow.dit/1"

@@ -46,8 +46,7 @@ from shapeflow.geometry.mesh import is_watertight_shape, sampled_frame
 from shapeflow.geometry.sampling import sample_surface
 from shapeflow.inference import GENERATOR_FILE, ShapePipeline, reconstruct
 from shapeflow.metrics import F_TAUS, generation_metrics, pairwise_chamfer, point_metrics, surface_metrics, volume_iou
-from shapeflow.models.vae import VecSetVAE
-from shapeflow.models.vae import load_pretrained as load_vae
+from shapeflow.models.families import AnyVAE, load_vae
 from shapeflow.render import preview_grid, write_samples
 
 log = logging.getLogger("shapeflow.evaluate")
@@ -118,7 +117,7 @@ def reference_paths(meshes: Path) -> dict[str, Path]:
 
 
 def recon_object(
-    vae: VecSetVAE,
+    vae: AnyVAE,
     obj: SampleObject,
     ref_path: Path | None,
     p: config.EvaluateParams,
@@ -467,7 +466,7 @@ def category_rows_layout(picked: list[tuple[str | None, trimesh.Trimesh]], colum
 # -- the stage -----------------------------------------------------------------------------------------
 
 
-def open_models(paths: Paths, device: torch.device) -> tuple[VecSetVAE, ShapePipeline | None]:
+def open_models(paths: Paths, device: torch.device) -> tuple[AnyVAE, ShapePipeline | None]:
     vae = load_vae(paths.vae, device)
     return vae, ShapePipeline.load(paths.dit, paths.vae, device) if paths.dit is not None else None
 

@@ -35,13 +35,13 @@ from torch.utils.data import TensorDataset
 
 from shapeflow import config, flow, registry, tracking, training
 from shapeflow import manifest as mf
-from shapeflow.dataset import SampleObject, drop_thin_shells, encoder_inputs, list_objects, load_arrays
+from shapeflow.dataset import SampleObject, drop_thin_shells, list_objects, load_arrays
 from shapeflow.geometry.mesh import is_watertight_shape
 from shapeflow.geometry.sampling import sample_surface
 from shapeflow.inference import EMA_DIR, GENERATOR_FILE, RAW_DIR, LatentStats, ShapePipeline
+from shapeflow.models import families
 from shapeflow.models.dit import DiT, DiTConfig, dit_config, save_pretrained
-from shapeflow.models.vae import VecSetVAE
-from shapeflow.models.vae import load_pretrained as load_vae
+from shapeflow.models.families import AnyVAE, encoder_inputs, load_vae
 
 log = logging.getLogger("shapeflow.train_dit")
 
@@ -115,12 +115,12 @@ def cache_key(vae_dir: Path, samples: Path, data: config.VAEDataParams, seed: in
 
 @torch.no_grad()
 def encode_objects(
-    vae: VecSetVAE, objects: list[SampleObject], data: config.VAEDataParams, seed: int, device
+    vae: AnyVAE, objects: list[SampleObject], data: config.VAEDataParams, seed: int, device
 ) -> torch.Tensor:
-    """Posterior-mean latents (N, M, D) of each object's seeded encoder view."""
+    """Posterior-mean latents (N, M, D) of each object's seeded encoder view (points or grid)."""
     out = [torch.zeros(0, vae.config.num_latents, vae.config.latent_dim)]
     for start in range(0, len(objects), ENCODE_BATCH):
-        views = [encoder_inputs(load_arrays(o.path), data, seed) for o in objects[start : start + ENCODE_BATCH]]
+        views = [encoder_inputs(vae, load_arrays(o.path), data, seed) for o in objects[start : start + ENCODE_BATCH]]
         batch = {k: torch.cat([v[k] for v in views]).to(device) for k in views[0]}
         out.append(vae.encode(**batch).mode().float().cpu())
     return torch.cat(out)
@@ -194,8 +194,12 @@ def training_data(params: config.Params, paths: Paths, accelerator: Accelerator)
 # -- training ---------------------------------------------------------------------------------------
 
 
-def model_config(p: config.TrainDiTParams, latent_dim: int, num_tokens: int, num_classes: int) -> DiTConfig:
-    fixed = {"latent_dim": latent_dim, "num_tokens": num_tokens, "num_classes": num_classes}
+def model_config(
+    p: config.TrainDiTParams, latent_dim: int, num_tokens: int, num_classes: int, grid_side: int = 0
+) -> DiTConfig:
+    """The DiT of the preset, its token layout taken from the VAE: latent_dim and num_tokens, and
+    grid_side for grid latents (patchified; train_dit.model.patch_size sets the patch)."""
+    fixed = {"latent_dim": latent_dim, "num_tokens": num_tokens, "num_classes": num_classes, "grid_side": grid_side}
     clash = sorted(set(fixed) & set(p.model))
     if clash:
         raise config.ParamsError(f"train_dit.model: {clash} follow from the VAE and the data and cannot be set")
@@ -288,8 +292,9 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
     accelerator = training.make_accelerator(p.precision, p.grad_accum, params.seed)
     data = training_data(params, paths, accelerator)
     _, num_tokens, latent_dim = data.train.latents.shape
-    cfg = model_config(p, latent_dim, num_tokens, len(data.classes))
     vae_info = json.loads((paths.vae / "config.json").read_text())
+    grid_side = families.token_grid(families.load_config(paths.vae))
+    cfg = model_config(p, latent_dim, num_tokens, len(data.classes), grid_side)
     model = DiT(cfg)
     ema = training.ema(model, p.ema_decay, accelerator.device) if p.ema_decay else None
     z_train, y_train = data.normalised(data.train)

@@ -1,4 +1,5 @@
-"""train_vae stage: fit the VecSet VAE to the sample stage's output with Accelerate.
+"""train_vae stage: fit the VAE of `train_vae.family` (VecSet or grid) to the sample stage's output
+with Accelerate.
 
 Started by `accelerate launch` (dvc.yaml), one process per device; runs as well as a plain
 `shapeflow train-vae` (one process) or under torchrun. Writes to OUT (models/vae): model.safetensors
@@ -27,12 +28,17 @@ from shapeflow.geometry.mesh import sampled_frame
 from shapeflow.geometry.sampling import sample_surface
 from shapeflow.inference import reconstruct
 from shapeflow.metrics import METRIC_POINTS, surface_metrics
-from shapeflow.models.vae import VAEConfig, VecSetVAE, field_loss, save_pretrained, vae_config
+from shapeflow.models import families
+from shapeflow.models.families import AnyVAE, AnyVAEConfig
+from shapeflow.models.vae import field_loss
 
 log = logging.getLogger("shapeflow.train_vae")
 
 STAGE = "train_vae"
-TERMS = ("loss", "volume", "near", "sharp", "kl")  # loss.csv's columns after 'step'
+TERMS = {  # loss.csv's columns after 'step', by family
+    "vecset": ("loss", "volume", "near", "sharp", "kl"),
+    "grid": ("loss", "volume", "near", "sharp", "cells", "coarse", "kl"),
+}
 VAL_COLUMNS = ("cd", "f@0.01", "f@0.02", "empty")  # val.csv's after 'step'; val_<column> in the metrics
 
 
@@ -47,24 +53,41 @@ class Paths:
     meshes: Path | None = None
 
 
-def model_config(p: config.TrainVAEParams) -> VAEConfig:
+def model_config(p: config.TrainVAEParams, grid_resolution: int | None = None) -> AnyVAEConfig:
+    """The family's preset with train_vae.model's fields; a grid VAE reads grids of
+    `grid_resolution` (those the sample stage wrote) unless train_vae.model sets its resolution."""
+    overrides = dict(p.model)
+    if p.family == "grid" and grid_resolution:
+        overrides = {"resolution": grid_resolution} | overrides
     try:
-        return vae_config(p.preset, p.model)
+        return families.vae_config(p.family, p.preset, overrides)
     except (ValueError, TypeError) as exc:
-        raise config.ParamsError(f"train_vae.preset/model: {exc}") from exc
+        raise config.ParamsError(f"train_vae.preset/model ({p.family} family): {exc}") from exc
 
 
 NOT_IN_FINGERPRINT = ("val_objects", "val_resolution")  # besides training.LOOP_SETTINGS
 
 
-def fingerprint(params: config.Params, model: VAEConfig, data_id: str, world_size: int) -> str:
+def grid_side(path: Path) -> int:
+    """The side of the grid the sample stage wrote into one object's npz; a ParamsError when it wrote
+    none (it was run for the VecSet family)."""
+    with np.load(path, allow_pickle=False) as npz:
+        if families.GRID_ARRAY not in npz.files:
+            raise config.ParamsError(
+                f"train_vae.family: grid needs the sample stage's grids, and {path} has none: rerun the sample "
+                "stage with this family (dvc repro sample)"
+            )
+        return int(npz[families.GRID_ARRAY].shape[0])
+
+
+def fingerprint(params: config.Params, model: AnyVAEConfig, data_id: str, world_size: int) -> str:
     """What a checkpoint must match to be resumed (training.fingerprint)."""
     parts = {"model": model.to_dict(), "seed": params.seed, "data": data_id, "world": world_size}
     return training.fingerprint(params.train_vae, NOT_IN_FINGERPRINT, **parts)
 
 
 def losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], p: config.VAELossParams) -> dict[str, torch.Tensor]:
-    """Every loss term of one batch, and their weighted sum under 'loss'."""
+    """Every loss term of one batch of the VecSet family, and their weighted sum under 'loss'."""
     groups = [batch["vol_points"], batch["near_points"], batch["sharp_near_points"]]
     pred, posterior = model(
         batch["points"], batch["normals"], torch.cat(groups, dim=1), batch["sharp_points"], batch["sharp_normals"]
@@ -87,6 +110,42 @@ def losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], p: config.VAE
         + p.kl_weight * terms["kl"]
     )
     return terms
+
+
+def grid_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], p: config.VAELossParams
+) -> dict[str, torch.Tensor]:
+    """Every loss term of one batch of the grid family, and their weighted sum under 'loss': the field
+    at the volume, near and near-edge points and at the near-surface cells, the coarse field against
+    the input grid at every cell, the KL."""
+    groups = [batch["vol_points"], batch["near_points"], batch["sharp_near_points"], batch["cell_points"]]
+    pred, coarse, posterior = model(batch["grid"], torch.cat(groups, dim=1))
+    pred_vol, pred_near, pred_sharp, pred_cells = pred.split([g.shape[1] for g in groups], dim=1)
+    target = batch["grid"][:, 0]
+    terms = {
+        "volume": field_loss(pred_vol, batch["vol_sdf"], p.kind, p.truncation).mean(),
+        "near": field_loss(pred_near, batch["near_sdf"], p.kind, p.truncation).mean(),
+        "cells": field_loss(pred_cells, batch["cell_sdf"], p.kind, p.truncation).mean(),
+        # The input grid is truncated already; the coarse field is held to it, in its own units.
+        "coarse": (coarse.float() - target).abs().mean() / target.abs().amax().clamp_min(1e-6),
+        "kl": posterior.kl().mean(),
+    }
+    terms["sharp"] = (
+        field_loss(pred_sharp, batch["sharp_near_sdf"], p.kind, p.truncation).mean()
+        if pred_sharp.shape[1]
+        else pred.new_zeros((), dtype=torch.float32)
+    )
+    terms["loss"] = (
+        p.volume_weight * terms["volume"]
+        + p.near_weight * (terms["near"] + terms["cells"])
+        + p.sharp_weight * terms["sharp"]
+        + p.coarse_weight * terms["coarse"]
+        + p.kl_weight * terms["kl"]
+    )
+    return terms
+
+
+LOSSES = {"vecset": losses, "grid": grid_losses}
 
 
 class References:
@@ -115,7 +174,7 @@ class References:
 
 @torch.no_grad()
 def validate(
-    model: VecSetVAE,
+    model: AnyVAE,
     objects: list,
     references: References,
     data: config.VAEDataParams,
@@ -145,7 +204,6 @@ def validate(
 def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[str, Any]:
     """Train, validate, save; returns the final metrics (on every rank)."""
     p = params.train_vae
-    cfg = model_config(p)
     accelerator = training.make_accelerator(p.precision, p.grad_accum, params.seed)
     train_objects = list_objects(paths.samples, "train")
     val_objects = list_objects(paths.samples, val_split)
@@ -157,6 +215,7 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
             f"train_vae.data.min_shell_ratio: all {len(thin)} train objects are thin shells below "
             f"{p.data.min_shell_ratio}; lower it"
         )
+    cfg = model_config(p, grid_side(train_objects[0].path) if p.family == "grid" else None)
     if not val_objects:
         log.warning("no objects in the %r split of %s: validation is skipped", val_split, paths.samples)
     # Periodic validations score the first val_objects objects; the last one scores the whole split.
@@ -165,23 +224,23 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
     manifest_sha = mf.file_sha256(paths.samples / mf.MANIFEST)
     data_id = tracking.dvc_hash(paths.samples) or manifest_sha
 
-    def scores(model: VecSetVAE, last: bool) -> dict[str, float]:
+    def scores(model: AnyVAE, last: bool) -> dict[str, float]:
         objects = val_objects if last else val_during
         return validate(model, objects, references, p.data, p.val_resolution, params.seed, accelerator)
 
-    def save(model: VecSetVAE, step: int, run_id: str | None) -> dict[str, Any]:
-        meta = {"steps": step, "seed": params.seed, "preset": p.preset, "mlflow_run_id": run_id}
-        save_pretrained(model, paths.out, meta)
+    def save(model: AnyVAE, step: int, run_id: str | None) -> dict[str, Any]:
+        meta = {"steps": step, "seed": params.seed, "family": p.family, "preset": p.preset, "mlflow_run_id": run_id}
+        families.save_vae(model, paths.out, meta)
         return {}
 
     counts = {"train_objects": len(train_objects), "thin_shells_left_out": len(thin)}
     job = training.Job(
         stage=STAGE,
-        describe=f"{p.preset} VAE on {len(train_objects)} objects",
-        model=VecSetVAE(cfg),
-        dataset=ShapeSamples(train_objects, p.data, seed=params.seed),
-        training_losses=functools.partial(losses, p=p.loss),
-        terms=TERMS,
+        describe=f"{p.preset} {p.family} VAE on {len(train_objects)} objects",
+        model=families.build_vae(cfg),
+        dataset=ShapeSamples(train_objects, p.data, seed=params.seed, family=p.family),
+        training_losses=functools.partial(LOSSES[p.family], p=p.loss),
+        terms=TERMS[p.family],
         fingerprint=fingerprint(params, cfg, data_id, accelerator.num_processes),
         tags=tracking.provenance_tags(STAGE, data=paths.samples) | {"data_manifest_sha256": manifest_sha},
         params={"model_config": cfg.to_dict(), **counts, "val_objects": len(val_objects)},
@@ -195,8 +254,9 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
             run_id,
             registry.VAE_MODEL,
             {"vae": paths.out},
-            registry.vae_signature(cfg.num_latents, cfg.latent_dim),
-            f"{p.preset} VecSet VAE: point clouds (B, N, 6) in, latents (B, {cfg.num_latents}, {cfg.latent_dim}) out",
+            registry.vae_signature(cfg.num_latents, cfg.latent_dim, getattr(cfg, "resolution", 0)),
+            f"{p.preset} {p.family} VAE: {registry.vae_input(getattr(cfg, 'resolution', 0))} in, "
+            f"latents (B, {cfg.num_latents}, {cfg.latent_dim}) out",
             {k: v for k, v in metrics.items() if k.startswith("val_") and isinstance(v, float)},
         ),
         samples=paths.samples,
@@ -206,7 +266,7 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
-        "train-vae", help="train the VecSet VAE on a sample-stage output (run it with accelerate launch)"
+        "train-vae", help="train the VAE (train_vae.family) on a sample-stage output (run it with accelerate launch)"
     )
     p.add_argument("samples", type=Path, help="sample-stage output folder (manifest.csv + objects/)")
     p.add_argument("out", type=Path, help="output folder for model.safetensors and config.json")

@@ -1,0 +1,97 @@
+"""The two families of VAE latents behind one interface.
+
+vecset (shapeflow.models.vae): a set of latent tokens read from surface points.
+grid (shapeflow.models.grid_vae): a latent grid read from the sample stage's truncated SDF grid.
+
+Both have `encode(**encoder_inputs) -> DiagonalGaussian` over (B, M, D) latents, `decode(latents)`
+and `query(decoded, points) -> signed distances`, and `config.num_latents` / `config.latent_dim`, so
+the DiT, the inference pipelines and the stages treat them alike; what differs is what the encoder
+reads (`encoder_inputs`) and how the DiT orders the tokens (`token_grid`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shapeflow import config
+from shapeflow.dataset import encoder_inputs as point_inputs
+from shapeflow.models import grid_vae, io, vae
+
+AnyVAE = vae.VecSetVAE | grid_vae.GridVAE
+AnyVAEConfig = vae.VAEConfig | grid_vae.GridVAEConfig
+FAMILIES = ("vecset", "grid")
+GRID_ARRAY = "grid_sdf"
+
+
+def family_of(model: AnyVAE) -> str:
+    return "grid" if isinstance(model, grid_vae.GridVAE) else "vecset"
+
+
+def vae_config(family: str, preset: str, overrides: dict[str, Any] | None = None) -> AnyVAEConfig:
+    """A named preset of the family with some fields replaced; ValueError naming a bad family, preset or key."""
+    if family == "grid":
+        return grid_vae.grid_vae_config(preset, overrides)
+    if family == "vecset":
+        return vae.vae_config(preset, overrides)
+    raise ValueError(f"unknown VAE family {family!r}; known: {list(FAMILIES)}")
+
+
+def build_vae(cfg: AnyVAEConfig) -> AnyVAE:
+    return grid_vae.GridVAE(cfg) if isinstance(cfg, grid_vae.GridVAEConfig) else vae.VecSetVAE(cfg)
+
+
+def save_vae(model: AnyVAE, folder: str | Path, meta: dict[str, Any] | None = None) -> None:
+    """model.safetensors and config.json, in the family's format, each written atomically."""
+    module = grid_vae if isinstance(model, grid_vae.GridVAE) else vae
+    module.save_pretrained(model, folder, meta)
+
+
+def _saved(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / io.CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; train the VAE first (dvc repro train_vae)")
+    try:
+        body = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not a model config: {exc}") from exc
+    if not isinstance(body, dict) or body.get("format") not in (vae.FORMAT, grid_vae.FORMAT):
+        raise ValueError(f"{path}: not a VAE's config (format {vae.FORMAT!r} or {grid_vae.FORMAT!r})")
+    return body
+
+
+def load_config(folder: str | Path) -> AnyVAEConfig:
+    """The config of the VAE saved in `folder`, without its weights."""
+    body = _saved(folder)
+    cls = grid_vae.GridVAEConfig if body["format"] == grid_vae.FORMAT else vae.VAEConfig
+    return cls.from_dict(body["config"])
+
+
+def load_vae(folder: str | Path, device: torch.device | str = "cpu") -> AnyVAE:
+    """The VAE saved in `folder`, of whichever family its config.json names, in eval mode."""
+    module = grid_vae if _saved(folder)["format"] == grid_vae.FORMAT else vae
+    return module.load_pretrained(folder, device)
+
+
+def encoder_inputs(
+    model: AnyVAE, arrays: dict[str, np.ndarray], data: config.VAEDataParams, seed: int
+) -> dict[str, torch.Tensor]:
+    """What `model.encode` reads for one object of a sample-stage output, batched (1, ...); for the
+    point family a fixed (seeded) draw of its points."""
+    if isinstance(model, vae.VecSetVAE):
+        return point_inputs(arrays, data, seed)
+    if GRID_ARRAY not in arrays:
+        raise ValueError(
+            "this object's samples have no grid: the grid family needs the sample stage run with "
+            "train_vae.family: grid (dvc repro sample)"
+        )
+    return {"grid": torch.from_numpy(arrays[GRID_ARRAY].astype(np.float32))[None, None]}
+
+
+def token_grid(cfg: AnyVAEConfig) -> int:
+    """The side of the grid the latent tokens lie on in C order (0: an unordered set)."""
+    return cfg.latent_side if isinstance(cfg, grid_vae.GridVAEConfig) else 0
