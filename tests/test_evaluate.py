@@ -260,3 +260,37 @@ def test_preview_puts_each_category_on_a_row_of_its_own():
     picked = [(c, None) for c in ("bush", "rock", "rock", "rock", "tree")]
     assert evaluate.category_rows_layout(picked, 3) == [0, None, None, 1, 2, 3, 4]
     assert evaluate.category_rows_layout([(None, None)] * 3, 2) == [0, 1, 2]
+
+
+def test_the_grid_family_goes_through_the_dit_and_the_same_evaluation(grid_samples, tmp_path, one_thread_module):
+    # An untrained tiny grid VAE, a DiT trained a few steps on its latent grids (patchified), and the
+    # evaluate stage: the same metrics as the VecSet family, the runs tagged with the family.
+    import torch
+
+    from shapeflow.models import families
+    from shapeflow.models.grid_vae import GridVAE, grid_vae_config
+
+    torch.manual_seed(0)
+    families.save_vae(GridVAE(grid_vae_config("tiny")), tmp_path / "vae", {"steps": 0, "mlflow_run_id": "vae-run-2"})
+    grid_params = params(recon_objects=2, gen_per_category=1)
+    paths = train_dit.Paths(
+        tmp_path / "vae", grid_samples, tmp_path / "dit", tmp_path / "ck", tmp_path / "r" / "metrics.json",
+        tmp_path / "r", tmp_path / "cache",
+    )  # fmt: skip
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", db)
+        train_dit.run(grid_params, paths)
+        dit_config = json.loads((tmp_path / "dit" / "raw" / "config.json").read_text())["config"]
+        assert dit_config["grid_side"] == 8 and dit_config["num_tokens"] == 512 and dit_config["patch_size"] == 2
+        metrics = evaluate.run(
+            grid_params,
+            evaluate.Paths(tmp_path / "vae", tmp_path / "dit", grid_samples, grid_samples.parent / "watertight",
+                           tmp_path / "eval"),
+        )  # fmt: skip
+    assert {"cd", "f@0.02", "nc", "iou_volume"} <= set(metrics["recon"])
+    assert {"watertight_share", "mmd_cd", "cov_cd", "category_match"} <= set(metrics["generation"])
+    client = MlflowClient(tracking_uri=db)
+    for experiment in ("shapeflow-train_dit", "shapeflow-evaluate"):
+        (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        assert run.data.tags["vae_family"] == "grid"

@@ -126,6 +126,11 @@ class ShapePipeline:
         info = json.loads(info_path.read_text())
         dit = dit_lib.load_pretrained(dit_dir / (EMA_DIR if ema and (dit_dir / EMA_DIR).is_dir() else RAW_DIR), device)
         vae = load_vae(vae_dir, device)
+        if dit.config.grid_side and dit.config.num_tokens != vae.config.num_latents:
+            raise ValueError(
+                f"{vae_dir}: the VAE's latent grid has {vae.config.num_latents} cells, the DiT in {dit_dir} "
+                f"expects {dit.config.num_tokens}: was the VAE retrained after the DiT?"
+            )
         if vae.config.latent_dim != dit.config.latent_dim:
             raise ValueError(
                 f"{vae_dir}: VAE latents have {vae.config.latent_dim} channels, the DiT in {dit_dir} expects "

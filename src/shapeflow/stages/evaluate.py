@@ -46,6 +46,7 @@ from shapeflow.geometry.mesh import is_watertight_shape, sampled_frame
 from shapeflow.geometry.sampling import sample_surface
 from shapeflow.inference import GENERATOR_FILE, ShapePipeline, reconstruct
 from shapeflow.metrics import F_TAUS, generation_metrics, pairwise_chamfer, point_metrics, surface_metrics, volume_iou
+from shapeflow.models import families
 from shapeflow.models.families import AnyVAE, load_vae
 from shapeflow.render import preview_grid, write_samples
 
@@ -489,6 +490,7 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
         "vae_run_id": model_run_id(paths.vae, "config.json"),
         "data_manifest_sha256": mf.file_sha256(paths.samples / mf.MANIFEST),
         "device": device.type,
+        "vae_family": families.family_of(vae),
     }
     if paths.dit is not None:
         tags["dit_run_id"] = model_run_id(paths.dit, GENERATOR_FILE)

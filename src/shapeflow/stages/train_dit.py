@@ -341,7 +341,11 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
         terms=("loss",),
         fingerprint=training.fingerprint(p, NOT_IN_FINGERPRINT, **parts),
         tags=tracking.provenance_tags(STAGE, data=paths.samples, vae=paths.vae)
-        | {"data_manifest_sha256": mf.file_sha256(paths.samples / mf.MANIFEST), "latent_cache_key": data.key},
+        | {
+            "data_manifest_sha256": mf.file_sha256(paths.samples / mf.MANIFEST),
+            "latent_cache_key": data.key,
+            "vae_family": "grid" if grid_side else "vecset",
+        },
         params={
             "model_config": cfg.to_dict(),
             "classes": data.classes,

@@ -242,7 +242,8 @@ def run(params: config.Params, paths: Paths, *, val_split: str = "val") -> dict[
         training_losses=functools.partial(LOSSES[p.family], p=p.loss),
         terms=TERMS[p.family],
         fingerprint=fingerprint(params, cfg, data_id, accelerator.num_processes),
-        tags=tracking.provenance_tags(STAGE, data=paths.samples) | {"data_manifest_sha256": manifest_sha},
+        tags=tracking.provenance_tags(STAGE, data=paths.samples)
+        | {"data_manifest_sha256": manifest_sha, "vae_family": p.family},
         params={"model_config": cfg.to_dict(), **counts, "val_objects": len(val_objects)},
         info={**counts, "val_split": val_split, "val_objects": len(val_objects)},
         save=save,
