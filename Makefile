@@ -3,6 +3,7 @@
 # `make pipeline MESHES=DIR` runs the whole pipeline on the meshes in DIR (its top-level sub-folders
 # are the categories) as the DVC experiment named after DIR, in .shapeflow/experiments/<name>; this
 # workspace stays the built-in run. A second run redoes only what changed (fetch rereads DIR).
+# SET="train_vae.family=grid train_vae.steps=4000" adds param overrides (the name gains their hash).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 pipeline: setup
 ifdef MESHES
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m shapeflow.dvc_pipeline "$(MESHES)"
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m shapeflow.dvc_pipeline "$(MESHES)" $(foreach s,$(SET),--set '$(s)')
 else
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 endif

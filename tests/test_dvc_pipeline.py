@@ -100,6 +100,12 @@ def test_a_meshes_run_is_named_after_the_folder_and_fetches_it_locally(tmp_path)
         dp.meshes_experiment(tmp_path / ".hidden")
     with pytest.raises(NotADirectoryError):
         dp.meshes_experiment(tmp_path / "nowhere")
+    # More overrides (make pipeline SET=...): another experiment, named after the folder and them.
+    name, overrides = dp.meshes_experiment(folder, ["train_vae.family=grid"])
+    assert name.startswith("quaternius-") and name != "quaternius" and overrides[-1] == "train_vae.family=grid"
+    assert dp.meshes_experiment(folder, ["train_vae.family=grid"])[0] == name  # stable
+    with pytest.raises(ValueError, match="expected KEY.PATH=VALUE"):
+        dp.meshes_experiment(folder, ["train_vae.family"])
 
 
 @pytest.mark.slow

@@ -591,9 +591,12 @@ def experiment_rev(ws: Path, name: str) -> str | None:
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def meshes_experiment(meshes: str | Path) -> tuple[str, list[str]]:
+def meshes_experiment(meshes: str | Path, extra: Sequence[str] = ()) -> tuple[str, list[str]]:
     """(name, overrides) of the pipeline on the meshes in folder `meshes`, whose top-level sub-folders
-    are the categories: the folder's name, and a local fetch of its absolute path."""
+    are the categories: the folder's name, and a local fetch of its absolute path. With `extra`
+    overrides (checked here) the name is <folder>-<their hash> and they follow the fetch's."""
+    for item in extra:
+        parse_override(item)
     folder = Path(meshes).expanduser().resolve()
     if not folder.is_dir():
         raise NotADirectoryError(f"{meshes}: not a folder of meshes")
@@ -603,7 +606,9 @@ def meshes_experiment(meshes: str | Path) -> tuple[str, list[str]]:
             f"{EXPERIMENT_NAME.pattern}; rename the folder or link it under another name"
         )
     # The path as a JSON string: YAML reads it back verbatim, whatever characters it holds.
-    return folder.name, ["fetch.source=local", f"fetch.local.path={json.dumps(str(folder))}"]
+    overrides = ["fetch.source=local", f"fetch.local.path={json.dumps(str(folder))}", *extra]
+    name = f"{folder.name}-{experiment_name(extra).removeprefix('sf-')}" if extra else folder.name
+    return name, overrides
 
 
 def run_experiment(
@@ -647,6 +652,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("meshes", type=Path, nargs="?", help="folder of mesh files, one sub-folder per category")
     parser.add_argument("--list", action="store_true", help="list the experiment workspaces")
     parser.add_argument("--remove", metavar="NAME", help="remove the workspace of experiment NAME")
+    parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="a param override for the run, e.g. train_vae.family=grid (repeatable); the experiment is then "
+        "named <folder>-<a hash of the overrides>",
+    )
     args = parser.parse_args(argv)
     if (args.meshes is not None) + args.list + (args.remove is not None) != 1:
         parser.error("give a meshes folder, --list or --remove NAME")
@@ -659,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.remove is not None:
             print(f"removed {remove_experiment(repo, args.remove)}")
             return 0
-        name, overrides = meshes_experiment(args.meshes)
+        name, overrides = meshes_experiment(args.meshes, args.set)
         print(f"experiment {name}: {' '.join(overrides)}", flush=True)
         ws = run_experiment(repo, name, overrides, lambda line: print(line, flush=True))
     except (NotADirectoryError, ValueError, RuntimeError) as exc:  # StageFailed is a RuntimeError
