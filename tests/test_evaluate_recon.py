@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import trimesh
 import yaml
@@ -65,3 +66,35 @@ def test_evaluate_recon_scores_a_folder_of_meshes_and_lists_the_ones_that_failed
     assert cli.main(argv) == 0
     again = json.loads((tmp_path / "work" / "report.json").read_text())
     assert again["mean"] == report["mean"]
+
+
+def test_a_grid_family_vae_gets_the_grids_it_reads(tmp_path):
+    # The params say vecset and 64^3 grids; the VAE reads 32^3 grids: the samples follow the VAE.
+    import torch
+
+    from shapeflow.models import families
+    from shapeflow.models.grid_vae import GridVAE, grid_vae_config
+
+    torch.manual_seed(0)
+    families.save_vae(GridVAE(grid_vae_config("tiny")), tmp_path / "vae", {"steps": 0})
+    meshes = tmp_path / "meshes"
+    meshes.mkdir()
+    trimesh.creation.icosphere(3, 0.5).export(meshes / "ball.ply")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(
+        yaml.safe_dump(
+            {
+                "watertight": {"resolution": 48},
+                "sample": {"surface": 2048, "sharp": 0, "volume": 2048, "near": 1024, "sharp_near": 0},
+                "compute": {"workers": 1},
+                "evaluate": {"resolution": 32, "recon_points": 2000},
+            }
+        )
+    )
+    argv = ["--params", str(params_file), "evaluate-recon", str(meshes), "--vae", str(tmp_path / "vae")]
+    assert cli.main([*argv, "--work", str(tmp_path / "work")]) == 0
+    report = json.loads((tmp_path / "work" / "report.json").read_text())
+    assert [r["status"] for r in report["objects"]] == ["ok"]
+    (npz,) = (tmp_path / "work" / "samples" / "objects").glob("*.npz")
+    with np.load(npz) as arrays:
+        assert arrays["grid_sdf"].shape == (32, 32, 32) and int(arrays["sparse_resolution"]) == 128

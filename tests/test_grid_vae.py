@@ -92,3 +92,14 @@ def test_the_grid_family_refuses_samples_without_grids():
     grid = np.zeros((32, 32, 32), dtype=np.float16)
     inputs = families.encoder_inputs(model, {"grid_sdf": grid}, config.VAEDataParams(), 0)
     assert inputs["grid"].shape == (1, 1, 32, 32, 32) and inputs["grid"].dtype == torch.float32
+
+
+def test_the_registered_vae_encodes_grids_for_the_grid_family():
+    from shapeflow.pyfunc_model import ShapeflowModel
+
+    model = ShapeflowModel()
+    model.kind, model.vae = "vae", GridVAE(grid_vae_config("tiny")).eval()
+    latents = model.encode({"grid_sdf": np.zeros((2, 32, 32, 32), dtype=np.float32)})
+    assert latents.shape == (2, 512, 8)
+    with pytest.raises(ValueError, match="expected \\(batch, 32, 32, 32\\) grids"):
+        model.encode(np.zeros((2, 16, 16, 16), dtype=np.float32))
