@@ -1,8 +1,10 @@
 """DiT figures on this machine: training throughput per preset, and the time to generate one shape.
 
-Training: a batch of random latent sets of the preset's size goes through the stage's flow loss
-(train_dit.training_losses, 8 classes) and an AdamW step; samples/s, tokens/s, peak memory (each
-preset in a fresh process), and on a GPU the share of the bf16 peak (MFU) from torch.utils.flop_counter.
+Training: a batch of random latents goes through the stage's flow loss (train_dit.training_losses,
+8 classes) and an AdamW step; samples/s, tokens/s, peak memory (each preset in a fresh process),
+and on a GPU the share of the bf16 peak (MFU) from torch.utils.flop_counter. The latents (--latents)
+are the preset's own size (`preset`), or those the `local` VAE of a family makes: `vecset` (a set
+of 256 tokens of 19 channels) or `grid` (a 16^3 x 8 grid, patchified by 2: 512 tokens of 64).
 
 Sampling (tiny only, untrained weights, so the decode cost is that of an arbitrary field): per shape,
 the flow's Euler steps with classifier-free guidance, the VAE's decode to a signed-distance grid, and
@@ -11,6 +13,7 @@ one's, so the decode and marching cubes times are an upper bound for a trained p
 
     python bench/bench_dit.py                         # tiny and base training, tiny sampling
     python bench/bench_dit.py --presets tiny --resolution 64
+    python bench/bench_dit.py --presets tiny --latents vecset grid --shapes 1
 
 Prints JSON and a table; writes bench/results/dit.json.
 """
@@ -25,8 +28,14 @@ from pathlib import Path
 from _table import print_table
 from _training import in_fresh_process, print_training_table, time_training, write_report
 
+LATENTS = {  # DiT config fields the latents fix, by --latents
+    "preset": {},
+    "vecset": {"latent_dim": 19, "num_tokens": 256},
+    "grid": {"latent_dim": 8, "num_tokens": 16**3, "grid_side": 16},
+}
 
-def measure_training(preset: str, batch: int, steps: int, warmup: int, device: str) -> dict:
+
+def measure_training(preset: str, latents: str, batch: int, steps: int, warmup: int, device: str) -> dict:
     import torch
 
     from shapeflow.config import TrainDiTParams
@@ -34,7 +43,7 @@ def measure_training(preset: str, batch: int, steps: int, warmup: int, device: s
     from shapeflow.stages.train_dit import training_losses
 
     torch.manual_seed(0)
-    config = dit_config(preset, {"num_classes": 8})
+    config = dit_config(preset, {"num_classes": 8, **LATENTS[latents]})
     model = DiT(config).to(device)
     data = torch.randn(batch, config.num_tokens, config.latent_dim, device=device)
     labels = torch.randint(0, 8, (batch,), device=device)
@@ -44,7 +53,8 @@ def measure_training(preset: str, batch: int, steps: int, warmup: int, device: s
 
     row = time_training(model, loss, batch, steps, warmup, device)
     tokens_per_s = row["samples_per_s"] * config.num_tokens
-    return {"preset": preset, **row, "tokens": config.num_tokens, "tokens_per_s": tokens_per_s}
+    name = preset if latents == "preset" else f"{preset} on {latents} latents"
+    return {"preset": name, **row, "tokens": config.num_tokens, "tokens_per_s": tokens_per_s}
 
 
 def measure_sampling(shapes: int, flow_steps: int, resolution: int, device: str) -> dict:
@@ -94,6 +104,7 @@ def measure_sampling(shapes: int, flow_steps: int, resolution: int, device: str)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "base"])
+    parser.add_argument("--latents", nargs="+", default=["preset"], choices=sorted(LATENTS))
     parser.add_argument(
         "--batch", type=int, nargs="+", help="batch per preset (default: tiny 32, base 4 on CPU, 64 on GPU)"
     )
@@ -109,10 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     defaults = {"tiny": 32, "base": 4 if device == "cpu" else 64}
     batches = args.batch or [defaults.get(p, 4) for p in args.presets]
-    runs = zip(args.presets, batches, strict=False)
-    rows = [
-        in_fresh_process(measure_training, preset, batch, args.steps, args.warmup, device) for preset, batch in runs
-    ]
+    runs = [(p, lat, b) for lat in args.latents for p, b in zip(args.presets, batches, strict=False)]
+    rows = [in_fresh_process(measure_training, p, lat, b, args.steps, args.warmup, device) for p, lat, b in runs]
     sampling = in_fresh_process(measure_sampling, args.shapes, args.flow_steps, args.resolution, device)
     write_report(
         {"machine": {"cpus": os.cpu_count(), "device": device}, "training": rows, "sampling": sampling}, args.out
