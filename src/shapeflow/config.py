@@ -501,7 +501,9 @@ def replace(section: Any, **overrides: Any) -> Any:
     return _build(type(section), raw, type(section).__name__)
 
 
-def section_hash(section: Any) -> str:
-    """A short stable hash of a params section: records made under other params are redone."""
-    blob = json.dumps(dataclasses.asdict(section), sort_keys=True, default=list)
+def section_hash(section: Any, exclude: tuple[str, ...] = ()) -> str:
+    """A short stable hash of a params section (without its `exclude` fields): records made under
+    other params are redone."""
+    fields = {k: v for k, v in dataclasses.asdict(section).items() if k not in exclude}
+    blob = json.dumps(fields, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

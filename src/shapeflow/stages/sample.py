@@ -11,7 +11,6 @@ do not depend on the order, the number of workers or the sharding.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import hashlib
 from pathlib import Path
@@ -54,8 +53,7 @@ def with_grids(params: config.Params) -> bool:
 def params_hash(params: config.Params) -> str:
     """What an output depends on besides its input file: the sample section (its grid part only when
     grids are written), the seed, the format."""
-    points = dataclasses.replace(params.sample, grid=config.GridSampleParams())
-    blob = f"{config.section_hash(points)}:{params.seed}:{FORMAT_VERSION}"
+    blob = f"{config.section_hash(params.sample, exclude=('grid',))}:{params.seed}:{FORMAT_VERSION}"
     if with_grids(params):
         blob += f":grid:{config.section_hash(params.sample.grid)}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
