@@ -24,6 +24,20 @@ def vae(tmp_path) -> Path:
     return tmp_path / "vae"
 
 
+def small_params(folder: Path) -> Path:
+    """folder/params.yaml: small sample counts and a coarse decode, one worker."""
+    path = folder / "params.yaml"
+    small = {
+        "watertight": {"resolution": 48},
+        "sample": {"surface": 2048, "sharp": 256, "volume": 2048, "near": 1024, "sharp_near": 256},
+        "compute": {"workers": 1},
+        "train_vae": {"data": {"input_points": 256, "sharp_points": 64}},
+        "evaluate": {"resolution": 32, "recon_points": 2000},
+    }
+    path.write_text(yaml.safe_dump(small))
+    return path
+
+
 def test_evaluate_recon_scores_a_folder_of_meshes_and_lists_the_ones_that_failed(vae, tmp_path, capsys):
     meshes = tmp_path / "meshes"
     meshes.mkdir()
@@ -31,18 +45,7 @@ def test_evaluate_recon_scores_a_folder_of_meshes_and_lists_the_ones_that_failed
     trimesh.creation.icosphere(3, 0.5).export(meshes / "ball.ply")
     (meshes / "broken.obj").write_text("v 0 0 0\nv 1 0 0\n")  # vertices, no faces
     (meshes / "box_again.obj").write_bytes((meshes / "box.obj").read_bytes())  # scored once, as box.obj
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(
-        yaml.safe_dump(
-            {
-                "watertight": {"resolution": 48},
-                "sample": {"surface": 2048, "sharp": 256, "volume": 2048, "near": 1024, "sharp_near": 256},
-                "compute": {"workers": 1},
-                "train_vae": {"data": {"input_points": 256, "sharp_points": 64}},
-                "evaluate": {"resolution": 32, "recon_points": 2000},
-            }
-        )
-    )
+    params_file = small_params(tmp_path)
     argv = [
         "--params",
         str(params_file),
@@ -80,17 +83,7 @@ def test_a_grid_family_vae_gets_the_grids_it_reads(tmp_path):
     meshes = tmp_path / "meshes"
     meshes.mkdir()
     trimesh.creation.icosphere(3, 0.5).export(meshes / "ball.ply")
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(
-        yaml.safe_dump(
-            {
-                "watertight": {"resolution": 48},
-                "sample": {"surface": 2048, "sharp": 0, "volume": 2048, "near": 1024, "sharp_near": 0},
-                "compute": {"workers": 1},
-                "evaluate": {"resolution": 32, "recon_points": 2000},
-            }
-        )
-    )
+    params_file = small_params(tmp_path)
     argv = ["--params", str(params_file), "evaluate-recon", str(meshes), "--vae", str(tmp_path / "vae")]
     assert cli.main([*argv, "--work", str(tmp_path / "work")]) == 0
     report = json.loads((tmp_path / "work" / "report.json").read_text())

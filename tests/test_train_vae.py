@@ -85,15 +85,19 @@ def test_stage_writes_weights_metrics_curves_and_one_tracked_run(two_samples, tm
     assert version.run_id == run.info.run_id and {"val_cd", "val_f_0.02"} <= set(version.tags)
 
 
+def first_two(samples: Path, folder: Path) -> Path:
+    """A copy of the first two objects (by key) of `samples` in folder/samples, its watertight beside it."""
+    keys = sorted(p.stem for p in (samples / "objects").glob("*.npz"))[:2]
+    two = subset(samples, folder / "samples", lambda row: row["key"] in keys)
+    (folder / "watertight").symlink_to(samples.parent / "watertight")
+    return two
+
+
 @pytest.fixture(scope="module")
 def two_samples(builtin_samples, tmp_path_factory) -> Path:
     """Two of the built-in objects: for the tests of the stage's outputs, resuming and ranks, whose
     last validation (the whole split) needs no more."""
-    folder = tmp_path_factory.mktemp("two")
-    keys = sorted(p.stem for p in (builtin_samples / "objects").glob("*.npz"))[:2]
-    samples = subset(builtin_samples, folder / "samples", lambda row: row["key"] in keys)
-    (folder / "watertight").symlink_to(builtin_samples.parent / "watertight")
-    return samples
+    return first_two(builtin_samples, tmp_path_factory.mktemp("two"))
 
 
 @pytest.mark.slow
@@ -312,11 +316,7 @@ GRID = {"family": "grid", "preset": "tiny", "model": {}}
 @pytest.fixture(scope="module")
 def two_grid_samples(grid_samples, tmp_path_factory) -> Path:
     """Two of the built-in objects with their grids (sample stage run for the grid family)."""
-    folder = tmp_path_factory.mktemp("two_grid")
-    keys = sorted(p.stem for p in (grid_samples / "objects").glob("*.npz"))[:2]
-    samples = subset(grid_samples, folder / "samples", lambda row: row["key"] in keys)
-    (folder / "watertight").symlink_to(grid_samples.parent / "watertight")
-    return samples
+    return first_two(grid_samples, tmp_path_factory.mktemp("two_grid"))
 
 
 @pytest.mark.slow

@@ -86,23 +86,34 @@ def fingerprint(params: config.Params, model: AnyVAEConfig, data_id: str, world_
     return training.fingerprint(params.train_vae, NOT_IN_FINGERPRINT, **parts)
 
 
+TERM_OF = {"vol": "volume", "near": "near", "sharp_near": "sharp", "cell": "cells"}  # by supervision kind
+
+
+def _queries(batch: dict[str, torch.Tensor], kinds: tuple[str, ...]) -> torch.Tensor:
+    return torch.cat([batch[f"{kind}_points"] for kind in kinds], dim=1)
+
+
+def _field_terms(
+    pred: torch.Tensor, batch: dict[str, torch.Tensor], kinds: tuple[str, ...], p: config.VAELossParams
+) -> dict[str, torch.Tensor]:
+    """The field's loss at each kind of supervision point, `pred` holding them in `kinds` order; 0 for a
+    kind with no points (sharp_near_points: 0)."""
+    parts = pred.split([batch[f"{kind}_points"].shape[1] for kind in kinds], dim=1)
+    return {
+        TERM_OF[kind]: field_loss(part, batch[f"{kind}_sdf"], p.kind, p.truncation).mean()
+        if part.shape[1]
+        else pred.new_zeros((), dtype=torch.float32)
+        for kind, part in zip(kinds, parts, strict=True)
+    }
+
+
 def losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], p: config.VAELossParams) -> dict[str, torch.Tensor]:
     """Every loss term of one batch of the VecSet family, and their weighted sum under 'loss'."""
-    groups = [batch["vol_points"], batch["near_points"], batch["sharp_near_points"]]
+    kinds = ("vol", "near", "sharp_near")
     pred, posterior = model(
-        batch["points"], batch["normals"], torch.cat(groups, dim=1), batch["sharp_points"], batch["sharp_normals"]
+        batch["points"], batch["normals"], _queries(batch, kinds), batch["sharp_points"], batch["sharp_normals"]
     )
-    pred_vol, pred_near, pred_sharp = pred.split([g.shape[1] for g in groups], dim=1)
-    terms = {
-        "volume": field_loss(pred_vol, batch["vol_sdf"], p.kind, p.truncation).mean(),
-        "near": field_loss(pred_near, batch["near_sdf"], p.kind, p.truncation).mean(),
-        "kl": posterior.kl().mean(),
-    }
-    terms["sharp"] = (
-        field_loss(pred_sharp, batch["sharp_near_sdf"], p.kind, p.truncation).mean()
-        if pred_sharp.shape[1]
-        else pred.new_zeros((), dtype=torch.float32)
-    )
+    terms = _field_terms(pred, batch, kinds, p) | {"kl": posterior.kl().mean()}
     terms["loss"] = (
         p.volume_weight * terms["volume"]
         + p.near_weight * terms["near"]
@@ -118,23 +129,14 @@ def grid_losses(
     """Every loss term of one batch of the grid family, and their weighted sum under 'loss': the field
     at the volume, near and near-edge points and at the near-surface cells, the coarse field against
     the input grid at every cell, the KL."""
-    groups = [batch["vol_points"], batch["near_points"], batch["sharp_near_points"], batch["cell_points"]]
-    pred, coarse, posterior = model(batch["grid"], torch.cat(groups, dim=1))
-    pred_vol, pred_near, pred_sharp, pred_cells = pred.split([g.shape[1] for g in groups], dim=1)
+    kinds = ("vol", "near", "sharp_near", "cell")
+    pred, coarse, posterior = model(batch["grid"], _queries(batch, kinds))
     target = batch["grid"][:, 0]
-    terms = {
-        "volume": field_loss(pred_vol, batch["vol_sdf"], p.kind, p.truncation).mean(),
-        "near": field_loss(pred_near, batch["near_sdf"], p.kind, p.truncation).mean(),
-        "cells": field_loss(pred_cells, batch["cell_sdf"], p.kind, p.truncation).mean(),
+    terms = _field_terms(pred, batch, kinds, p) | {
         # The input grid is truncated already; the coarse field is held to it, in its own units.
         "coarse": (coarse.float() - target).abs().mean() / target.abs().amax().clamp_min(1e-6),
         "kl": posterior.kl().mean(),
     }
-    terms["sharp"] = (
-        field_loss(pred_sharp, batch["sharp_near_sdf"], p.kind, p.truncation).mean()
-        if pred_sharp.shape[1]
-        else pred.new_zeros((), dtype=torch.float32)
-    )
     terms["loss"] = (
         p.volume_weight * terms["volume"]
         + p.near_weight * (terms["near"] + terms["cells"])
