@@ -125,6 +125,8 @@ class ShapeSamples(Dataset):
             raise ValueError(
                 f"{obj.path}: no grid arrays; the grid family needs the sample stage run with train_vae.family: grid"
             )
+        if self.family == "grid" and not len(arrays["sparse_index"]):
+            raise ValueError(f"{obj.path}: no near-surface cells (an empty surface?)")
         return draw(arrays, self.counts, generator, self.family) | {"index": torch.tensor(index)}
 
 
@@ -172,8 +174,6 @@ def _grid_view(
 ) -> dict[str, torch.Tensor]:
     """The grid the encoder reads, and a random subset of the near-surface cells with their distances."""
     index, sdf = t["sparse_index"], t["sparse_sdf"]
-    if not len(index):
-        raise ValueError("an object with no near-surface cells")
     pick = _subset(len(index), counts.near_points, generator)
     return {
         "grid": t["grid_sdf"].float()[None],
