@@ -18,6 +18,7 @@ from shapeflow.stages import fetch, sample, watertight
 SAMPLE_COUNTS = {"surface": 4096, "sharp": 1024, "volume": 4096, "near": 2048, "sharp_near": 1024}
 # The smallest VAE the training tests and the end-to-end pipeline train (train_vae params).
 TINY_VAE = {
+    "family": "vecset",
     "model": {"num_latents": 16, "width": 64},
     "data": {
         "input_points": 256,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shapeflow import config
+from shapeflow.config import VAEDataParams
 from shapeflow.dataset import encoder_inputs as point_inputs
 from shapeflow.models import grid_vae, io, vae
 
@@ -72,13 +72,19 @@ def load_config(folder: str | Path) -> AnyVAEConfig:
 
 
 def load_vae(folder: str | Path, device: torch.device | str = "cpu") -> AnyVAE:
-    """The VAE saved in `folder`, of whichever family its config.json names, in eval mode."""
-    module = grid_vae if _saved(folder)["format"] == grid_vae.FORMAT else vae
+    """The VAE saved in `folder`, of whichever family its config.json names, in eval mode. A missing
+    file or a folder of another format gets the loader's own message (io.load)."""
+    path = Path(folder) / io.CONFIG
+    try:
+        fmt = json.loads(path.read_text()).get("format") if path.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        fmt = None
+    module = grid_vae if fmt == grid_vae.FORMAT else vae
     return module.load_pretrained(folder, device)
 
 
 def encoder_inputs(
-    model: AnyVAE, arrays: dict[str, np.ndarray], data: config.VAEDataParams, seed: int
+    model: AnyVAE, arrays: dict[str, np.ndarray], data: VAEDataParams, seed: int
 ) -> dict[str, torch.Tensor]:
     """What `model.encode` reads for one object of a sample-stage output, batched (1, ...); for the
     point family a fixed (seeded) draw of its points."""
