@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from shapeflow import manifest as mf
 from shapeflow.config import ParamsError, VAEDataParams
+from shapeflow.geometry import grids
 
 log = logging.getLogger(__name__)
 SUPERVISION = ("vol", "near", "sharp_near")  # npz prefixes: <kind>_points, <kind>_sdf
@@ -163,12 +164,6 @@ def _encoder_view(
     return out
 
 
-def cell_centres(index: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Centres (K, 3) of cells (K, 3) of a grid of `resolution` cells per axis over [-1, 1]^3
-    (geometry.grids.cell_centres in torch)."""
-    return -1.0 + (index.float() + 0.5) * (2.0 / resolution)
-
-
 def _grid_view(
     t: dict[str, torch.Tensor], counts: VAEDataParams, generator: torch.Generator | None
 ) -> dict[str, torch.Tensor]:
@@ -177,7 +172,7 @@ def _grid_view(
     pick = _subset(len(index), counts.near_points, generator)
     return {
         "grid": t["grid_sdf"].float()[None],
-        "cell_points": cell_centres(index[pick].long(), int(t["sparse_resolution"])),
+        "cell_points": torch.from_numpy(grids.cell_centres(int(t["sparse_resolution"]), index[pick].long().numpy())),
         "cell_sdf": sdf[pick].float(),
     }
 

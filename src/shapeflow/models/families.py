@@ -19,13 +19,14 @@ import numpy as np
 import torch
 
 from shapeflow.config import VAEDataParams
+from shapeflow.dataset import GRID_ARRAYS
 from shapeflow.dataset import encoder_inputs as point_inputs
 from shapeflow.models import grid_vae, io, vae
 
 AnyVAE = vae.VecSetVAE | grid_vae.GridVAE
 AnyVAEConfig = vae.VAEConfig | grid_vae.GridVAEConfig
 FAMILIES = ("vecset", "grid")
-GRID_ARRAY = "grid_sdf"
+GRID_ARRAY = GRID_ARRAYS[0]  # the grid the encoder reads
 
 
 def family_of(model: AnyVAE) -> str:
@@ -51,35 +52,39 @@ def save_vae(model: AnyVAE, folder: str | Path, meta: dict[str, Any] | None = No
     module.save_pretrained(model, folder, meta)
 
 
-def _saved(folder: str | Path) -> dict[str, Any]:
+def _saved_format(folder: str | Path) -> str | None:
+    """The format config.json in `folder` names; None when it is missing or unreadable."""
     path = Path(folder) / io.CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; train the VAE first (dvc repro train_vae)")
     try:
-        body = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not a model config: {exc}") from exc
-    if not isinstance(body, dict) or body.get("format") not in (vae.FORMAT, grid_vae.FORMAT):
-        raise ValueError(f"{path}: not a VAE's config (format {vae.FORMAT!r} or {grid_vae.FORMAT!r})")
-    return body
+        body = json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None
+    return body.get("format") if isinstance(body, dict) else None
+
+
+def config_from(body: dict[str, Any]) -> AnyVAEConfig:
+    """The config in a saved VAE's config.json ({format, config, meta})."""
+    if body.get("format") not in (vae.FORMAT, grid_vae.FORMAT):
+        raise ValueError(f"not a VAE's config (format {vae.FORMAT!r} or {grid_vae.FORMAT!r})")
+    cls = grid_vae.GridVAEConfig if body["format"] == grid_vae.FORMAT else vae.VAEConfig
+    return cls.from_dict(body["config"])
 
 
 def load_config(folder: str | Path) -> AnyVAEConfig:
     """The config of the VAE saved in `folder`, without its weights."""
-    body = _saved(folder)
-    cls = grid_vae.GridVAEConfig if body["format"] == grid_vae.FORMAT else vae.VAEConfig
-    return cls.from_dict(body["config"])
+    path = Path(folder) / io.CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; train the VAE first (dvc repro train_vae)")
+    try:
+        return config_from(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
 
 
 def load_vae(folder: str | Path, device: torch.device | str = "cpu") -> AnyVAE:
     """The VAE saved in `folder`, of whichever family its config.json names, in eval mode. A missing
     file or a folder of another format gets the loader's own message (io.load)."""
-    path = Path(folder) / io.CONFIG
-    try:
-        fmt = json.loads(path.read_text()).get("format") if path.is_file() else None
-    except (json.JSONDecodeError, AttributeError):
-        fmt = None
-    module = grid_vae if fmt == grid_vae.FORMAT else vae
+    module = grid_vae if _saved_format(folder) == grid_vae.FORMAT else vae
     return module.load_pretrained(folder, device)
 
 

@@ -293,7 +293,7 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
     data = training_data(params, paths, accelerator)
     _, num_tokens, latent_dim = data.train.latents.shape
     vae_info = json.loads((paths.vae / "config.json").read_text())
-    grid_side = families.token_grid(families.load_config(paths.vae))
+    grid_side = families.token_grid(families.config_from(vae_info))
     cfg = model_config(p, latent_dim, num_tokens, len(data.classes), grid_side)
     model = DiT(cfg)
     ema = training.ema(model, p.ema_decay, accelerator.device) if p.ema_decay else None
