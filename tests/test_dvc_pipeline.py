@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 from pathlib import Path
@@ -142,6 +143,11 @@ def test_run_experiment_saves_a_named_experiment_and_a_second_run_redoes_only_fe
     dp.run_experiment(tmp_path, "meshes", overrides, second.append)
     assert any("Running stage 'fetch'" in line for line in second)  # the folder is read again
     assert not any("Running stage 'later'" in line for line in second)  # nothing else changed
+    # Each stage's wall time is logged, and whether it ran.
+    assert any(re.fullmatch(r"stage later: ran in \d+ s", line) for line in first)
+    assert any(re.fullmatch(r"stage later: up to date in \d+ s", line) for line in second)
+    summary = [line for line in second if line.startswith("wall time per stage: ")]
+    assert len(summary) == 1 and re.search(r"fetch \d+ s, later \d+ s \(up to date\)", summary[0])
     # A new commit that changes no stage: the workspace follows HEAD and still redoes only fetch.
     (tmp_path / "README").write_text("notes\n")
     subprocess.run(["git", "add", "README"], cwd=tmp_path, check=True)

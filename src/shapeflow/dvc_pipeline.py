@@ -620,7 +620,8 @@ def run_experiment(
     are no DVC dependency, and rerunning it costs little (it redoes no object it has), while a
     folder that did not change leaves its output, and so every later stage, as it was. Then each
     stage in DAG order (`run_stage`: what is stale runs, a per-object stage that ran with the same
-    inputs and params in another workspace is reused) and `dvc exp save` records the experiment.
+    inputs and params in another workspace is reused), each stage's wall time logged, and `dvc exp
+    save` records the experiment.
     The stages' MLflow runs are named after the experiment and go to $MLFLOW_TRACKING_URI, else to
     the repository's mlflow.db.
     With a default DVC remote, outputs it holds are pulled instead of rebuilt (`dvc repro --pull`)
@@ -631,12 +632,22 @@ def run_experiment(
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo / 'mlflow.db'}"
     env = tool_env({"DVC_EXP_NAME": name, "MLFLOW_TRACKING_URI": tracking}, ws)
     remote = default_remote(ws, env)
+    took: dict[str, float] = {}  # wall seconds per stage; a forced stage's DVC check added to its run
+    ran = set(force)
     for stage in force:
+        start = time.monotonic()
         code, tail = run_logged([*dvc_command(), "repro", "--force", "--single-item", stage], ws, log, env)
         if code != 0:
             raise StageFailed(stage, code, tail)
+        took[stage] = time.monotonic() - start
     for stage in stage_order(ws):
-        run_stage(ws, stage, log, env, pull=bool(remote))
+        start = time.monotonic()
+        if run_stage(ws, stage, log, env, pull=bool(remote)):
+            ran.add(stage)
+        took[stage] = took.get(stage, 0.0) + time.monotonic() - start
+        log(f"stage {stage}: {'ran' if stage in ran else 'up to date'} in {took[stage]:.0f} s")
+    per_stage = (f"{s} {t:.0f} s{'' if s in ran else ' (up to date)'}" for s, t in took.items())
+    log("wall time per stage: " + ", ".join(per_stage))
     save_experiment(ws, name, log)
     if remote:
         push_outputs(ws, log, env)
