@@ -129,6 +129,10 @@ def test_stage_writes_metrics_per_object_and_per_category_rows_and_previews(eval
     # The samples preview: preview_per_category (4) of each of the 8 categories, which has one sample.
     assert len(list((out / "samples").glob("*.glb"))) == 8 and len(list((out / "recon").glob("*.glb"))) == 2
     assert metrics["recon"]["objects"] == 8
+    # Wall times beside the metrics (run.json), not in them: seconds a reconstruction, all phases.
+    timings = json.loads((out / "run.json").read_text())["timings"]
+    assert 0 < timings["recon_decode_s"] * timings["recon_objects"] <= timings["recon_s"]
+    assert "decode_s" not in rows[0]
 
 
 def test_stage_logs_one_run_tagged_with_the_model_runs_and_all_sections(evaluated, models):

@@ -64,6 +64,9 @@ def test_evaluate_recon_scores_a_folder_of_meshes_and_lists_the_ones_that_failed
     assert by_name["box.obj"]["status"] == "ok" and by_name["ball.ply"]["status"] == "ok"
     assert by_name["broken.obj"]["status"] == "failed" and by_name["broken.obj"]["reason"].startswith("raw: ")
     assert report["mean"]["objects"] == 2 and report["mean"]["failed"] == 1
+    # Seconds a mesh (encode, decode, marching cubes), per mesh and their mean, beside the figures.
+    assert report["decode_s"] == pytest.approx((by_name["box.obj"]["decode_s"] + by_name["ball.ply"]["decode_s"]) / 2)
+    assert report["decode_s"] > 0 and report["resolution"] > 0
     assert "box.obj" in table and "ball.ply" in table and "broken.obj" in table and "mean of 2 meshes" in table
     # A rerun picks up the finished preprocessing and scores the same.
     assert cli.main(argv) == 0

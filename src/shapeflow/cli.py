@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 
-from shapeflow import __version__, evaluate_recon
+from shapeflow import __version__, compare, evaluate_recon
 from shapeflow.config import ParamsError
 from shapeflow.manifest import FolderBusyError, ManifestError, storage_error
 from shapeflow.stages import evaluate, fetch, generate, sample, train_dit, train_vae, watertight
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (fetch, watertight, sample, train_vae, train_dit, evaluate, evaluate_recon, generate):
+    for module in (fetch, watertight, sample, train_vae, train_dit, evaluate, evaluate_recon, generate, compare):
         module.add_parser(commands)
     return parser
 

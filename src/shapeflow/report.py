@@ -54,7 +54,7 @@ def _load(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _get(body: dict[str, Any], dotted: str | tuple[str, ...]) -> Any:
+def lookup(body: dict[str, Any], dotted: str | tuple[str, ...]) -> Any:
     """body['a']['b'] for 'a.b' (keys may hold dots themselves, e.g. 'f@0.02': the longest match wins)."""
     parts = dotted if isinstance(dotted, tuple) else tuple(dotted.split("."))
     node: Any = body
@@ -76,7 +76,7 @@ def stage_run_ids(workdir: Path) -> dict[str, str]:
     """The MLflow run id each model and evaluation in `workdir` records beside its outputs, by stage."""
     found = {}
     for stage, _, (run_file, run_key), _ in SOURCES:
-        run_id = _get(_load(Path(workdir) / run_file), run_key)
+        run_id = lookup(_load(Path(workdir) / run_file), run_key)
         if isinstance(run_id, str) and run_id:
             found[stage] = run_id
     return found
@@ -122,7 +122,7 @@ def metrics_markdown(workdir: Path, tracking_uri: str | None = None, ui_url: str
             "| metric | value |",
             "|---|---|",
         ]
-        lines += [f"| {key} | {_fmt(_get(metrics, key))} |" for key in keys if _get(metrics, key) is not None]
+        lines += [f"| {key} | {_fmt(lookup(metrics, key))} |" for key in keys if lookup(metrics, key) is not None]
         lines.append("")
     if not found:
         lines.append("No stage has written metrics yet.")

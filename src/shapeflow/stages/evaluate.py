@@ -133,7 +133,9 @@ def recon_object(
             raise FileNotFoundError(f"no watertight mesh with status ok for object {obj.key}")
         reference = Reference(ref_path)
         arrays = load_arrays(obj.path)
+        tic = time.perf_counter()
         field, mesh = reconstruct(vae, arrays, data, seed, p.resolution, device)
+        decode_s = time.perf_counter() - tic
     except (OSError, ValueError, KeyError) as exc:  # a missing or corrupt file, an object with no surface
         reason = f"{obj.path}: {type(exc).__name__}: {exc}"
         log.error("evaluate: object %s failed: %s", obj.key, reason)
@@ -147,7 +149,7 @@ def recon_object(
     floor_points, floor_normals = reference.sample(p.recon_points, seed + 2)
     floor = point_metrics(floor_points, ref_points, floor_normals, ref_normals)
     record |= {f"floor_{k}": v for k, v in floor.items()}
-    record |= {"faces": len(mesh.faces), "watertight": is_watertight_shape(mesh)}
+    record |= {"faces": len(mesh.faces), "watertight": is_watertight_shape(mesh), "decode_s": decode_s}
     return record, mesh, reference
 
 
@@ -526,6 +528,8 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
                 )
         recon, recon_rows = recon_summary(records)
         timings = {"recon_objects": len(records), "recon_s": time.perf_counter() - tic}
+        decoded = [r["decode_s"] for r in records if r["status"] == mf.OK]
+        timings["recon_decode_s"] = float(np.mean(decoded)) if decoded else None  # encode + decode + mesh
         log.info("evaluate: %d reconstructions in %.1f s", len(records), timings["recon_s"])
         metrics: dict[str, Any] = {"split": p.split, "recon": recon}
         write_csv(paths.plots / "recon.csv", RECON_COLUMNS, records)
