@@ -6,7 +6,9 @@ process's extra peak memory (CPU: VmHWM above the resident memory before; GPU: t
 and against the dense grid of the same resolution: `sign_mismatch`, the grid points whose sign
 differs from the dense grid's at the corners of cells the dense surface crosses, and `cd_to_dense`,
 the Chamfer distance between the method's mesh and the dense mesh, beside `cd_floor`, the distance
-between two independent samplings of the dense mesh.
+between two independent samplings of the dense mesh. With the dense grid comes
+`queries_exact_split`: the queries of a hierarchy that split exactly the cells the dense surface
+crosses, the least any splitting rule can ask for and still match the dense grid.
 
 The methods:
 - dense: the field at every (R + 1)^3 grid point, marching cubes over the whole grid;
@@ -164,6 +166,34 @@ def run_method(method: str, field, resolution: int, device: str) -> tuple[object
     return values, mesh, row
 
 
+def exact_split_queries(dense_values) -> int:
+    """The queries of a hierarchy (same levels as decode_grid's) that split exactly the cells holding
+    a crossing of the dense surface, and no others: what a perfect splitting rule would cost, the
+    lower bound for a decode that matches the dense grid."""
+    import torch
+    import torch.nn.functional as F
+
+    from shapeflow.geometry.decode import _CORNERS, base_resolution
+
+    values = torch.from_numpy(dense_values)
+    resolution = values.shape[0] - 1
+    corners = torch.stack([values[i : resolution + i, j : resolution + j, k : resolution + k] for i, j, k in _CORNERS])
+    crossed = ((corners > 0).any(0) & (corners < 0).any(0)).float()[None, None]
+    res = base_resolution(resolution)
+    queries = (res + 1) ** 3
+    while res < resolution:
+        factor = resolution // res
+        cells = F.max_pool3d(crossed, factor, factor)[0, 0] > 0
+        cells = cells.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2)
+        res *= 2
+        mask = torch.zeros((res + 1,) * 3, dtype=torch.bool)
+        for i, j, k in _CORNERS:
+            mask[i : res + i, j : res + j, k : res + k] |= cells
+        mask[::2, ::2, ::2] = False
+        queries += int(mask.sum())
+    return queries
+
+
 def compare(values, mesh, dense_values, dense_mesh, dense_points, seed: int) -> dict:
     import numpy as np
 
@@ -206,6 +236,7 @@ def bench_shape(name: str, vae, arrays: dict, resolutions: list[int], dense_max:
             values, mesh, row = run_method(method, field, resolution, device)
             if method == "dense":
                 dense_values, dense_mesh = values, mesh
+                row["queries_exact_split"] = exact_split_queries(values)
                 if len(mesh.faces):
                     dense_points, _ = sample_surface(mesh, FLOOR_POINTS, np.random.default_rng(1))
                     again, _ = sample_surface(mesh, FLOOR_POINTS, np.random.default_rng(2))
@@ -282,6 +313,7 @@ def summary_rows(rows: list[dict]) -> list[list[object]]:
                 f"{dense['queries']:,}" if dense else "-",
                 f"{two['queries']:,}",
                 f"{hier['queries']:,}",
+                f"{dense['queries_exact_split']:,}" if dense else "-",
                 f"{dense['total_s']:.1f}" if dense else "-",
                 f"{two['total_s']:.1f}",
                 f"{hier['total_s']:.1f}",
@@ -349,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         "queries dense",
         "two-level",
         "hier.",
+        "exact-split bound",
         "s dense",
         "two-level",
         "hier.",
