@@ -23,7 +23,7 @@ from shapeflow.models import families
 from shapeflow.models.families import load_vae
 from shapeflow.models.grid_vae import GridVAEConfig
 from shapeflow.stages import fetch, sample, watertight
-from shapeflow.stages.evaluate import recon_object, recon_summary, reference_paths
+from shapeflow.stages.evaluate import mean_decode_seconds, recon_object, recon_summary, reference_paths
 
 
 def evaluate_recon(params: config.Params, mesh_dir: Path, vae_dir: Path, work: Path) -> dict[str, Any]:
@@ -76,14 +76,13 @@ def evaluate_recon(params: config.Params, mesh_dir: Path, vae_dir: Path, work: P
         record, _, _ = recon_object(vae, obj, ref_paths.get(obj.key), p, params.train_vae.data, params.seed + i, device)
         records.append({"source": source.get(obj.key, obj.key)} | record)
     summary, _ = recon_summary(records + failed)
-    decoded = [r["decode_s"] for r in records if r["status"] == mf.OK]
     report = {
         "mesh_dir": str(mesh_dir),
         "vae": str(vae_dir),
         "resolution": p.resolution,
         "mean": summary,
         # Wall seconds a mesh (encode, decode, marching cubes) on this machine: not a property of the model.
-        "decode_s": sum(decoded) / len(decoded) if decoded else None,
+        "decode_s": mean_decode_seconds(records),
         "objects": records + failed,
     }
     mf.atomic_write_text(work / "report.json", json.dumps(mf.finite_or_none(report), indent=2) + "\n")

@@ -153,6 +153,12 @@ def recon_object(
     return record, mesh, reference
 
 
+def mean_decode_seconds(records: list[dict[str, Any]]) -> float | None:
+    """Mean wall seconds of a reconstruction (encode, decode, marching cubes) over the scored records."""
+    decoded = [r["decode_s"] for r in records if r["status"] == mf.OK]
+    return float(np.mean(decoded)) if decoded else None
+
+
 def summarise(records: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:
     """Mean of each key over the records where it is finite (an empty reconstruction has no CD)."""
     out = {}
@@ -528,8 +534,7 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
                 )
         recon, recon_rows = recon_summary(records)
         timings = {"recon_objects": len(records), "recon_s": time.perf_counter() - tic}
-        decoded = [r["decode_s"] for r in records if r["status"] == mf.OK]
-        timings["recon_decode_s"] = float(np.mean(decoded)) if decoded else None  # encode + decode + mesh
+        timings["recon_decode_s"] = mean_decode_seconds(records)
         log.info("evaluate: %d reconstructions in %.1f s", len(records), timings["recon_s"])
         metrics: dict[str, Any] = {"split": p.split, "recon": recon}
         write_csv(paths.plots / "recon.csv", RECON_COLUMNS, records)
