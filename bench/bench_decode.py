@@ -13,9 +13,13 @@ crosses, the least any splitting rule can ask for and still match the dense grid
 The methods:
 - dense: the field at every (R + 1)^3 grid point, marching cubes over the whole grid;
 - two_level: the decoder before the hierarchy, as it was (a dense grid 2x coarser, the full
-  resolution in the band; 65,536 queries per call; marching cubes over the whole grid);
-- hierarchical: the decoder of today (levels from 32^3, queries per call sized to the device,
-  marching cubes on the blocks the surface crosses).
+  resolution in the band; 65,536 queries per call; marching cubes over the whole grid), with the
+  query code of then (`per_pair_forward`: the local decoder's value map applied to every
+  (query, neighbour) pair);
+- previous: the first hierarchical decoder (levels from 32^3, slope 1.5 and a one-cell dilation of
+  the crossed cells, no surface following), with the query code of then;
+- hierarchical: the decoder of today (levels from 32^3, slope 1 and surface following, queries per
+  call sized to the device, marching cubes on the blocks the surface crosses).
 
 The VAE: a train_vae output (`--vae models/vae`) with its sample-stage objects (`--samples`,
 default data/samples beside it); or, without `--vae`, a VAE of the default (local) preset trained
@@ -49,6 +53,57 @@ from _table import print_table
 TWO_LEVEL_CHUNK = 65536  # queries per call of the decoder before the hierarchy
 FLOOR_POINTS = 100_000
 BUILTIN_SHAPES = ("table", "chair", "lamp", "ring")
+
+
+def per_pair_forward(self, queries, decoded):
+    """LocalQueryDecoder.forward (planes) as it was before the values were pooled per head: one
+    (C + heads + 1) x C product per (query, neighbour) pair, torch.gather for the neighbours. The
+    same field up to rounding; the baseline for the decoders of before."""
+    import torch
+    import torch.nn.functional as F
+
+    from shapeflow.models.layers import gather_points
+
+    normed = self.norm_tok(decoded.tokens)
+    tokens = self.from_token(normed)
+    anchors, width = decoded.anchors, tokens.shape[-1]
+    plane = self.to_plane(normed)
+    items = torch.cat([tokens, F.normalize(plane[..., :3], dim=-1), plane[..., 3:]], dim=-1)
+    k = min(self.k, anchors.shape[1])
+    idx = torch.cdist(queries.float(), anchors.float()).topk(k, dim=-1, largest=False).indices
+    flat = idx.flatten(1)
+    near_anchor = gather_points(anchors, flat).unflatten(1, idx.shape[1:])
+    near_token, normal, offset = gather_points(items, flat).unflatten(1, idx.shape[1:]).split([width, 3, 1], dim=-1)
+    rel = queries[:, :, None] - near_anchor.to(queries.dtype)
+    dist = (normal * rel).sum(-1, keepdim=True) + offset
+    hidden = F.gelu(near_token + self.rel(rel) + self.from_plane(self.plane_fourier(dist)))
+    value, logit, plane_logit = self.to_value_logit(hidden).split([width, self.heads, 1], dim=-1)
+    weight = logit.softmax(dim=2)
+    x = (weight[..., None] * value.unflatten(-1, (self.heads, -1))).sum(dim=2).flatten(-2)
+    blend = (plane_logit.softmax(dim=2) * dist).sum(dim=(2, 3))
+    reach = self.log_reach.exp()
+    return self._field(x) + reach * torch.tanh(blend / reach)
+
+
+class queries_as_before:
+    """Within the block, the VAE's local query decoder runs `per_pair_forward` (if it has planes)."""
+
+    def __init__(self, vae):
+        self.decoder = vae.query_decoder
+        self.active = getattr(self.decoder, "planes", False)
+
+    def __enter__(self):
+        if self.active:
+            self.decoder.forward = per_pair_forward.__get__(self.decoder)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            del self.decoder.forward
+
+
+# The splitting rule of the first hierarchical decoder, and the one the two-level decoder's band used.
+RULE_BEFORE = {"slope": 1.5, "dilate": True, "follow": False}
 
 
 def full_grid_mesh(values):
@@ -125,7 +180,7 @@ def stage_objects(vae_dir: Path, samples: Path, n: int, keys: list[str] | None, 
     return vae, [(f"{o.category}/{o.key[:8]}", load_arrays(o.path)) for o in chosen[:n]]
 
 
-def run_method(method: str, field, resolution: int, device: str) -> tuple[object, object, dict]:
+def run_method(method: str, field, resolution: int, device: str, as_before=None) -> tuple[object, object, dict]:
     import torch
 
     from shapeflow.geometry.decode import decode_grid, grid_to_mesh
@@ -146,12 +201,16 @@ def run_method(method: str, field, resolution: int, device: str) -> tuple[object
     if method == "dense":
         values = decode_grid(counted, resolution, device=device, base=resolution)
     elif method == "two_level":
-        values = decode_grid(counted, resolution, chunk=TWO_LEVEL_CHUNK, device=device, base=resolution // 2)
+        with as_before:
+            values = decode_grid(counted, resolution, TWO_LEVEL_CHUNK, device, base=resolution // 2, **RULE_BEFORE)
+    elif method == "previous":
+        with as_before:
+            values = decode_grid(counted, resolution, device=device, **RULE_BEFORE)
     else:
         values = decode_grid(counted, resolution, device=device)
     decode_s = time.perf_counter() - tic
     tic = time.perf_counter()
-    mesh = grid_to_mesh(values) if method == "hierarchical" else full_grid_mesh(values)
+    mesh = full_grid_mesh(values) if method in ("dense", "two_level") else grid_to_mesh(values)
     mc_s = time.perf_counter() - tic
     memory = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_memory_mb() - before
     row = {
@@ -209,7 +268,12 @@ def compare(values, mesh, dense_values, dense_mesh, dense_points, seed: int) -> 
     return {"sign_mismatch": mismatch, "cd_to_dense": chamfer_distance(points, dense_points)}
 
 
-def bench_shape(name: str, vae, arrays: dict, resolutions: list[int], dense_max: int, device: str) -> list[dict]:
+METHODS = ("dense", "two_level", "previous", "hierarchical")
+
+
+def bench_shape(
+    name: str, vae, arrays: dict, resolutions: list[int], dense_max: int, device: str, methods=METHODS
+) -> list[dict]:
     import numpy as np
     import torch
 
@@ -230,10 +294,10 @@ def bench_shape(name: str, vae, arrays: dict, resolutions: list[int], dense_max:
     for resolution in resolutions:
         dense_values = dense_mesh = dense_points = None
         result = {}
-        for method in ("dense", "two_level", "hierarchical"):
+        for method in methods:
             if method == "dense" and resolution > dense_max:
                 continue
-            values, mesh, row = run_method(method, field, resolution, device)
+            values, mesh, row = run_method(method, field, resolution, device, queries_as_before(vae))
             if method == "dense":
                 dense_values, dense_mesh = values, mesh
                 row["queries_exact_split"] = exact_split_queries(values)
@@ -256,6 +320,7 @@ def bench_shape(name: str, vae, arrays: dict, resolutions: list[int], dense_max:
 def evaluate_rows(vae_dir: Path, samples: Path, n: int, device: str) -> list[dict]:
     """The evaluate stage's per-object scoring of n test objects, two-level 128^3 against the
     hierarchical decoder at 128^3 and 256^3: mean seconds and figures per variant."""
+    import contextlib
     import dataclasses
     import statistics
 
@@ -272,7 +337,8 @@ def evaluate_rows(vae_dir: Path, samples: Path, n: int, device: str) -> list[dic
     refs = evaluate.reference_paths(samples.parent / "watertight")
 
     def two_level_mesh(field, resolution, chunk=None, device="cpu"):
-        return full_grid_mesh(decode_grid(field, resolution, TWO_LEVEL_CHUNK, device, base=resolution // 2))
+        values = decode_grid(field, resolution, TWO_LEVEL_CHUNK, device, base=resolution // 2, **RULE_BEFORE)
+        return full_grid_mesh(values)
 
     variants = (("two_level", 128, two_level_mesh, TWO_LEVEL_CHUNK), ("hierarchical", 128, decode_mesh, None))
     variants += (("hierarchical", 256, decode_mesh, None),)
@@ -284,7 +350,8 @@ def evaluate_rows(vae_dir: Path, samples: Path, n: int, device: str) -> list[dic
         records, seconds = [], []
         for obj in objects:
             tic = time.perf_counter()
-            record, _, _ = evaluate.recon_object(vae, obj, refs.get(obj.key), p, params.train_vae.data, 0, device)
+            with queries_as_before(vae) if method == "two_level" else contextlib.nullcontext():
+                record, _, _ = evaluate.recon_object(vae, obj, refs.get(obj.key), p, params.train_vae.data, 0, device)
             seconds.append(time.perf_counter() - tic)
             records.append(record)
         ok = [r for r in records if r["status"] == "ok"]
@@ -301,7 +368,7 @@ def evaluate_rows(vae_dir: Path, samples: Path, n: int, device: str) -> list[dic
 def summary_rows(rows: list[dict]) -> list[list[object]]:
     table = []
     for r in rows:
-        dense, two, hier = r.get("dense"), r["two_level"], r["hierarchical"]
+        dense, two, prev, hier = (r.get(m) for m in METHODS)
 
         def ratio(a, b, key):
             return f"{a[key] / b[key]:.1f}x" if a and b and b[key] else "-"
@@ -311,17 +378,15 @@ def summary_rows(rows: list[dict]) -> list[list[object]]:
                 r["shape"],
                 r["resolution"],
                 f"{dense['queries']:,}" if dense else "-",
-                f"{two['queries']:,}",
-                f"{hier['queries']:,}",
+                *(f"{m['queries']:,}" if m else "-" for m in (two, prev, hier)),
                 f"{dense['queries_exact_split']:,}" if dense else "-",
                 f"{dense['total_s']:.1f}" if dense else "-",
-                f"{two['total_s']:.1f}",
-                f"{hier['total_s']:.1f}",
+                *(f"{m['total_s']:.1f}" if m else "-" for m in (two, prev, hier)),
                 ratio(dense, hier, "queries"),
                 ratio(dense, hier, "total_s"),
-                f"{hier['peak_memory_mb']:.0f}",
-                hier.get("sign_mismatch", "-"),
-                f"{hier['cd_to_dense']:.5f}" if "cd_to_dense" in hier else "-",
+                f"{hier['peak_memory_mb']:.0f}" if hier else "-",
+                hier.get("sign_mismatch", "-") if hier else "-",
+                f"{hier['cd_to_dense']:.5f}" if hier and "cd_to_dense" in hier else "-",
                 f"{dense['cd_floor']:.5f}" if dense and "cd_floor" in dense else "-",
             ]
         )
@@ -335,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objects", type=int, default=4, help="shapes from --samples (one per category first)")
     parser.add_argument("--keys", nargs="+", help="object key prefixes to take from --samples")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all")
     parser.add_argument("--dense-max", type=int, help="largest resolution with a dense grid (CPU 256, GPU 512)")
     parser.add_argument("--train-steps", type=int, default=300, help="steps of the VAE trained without --vae")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
@@ -359,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         source = f"local preset trained {args.train_steps} steps on built-in {', '.join(BUILTIN_SHAPES)}"
     rows = []
     for name, arrays in [] if args.skip_grids else objects:
-        rows += bench_shape(name, vae, arrays, args.resolutions, dense_max, device)
+        rows += bench_shape(name, vae, arrays, args.resolutions, dense_max, device, args.methods)
     evaluated = []
     if args.vae and args.evaluate_objects:
         evaluated = evaluate_rows(args.vae, args.samples or Path("data/samples"), args.evaluate_objects, device)
@@ -380,10 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         "R",
         "queries dense",
         "two-level",
+        "previous",
         "hier.",
         "exact-split bound",
         "s dense",
         "two-level",
+        "previous",
         "hier.",
         "queries dense/hier.",
         "time dense/hier.",

@@ -126,3 +126,23 @@ def test_decoding_on_the_gpu_gives_the_cpu_mesh():
     gpu = decode_grid(lambda q: thin_rod(q.cpu()).to(q.device), 128, device="cuda")
     assert np.array_equal(cpu < 0, gpu < 0)
     assert len(grid_to_mesh(gpu).faces) == len(grid_to_mesh(cpu).faces)
+
+
+def finned_ball(q: torch.Tensor) -> torch.Tensor:
+    """A ball with a fin 0.008 thick around y = 1/64 (grid points of 128^3 only) reaching out to
+    x = 0.9, as four times a distance: slope 4."""
+    ball = q.norm(dim=-1) - 0.4
+    fin = ((q - torch.tensor([0.6, 1 / 64, 0.0])).abs() - torch.tensor([0.3, 0.004, 0.2])).max(dim=-1).values
+    return 4 * torch.minimum(ball, fin)
+
+
+def test_following_the_surface_finds_a_part_steeper_than_the_margin_assumes():
+    dense = dense_grid(finned_ball, 128)
+    crossed = crossed_corners(dense)
+    # The margin for slope 1 misses most of the fin where it leaves the ball ...
+    unfollowed = decode_grid(finned_ball, 128, follow=False)
+    assert ((unfollowed < 0) != (dense < 0))[crossed].sum() > 100
+    # ... and following the crossed cells from the ball's surface finds all of it.
+    followed = decode_grid(finned_ball, 128)
+    assert np.array_equal(followed[crossed], dense[crossed])
+    assert np.array_equal(followed < 0, dense < 0)

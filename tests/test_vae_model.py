@@ -214,3 +214,45 @@ def test_plane_term_is_the_distance_to_the_nearest_tokens_plane():
     assert torch.allclose(field, expected, atol=1e-5)
     with pytest.raises(ValueError, match="planes needs anchored"):
         vae_config("tiny", {"planes": True})
+
+
+def reference_local_field(dec, queries: torch.Tensor, decoded) -> torch.Tensor:
+    """The local query decoder as its docstring states it, one (query, neighbour) pair at a time:
+    hidden = gelu(U LN(token) + R fourier(offset) + P fourier(plane distance)), values and logits from
+    one Linear per pair, a softmax per head over the neighbours, then the field head and the plane blend."""
+    f = torch.nn.functional
+    normed = dec.norm_tok(decoded.tokens)[0]
+    tokens, plane = dec.from_token(normed), dec.to_plane(normed)
+    normal, offset = f.normalize(plane[:, :3], dim=-1), plane[:, 3]
+    anchors = decoded.anchors[0]
+    width, heads = tokens.shape[-1], dec.heads
+    out = []
+    for point in queries[0]:
+        near = (anchors - point).norm(dim=-1).topk(dec.k, largest=False).indices
+        rel = point - anchors[near]  # (k, 3)
+        dist = (normal[near] * rel).sum(-1, keepdim=True) + offset[near, None]
+        hidden = f.gelu(tokens[near] + dec.rel(rel) + dec.from_plane(dec.plane_fourier(dist)))
+        value, logit, plane_logit = dec.to_value_logit(hidden).split([width, heads, 1], dim=-1)
+        weight = logit.softmax(dim=0)  # (k, heads)
+        x = (weight[:, :, None] * value.view(-1, heads, width // heads)).sum(0).flatten()
+        blend = (plane_logit.softmax(dim=0) * dist).sum()
+        reach = dec.log_reach.exp()
+        out.append(dec._field(x[None, None])[0, 0] + reach * torch.tanh(blend / reach))
+    return torch.stack(out)[None]
+
+
+def test_local_query_decoder_computes_the_per_pair_attention_it_describes():
+    # The decoder pools the hidden vectors before the value map instead of mapping every pair: the
+    # field, and its gradients in training, must be those of the per-pair formula.
+    torch.manual_seed(0)
+    model = VecSetVAE(vae_config("tiny", SMALL | {"anchored": True, "planes": True, "neighbours": 4}))
+    points, normals = cloud(1, 256)
+    queries = torch.rand(1, 30, 3) * 2 - 1
+    decoded = model.decode(model.encode(points, normals).mode())
+    fast = model.query(decoded, queries)
+    slow = reference_local_field(model.query_decoder, queries, decoded)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    weight = model.query_decoder.to_value_logit.weight
+    (grad_fast,) = torch.autograd.grad(fast.square().sum(), weight, retain_graph=True)
+    (grad_slow,) = torch.autograd.grad(slow.square().sum(), weight)
+    assert torch.allclose(grad_fast, grad_slow, atol=1e-5)

@@ -10,19 +10,24 @@ the surface may cross are split and their new corners evaluated, and everywhere 
 takes the coarse values by trilinear interpolation, whose sign is all marching cubes needs away from
 the surface. The number of field queries grows about as R^2 instead of R^3.
 
-A cell is split when its corners change sign, when one of them has |f| under `slope` * (half the
-cell's diagonal), or when a neighbour's corners change sign (`dilate`). The guarantee: if the field
-changes by at most `slope` per unit length, every point of a cell that is not split is within half
-a diagonal of a corner and so keeps that corner's sign; the surface crosses no such cell, and the
-mesh is the one the dense grid at the full resolution gives. A true signed distance has slope 1. A
-learned field only approximates one: on the Quaternius VAE its slope along grid edges near the
-surface is about 0.2-0.5 at the median, 1.6-2.5 at the 99th percentile and up to 9 in places,
-so a margin alone cannot be a proof for it. The defaults, slope 1.5 and the one-cell dilation
-around the cells the surface is seen to cross, gave the dense grid's sign at every corner of every
-crossed cell on the shapes `bench/bench_decode.py` measures (`sign_mismatch`), where slope 1 alone
-missed a few points. The margin has to stay under the truncation the VAE learns (0.1 by default:
-far from the surface a learned field reads about +-0.1), so the coarsest level has at least
-`MIN_BASE` cells along an axis (its margin is then 1.5 * 0.054 = 0.081).
+A cell is split when its corners change sign or one of them has |f| under `slope` * (half the
+cell's diagonal). The guarantee: if the field changes by at most `slope` per unit length, a cell that
+holds a point of the surface has a corner within half a diagonal of it, with |f| under the margin, so
+every such cell is split at every level, its children's corners are the field's own values, and
+everywhere else the sign is right; the grid's signs are the dense grid's and so is the mesh. A true
+signed distance has slope 1, the default.
+
+A learned field only approximates a distance: on the Quaternius VAE its slope along grid edges near
+the surface is about 0.2-0.5 at the median, 1.6-2.5 at the 99th percentile and up to 9 near thin
+parts, so the margin alone is no proof for it. After each level's queries the decoder therefore
+follows the surface (`follow`): a cell whose exact corners include both signs is crossed on the
+dense grid too, and its other corners are evaluated, repeatedly, from the points just evaluated.
+The cells a piece of surface crosses are joined through faces whose corners change sign, so once
+one of them is split the whole piece is found, whatever the slope; what the margin has to catch is
+only a piece none of whose cells shows up at the coarser levels (a thin part far from the rest).
+`dilate` (off by default) also splits the neighbours of every crossed cell, the rule before `follow`.
+The margin has to stay under the truncation the VAE learns (0.1 by default: far from the surface a
+learned field reads about +-0.1), so the coarsest level has at least `MIN_BASE` cells along an axis.
 
 Marching cubes runs only on the blocks whose values change sign (shapeflow.geometry.marching, shared
 with the watertight stage).
@@ -42,8 +47,8 @@ from shapeflow.geometry.marching import MC_BLOCK, march_blocks, weld
 FieldFn = Callable[[torch.Tensor], torch.Tensor]
 
 BOUND = 1.0  # the grid covers [-BOUND, BOUND]^3
-MIN_BASE = 32  # the coarsest level: half its cell diagonal (0.054) under the learned truncation
-SLOPE = 1.5  # assumed bound on the field's change per unit length (see the module docstring)
+MIN_BASE = 32  # the coarsest level: its margin (0.054 at slope 1) under the learned truncation
+SLOPE = 1.0  # assumed bound on the field's change per unit length (see the module docstring)
 # Queries per field call. On a CPU the local decoder's per-(query, neighbour) tensors should stay in
 # cache: 2,048 queries ran 2.8x faster than 65,536 on one core. A GPU wants the largest batch that
 # fits: a quarter of its free memory at QUERY_BYTES a query (the local decoder's default preset holds
@@ -93,14 +98,15 @@ def decode_grid(
     device: torch.device | str = "cpu",
     base: int | None = None,
     slope: float = SLOPE,
-    dilate: bool = True,
+    dilate: bool = False,
+    follow: bool = True,
 ) -> np.ndarray:
     """Signed distances at the (resolution + 1)^3 grid points, float32 numpy array: exact where the
     surface may be, interpolated from a coarser level elsewhere.
 
     `base` is the coarsest level, evaluated densely (default: `base_resolution`); resolution must be
     base times a power of two. base == resolution is the dense grid, resolution // 2 a single
-    refinement. `slope` and `dilate`: the splitting rule (module docstring)."""
+    refinement. `slope`, `dilate` and `follow`: the splitting rule (module docstring)."""
     base = base or base_resolution(resolution)
     levels = resolution // base
     if base < 1 or resolution % base or levels & (levels - 1):
@@ -109,6 +115,7 @@ def decode_grid(
     axis = grid_coordinates(base, device)
     points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
     values = evaluate_points(field, points, chunk).reshape((base + 1,) * 3)
+    exact = torch.ones_like(values, dtype=torch.bool)  # which grid points hold the field's own value
     res = base
     while res < resolution:
         # Cells of this level the surface may cross: a sign change or a corner within the margin.
@@ -123,21 +130,64 @@ def decode_grid(
         del crossed
         res *= 2
         values = F.interpolate(values[None, None], size=(res + 1,) * 3, mode="trilinear", align_corners=True)[0, 0]
+        coarse_exact, exact = exact, torch.zeros((res + 1,) * 3, dtype=torch.bool, device=values.device)
+        exact[::2, ::2, ::2] = coarse_exact
+        del coarse_exact
         if not split.any():
             continue
-        # Every corner of the new cells inside a split cell; the points of the coarser level among
-        # them (all indices even) already hold exact values.
+        # Every corner of the new cells inside a split cell that does not hold an exact value yet.
         cells = split.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2)
         del split
         mask = torch.zeros((res + 1,) * 3, dtype=torch.bool, device=values.device)
         for i, j, k in _CORNERS:
             mask[i : res + i, j : res + j, k : res + k] |= cells
         del cells
-        mask[::2, ::2, ::2] = False
-        idx = mask.nonzero()  # (P, 3)
-        values[idx[:, 0], idx[:, 1], idx[:, 2]] = evaluate_points(field, grid_coordinates(res, device)[idx], chunk)
-        del mask, idx
+        idx = (mask & ~exact).nonzero()  # (P, 3)
+        del mask
+        _evaluate_at(field, values, exact, idx, res, chunk)
+        if follow:
+            _follow_surface(field, values, exact, idx, res, chunk)
+        del idx
     return values.cpu().numpy()
+
+
+_OFFSETS = torch.tensor(_CORNERS)  # (8, 3): a cell's corners from its first one
+
+
+def _evaluate_at(
+    field: FieldFn, values: torch.Tensor, exact: torch.Tensor, idx: torch.Tensor, res: int, chunk: int
+) -> None:
+    """The field at grid points idx (P, 3) of the res-level grid, written into values and exact."""
+    values[idx[:, 0], idx[:, 1], idx[:, 2]] = evaluate_points(field, grid_coordinates(res, values.device)[idx], chunk)
+    exact[idx[:, 0], idx[:, 1], idx[:, 2]] = True
+
+
+def _follow_surface(
+    field: FieldFn, values: torch.Tensor, exact: torch.Tensor, fresh: torch.Tensor, res: int, chunk: int
+) -> None:
+    """Complete the cells the surface is known to cross: a cell whose exact corners include both signs
+    is crossed on the dense grid too, so its other corners are evaluated; repeated from the points just
+    evaluated until no such cell is left. The cells the surface crosses are joined through faces whose
+    corners change sign, so from one crossed cell found this reaches every cell of its piece of surface;
+    only a piece none of whose cells the splitting rule picked can be missed."""
+    offsets = _OFFSETS.to(fresh.device)
+    size = res + 1
+    while len(fresh):
+        # The cells that have a fresh point as a corner, each once (by flat index).
+        cells = (fresh[:, None, :] - offsets[None]).reshape(-1, 3)
+        cells = cells[((cells >= 0) & (cells < res)).all(1)]
+        cells = torch.unique(cells @ torch.tensor([size * size, size, 1], device=cells.device))
+        cells = torch.stack([cells // (size * size), cells // size % size, cells % size], dim=1)
+        pts = cells[:, None, :] + offsets[None]  # (C, 8, 3)
+        v = values[pts[..., 0], pts[..., 1], pts[..., 2]]
+        e = exact[pts[..., 0], pts[..., 1], pts[..., 2]]
+        known = ((e & (v > 0)).any(1) & (e & (v < 0)).any(1)) & ~e.all(1)
+        pts = pts[known].reshape(-1, 3)
+        pts = pts[~exact[pts[:, 0], pts[:, 1], pts[:, 2]]]
+        if len(pts):
+            pts = torch.unique(pts, dim=0)
+            _evaluate_at(field, values, exact, pts, res, chunk)
+        fresh = pts
 
 
 def crossed_corners(values: np.ndarray) -> np.ndarray:

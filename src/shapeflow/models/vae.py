@@ -176,6 +176,38 @@ class LocalityBias(nn.Module):
         return -self.log_scale.exp()[:, None, None] * d2[:, None]  # (B, H, N, M)
 
 
+def _nearest(centres: torch.Tensor, item_xyz: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices (B, Q, k) of the k items nearest to each centre (B, Q, 3); item_xyz (B, M, 3)."""
+    return torch.cdist(centres.float(), item_xyz.float()).topk(k, dim=-1, largest=False).indices
+
+
+def _take(items: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """items (B, M, C) at idx (B, Q, k) -> (B * Q * k, C), one index_select over the flattened batch
+    (several times faster on a CPU than torch.gather with an index expanded over the channels)."""
+    b, m = items.shape[:2]
+    flat = (idx + torch.arange(b, device=idx.device)[:, None, None] * m).reshape(-1)
+    return items.reshape(b * m, -1).index_select(0, flat)
+
+
+def _pool_heads(hidden: torch.Tensor, to_value_logit: nn.Linear, heads: int, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden (N, k, C) per (centre, neighbour) pair -> to_value_logit's C values and `heads` logits
+    (and `extra` more logits) per pair; per head, the values averaged over the k neighbours with the
+    softmax of its logits -> (N, C), and the extra logits (N, k, extra).
+
+    The values are never formed per pair: the value map is affine and the softmax weights sum to one,
+    so the weighted mean of the values is the value map of the weighted mean of the hidden vectors,
+    one (C / heads x C) product per head and centre instead of a (C x C) one per pair.
+    """
+    width = hidden.shape[-1]
+    weight, bias = to_value_logit.weight, to_value_logit.bias
+    logits = F.linear(hidden, weight[width:], bias[width:])  # (N, k, heads + extra)
+    attn = logits[..., :heads].softmax(dim=1)
+    pooled = attn.transpose(1, 2) @ hidden  # (N, heads, C)
+    value_map = weight[:width].unflatten(0, (heads, -1))  # (heads, C / heads, C)
+    x = torch.einsum("nhc,hdc->nhd", pooled, value_map).flatten(1) + bias[:width]  # (N, C)
+    return x, logits[..., heads:]
+
+
 def _read_neighbours(
     centres: torch.Tensor, items: torch.Tensor, item_xyz: torch.Tensor, k: int,
     rel: PointEmbed, to_value_logit: nn.Linear, heads: int,
@@ -183,15 +215,16 @@ def _read_neighbours(
     """For each centre (B, Q, 3), its k nearest items (B, M, C) at item_xyz (B, M, 3), each seen from
     its offset: hidden = gelu(item + rel(offset)); one Linear to a value and a logit per head; the
     values averaged over the k neighbours with the softmax of their logits. -> (B, Q, C)"""
+    b, q = centres.shape[:2]
     k = min(k, item_xyz.shape[1])
-    idx = torch.cdist(centres.float(), item_xyz.float()).topk(k, dim=-1, largest=False).indices  # (B, Q, k)
-    flat = idx.flatten(1)  # (B, Q * k)
-    near_xyz = gather_points(item_xyz, flat).unflatten(1, idx.shape[1:])  # (B, Q, k, 3)
-    near = gather_points(items, flat).unflatten(1, idx.shape[1:])  # (B, Q, k, C)
-    hidden = F.gelu(near + rel(centres[:, :, None] - near_xyz.to(centres.dtype)))  # (B, Q, k, C)
-    value, logit = to_value_logit(hidden).split([items.shape[-1], heads], dim=-1)
-    weight = logit.softmax(dim=2)  # (B, Q, k, H) over the neighbours
-    return (weight[..., None] * value.unflatten(-1, (heads, -1))).sum(dim=2).flatten(-2)  # (B, Q, C)
+    idx = _nearest(centres, item_xyz, k)  # (B, Q, k)
+    # rel's bias is added to the M items once instead of to the B * Q * k pairs.
+    near = _take(torch.cat([items + rel.proj.bias, item_xyz.to(items.dtype)], dim=-1), idx)
+    near_item, near_xyz = near.split([items.shape[-1], 3], dim=-1)  # (B * Q * k, C), (B * Q * k, 3)
+    offset = (centres[:, :, None] - near_xyz.view(b, q, k, 3)).flatten(0, 2)
+    hidden = F.gelu(torch.addmm(near_item, rel.fourier(offset), rel.proj.weight.t()))
+    x, _ = _pool_heads(hidden.view(b * q, k, -1), to_value_logit, heads)
+    return x.view(b, q, -1)
 
 
 class LocalPointReader(nn.Module):
@@ -340,22 +373,27 @@ class LocalQueryDecoder(_FieldDecoder):
             x = _read_neighbours(queries, tokens, decoded.anchors, self.k, self.rel, self.to_value_logit, self.heads)
             return self._field(x)  # from (B, Q, C)
         anchors, width = decoded.anchors, tokens.shape[-1]
-        plane = self.to_plane(normed)  # (B, M, 4)
-        items = torch.cat([tokens, F.normalize(plane[..., :3], dim=-1), plane[..., 3:]], dim=-1)  # (B, M, C + 4)
+        b, q = queries.shape[:2]
         k = min(self.k, anchors.shape[1])
-        idx = torch.cdist(queries.float(), anchors.float()).topk(k, dim=-1, largest=False).indices  # (B, Q, k)
-        flat = idx.flatten(1)
-        near_anchor = gather_points(anchors, flat).unflatten(1, idx.shape[1:])  # (B, Q, k, 3)
-        near_token, normal, offset = gather_points(items, flat).unflatten(1, idx.shape[1:]).split([width, 3, 1], dim=-1)
-        rel = queries[:, :, None] - near_anchor.to(queries.dtype)  # (B, Q, k, 3)
-        dist = (normal * rel).sum(-1, keepdim=True) + offset  # (B, Q, k, 1): signed distance to each plane
-        hidden = F.gelu(near_token + self.rel(rel) + self.from_plane(self.plane_fourier(dist)))  # (B, Q, k, C)
-        value, logit, plane_logit = self.to_value_logit(hidden).split([width, self.heads, 1], dim=-1)
-        weight = logit.softmax(dim=2)  # (B, Q, k, H) over the neighbours
-        x = (weight[..., None] * value.unflatten(-1, (self.heads, -1))).sum(dim=2).flatten(-2)  # (B, Q, C)
-        blend = (plane_logit.softmax(dim=2) * dist).sum(dim=(2, 3))  # (B, Q)
+        plane = self.to_plane(normed)  # (B, M, 4)
+        # Per token, once: the token with both embeddings' biases added, its plane, its anchor.
+        items = torch.cat(
+            [tokens + self.rel.proj.bias + self.from_plane.bias, F.normalize(plane[..., :3], dim=-1), plane[..., 3:],
+             anchors.to(tokens.dtype)],
+            dim=-1,
+        )
+        near = _take(items, _nearest(queries, anchors, k))  # (B * Q * k, C + 7)
+        near_token, normal, offset, near_anchor = near.split([width, 3, 1, 3], dim=-1)
+        rel = (queries[:, :, None] - near_anchor.view(b, q, k, 3)).flatten(0, 2)  # (B * Q * k, 3)
+        dist = (normal * rel).sum(-1, keepdim=True) + offset  # signed distance to each neighbour's plane
+        # rel(rel) + from_plane(fourier(dist)) as one product: their features side by side.
+        feats = torch.cat([self.rel.fourier(rel), self.plane_fourier(dist)], dim=-1)
+        embed = torch.cat([self.rel.proj.weight, self.from_plane.weight], dim=1)  # (C, F_rel + F_plane)
+        hidden = F.gelu(torch.addmm(near_token, feats, embed.t())).view(b * q, k, width)
+        x, plane_logit = _pool_heads(hidden, self.to_value_logit, self.heads, extra=1)  # (B * Q, C), (B * Q, k, 1)
+        blend = (plane_logit.softmax(dim=1) * dist.view(b * q, k, 1)).sum(dim=(1, 2)).view(b, q)
         reach = self.log_reach.exp()
-        return self._field(x) + reach * torch.tanh(blend / reach)
+        return self._field(x.view(b, q, width)) + reach * torch.tanh(blend / reach)
 
 
 class VecSetVAE(nn.Module):
