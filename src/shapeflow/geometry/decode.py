@@ -20,11 +20,12 @@ signed distance has slope 1, the default.
 A learned field only approximates a distance: on the Quaternius VAE its slope along grid edges near
 the surface is about 0.2-0.5 at the median, 1.6-2.5 at the 99th percentile and up to 9 near thin
 parts, so the margin alone is no proof for it. After each level's queries the decoder therefore
-follows the surface (`follow`): a cell whose exact corners include both signs is crossed on the
-dense grid too, and its other corners are evaluated, repeatedly, from the points just evaluated.
-The cells a piece of surface crosses are joined through faces whose corners change sign, so once
-one of them is split the whole piece is found, whatever the slope; what the margin has to catch is
-only a piece none of whose cells shows up at the coarser levels (a thin part far from the rest).
+follows the surface (`follow`): where a face between a split cell and one that is not has grid
+values of both signs, the surface leaves the split cells there, and the cell beyond is split too,
+repeatedly, from the cells just split. The cells a piece of surface crosses are joined through
+faces whose corners change sign, so once one of them is split the whole piece is found, whatever
+the slope; what the margin has to catch is only a piece none of whose cells shows up at the
+coarser levels (a thin part far from the rest).
 `dilate` (off by default) also splits the neighbours of every crossed cell, the rule before `follow`.
 The margin has to stay under the truncation the VAE learns (0.1 by default: far from the surface a
 learned field reads about +-0.1), so the coarsest level has at least `MIN_BASE` cells along an axis.
@@ -137,57 +138,84 @@ def decode_grid(
             continue
         # Every corner of the new cells inside a split cell that does not hold an exact value yet.
         cells = split.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2)
-        del split
         mask = torch.zeros((res + 1,) * 3, dtype=torch.bool, device=values.device)
         for i, j, k in _CORNERS:
             mask[i : res + i, j : res + j, k : res + k] |= cells
         del cells
         idx = (mask & ~exact).nonzero()  # (P, 3)
         del mask
-        _evaluate_at(field, values, exact, idx, res, chunk)
-        if follow:
-            _follow_surface(field, values, exact, idx, res, chunk)
+        values[idx[:, 0], idx[:, 1], idx[:, 2]] = evaluate_points(field, grid_coordinates(res, device)[idx], chunk)
+        exact[idx[:, 0], idx[:, 1], idx[:, 2]] = True
         del idx
+        if follow:
+            _follow_surface(field, values, exact, split, res, chunk)
+        del split
     return values.cpu().numpy()
 
 
-_OFFSETS = torch.tensor(_CORNERS)  # (8, 3): a cell's corners from its first one
+_STEPS = torch.tensor([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])  # face neighbours
 
 
-def _evaluate_at(
-    field: FieldFn, values: torch.Tensor, exact: torch.Tensor, idx: torch.Tensor, res: int, chunk: int
+def _split_cells(
+    field: FieldFn, values: torch.Tensor, exact: torch.Tensor, cells: torch.Tensor, res: int, chunk: int
 ) -> None:
-    """The field at grid points idx (P, 3) of the res-level grid, written into values and exact."""
+    """Evaluate the 27 grid points of the res-level grid in each coarse cell (K, 3) of level res / 2
+    that do not hold an exact value yet, and mark them exact (sparse: for the few cells following
+    the surface adds; decode_grid splits a level's cells with dense masks)."""
+    if not len(cells):
+        return
+    span = torch.arange(3, device=cells.device)
+    offsets = torch.stack(torch.meshgrid(span, span, span, indexing="ij"), dim=-1).reshape(-1, 3)  # (27, 3)
+    size = res + 1
+    # One flat index per point, each point once (neighbouring cells share their faces).
+    flat = ((2 * cells[:, None, :] + offsets) @ torch.tensor([size * size, size, 1], device=cells.device)).reshape(-1)
+    flat = torch.unique(flat)
+    flat = flat[~exact.view(-1)[flat]]
+    idx = torch.stack([flat // (size * size), flat // size % size, flat % size], dim=1)
     values[idx[:, 0], idx[:, 1], idx[:, 2]] = evaluate_points(field, grid_coordinates(res, values.device)[idx], chunk)
     exact[idx[:, 0], idx[:, 1], idx[:, 2]] = True
 
 
 def _follow_surface(
-    field: FieldFn, values: torch.Tensor, exact: torch.Tensor, fresh: torch.Tensor, res: int, chunk: int
+    field: FieldFn, values: torch.Tensor, exact: torch.Tensor, split: torch.Tensor, res: int, chunk: int
 ) -> None:
-    """Complete the cells the surface is known to cross: a cell whose exact corners include both signs
-    is crossed on the dense grid too, so its other corners are evaluated; repeated from the points just
-    evaluated until no such cell is left. The cells the surface crosses are joined through faces whose
-    corners change sign, so from one crossed cell found this reaches every cell of its piece of surface;
-    only a piece none of whose cells the splitting rule picked can be missed."""
-    offsets = _OFFSETS.to(fresh.device)
-    size = res + 1
+    """Split more coarse cells (`split`, level res / 2, updated in place) until the surface seen on
+    the res-level grid no longer leaves them.
+
+    All grid points of a split cell are exact, so a face between a split cell and one that is not
+    holds 3 x 3 exact values; if they include both signs, a cell of the dense grid the surface crosses
+    lies on the other side, and that cell is split too; repeated from the cells just split. The cells
+    a piece of surface crosses are joined through faces whose corners change sign, so once one of them
+    is inside a split cell the whole piece is."""
+    coarse = res // 2
+    steps = _STEPS.to(split.device)
+    span = torch.arange(3, device=split.device)
+    fresh = split.nonzero()  # (K, 3): the cells whose faces are checked
     while len(fresh):
-        # The cells that have a fresh point as a corner, each once (by flat index).
-        cells = (fresh[:, None, :] - offsets[None]).reshape(-1, 3)
-        cells = cells[((cells >= 0) & (cells < res)).all(1)]
-        cells = torch.unique(cells @ torch.tensor([size * size, size, 1], device=cells.device))
-        cells = torch.stack([cells // (size * size), cells // size % size, cells % size], dim=1)
-        pts = cells[:, None, :] + offsets[None]  # (C, 8, 3)
-        v = values[pts[..., 0], pts[..., 1], pts[..., 2]]
-        e = exact[pts[..., 0], pts[..., 1], pts[..., 2]]
-        known = ((e & (v > 0)).any(1) & (e & (v < 0)).any(1)) & ~e.all(1)
-        pts = pts[known].reshape(-1, 3)
-        pts = pts[~exact[pts[:, 0], pts[:, 1], pts[:, 2]]]
-        if len(pts):
-            pts = torch.unique(pts, dim=0)
-            _evaluate_at(field, values, exact, pts, res, chunk)
-        fresh = pts
+        found = []
+        for step in steps:
+            near = fresh + step
+            inside = ((near >= 0) & (near < coarse)).all(1)
+            cells, near = fresh[inside], near[inside]
+            outward = ~split[near[:, 0], near[:, 1], near[:, 2]]
+            cells, near = cells[outward], near[outward]
+            if not len(cells):
+                continue
+            # The shared face's 3 x 3 grid points: at the step's side along its axis, spanning the other two.
+            axis = int(step.abs().argmax())
+            others = [a for a in range(3) if a != axis]
+            face = torch.zeros(9, 3, dtype=cells.dtype, device=cells.device)
+            grid_a, grid_b = torch.meshgrid(span, span, indexing="ij")
+            face[:, others[0]], face[:, others[1]] = grid_a.reshape(-1), grid_b.reshape(-1)
+            face[:, axis] = 2 if step[axis] > 0 else 0
+            points = 2 * cells[:, None, :] + face  # (P, 9, 3)
+            v = values[points[..., 0], points[..., 1], points[..., 2]]
+            crossed = (v > 0).any(1) & (v < 0).any(1)
+            found.append(near[crossed])
+        fresh = torch.unique(torch.cat(found), dim=0) if found else steps.new_zeros(0, 3)
+        if len(fresh):
+            split[fresh[:, 0], fresh[:, 1], fresh[:, 2]] = True
+            _split_cells(field, values, exact, fresh, res, chunk)
 
 
 def crossed_corners(values: np.ndarray) -> np.ndarray:
