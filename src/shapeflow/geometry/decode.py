@@ -144,8 +144,7 @@ def decode_grid(
         del cells
         idx = (mask & ~exact).nonzero()  # (P, 3)
         del mask
-        values[idx[:, 0], idx[:, 1], idx[:, 2]] = evaluate_points(field, grid_coordinates(res, device)[idx], chunk)
-        exact[idx[:, 0], idx[:, 1], idx[:, 2]] = True
+        _evaluate_at(field, values, exact, idx, res, chunk)
         del idx
         if follow:
             _follow_surface(field, values, exact, split, res, chunk)
@@ -154,6 +153,30 @@ def decode_grid(
 
 
 _STEPS = torch.tensor([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])  # face neighbours
+
+
+def _face_points(step: torch.Tensor) -> torch.Tensor:
+    """The 3 x 3 grid points (9, 3) of a coarse cell's face towards `step`, from the cell's first fine
+    point: on the step's side along its axis, spanning the other two axes."""
+    axis = int(step.abs().argmax())
+    others = [a for a in range(3) if a != axis]
+    span = torch.arange(3)
+    grid_a, grid_b = torch.meshgrid(span, span, indexing="ij")
+    face = torch.zeros(9, 3, dtype=torch.long)
+    face[:, others[0]], face[:, others[1]] = grid_a.reshape(-1), grid_b.reshape(-1)
+    face[:, axis] = 2 if step[axis] > 0 else 0
+    return face
+
+
+_FACES = torch.stack([_face_points(step) for step in _STEPS])  # (6, 9, 3)
+
+
+def _evaluate_at(
+    field: FieldFn, values: torch.Tensor, exact: torch.Tensor, idx: torch.Tensor, res: int, chunk: int
+) -> None:
+    """The field at grid points idx (P, 3) of the res-level grid, written into values and marked exact."""
+    values[idx[:, 0], idx[:, 1], idx[:, 2]] = evaluate_points(field, grid_coordinates(res, values.device)[idx], chunk)
+    exact[idx[:, 0], idx[:, 1], idx[:, 2]] = True
 
 
 def _split_cells(
@@ -171,9 +194,9 @@ def _split_cells(
     flat = ((2 * cells[:, None, :] + offsets) @ torch.tensor([size * size, size, 1], device=cells.device)).reshape(-1)
     flat = torch.unique(flat)
     flat = flat[~exact.view(-1)[flat]]
-    idx = torch.stack([flat // (size * size), flat // size % size, flat % size], dim=1)
-    values[idx[:, 0], idx[:, 1], idx[:, 2]] = evaluate_points(field, grid_coordinates(res, values.device)[idx], chunk)
-    exact[idx[:, 0], idx[:, 1], idx[:, 2]] = True
+    _evaluate_at(
+        field, values, exact, torch.stack([flat // (size * size), flat // size % size, flat % size], dim=1), res, chunk
+    )
 
 
 def _follow_surface(
@@ -188,12 +211,11 @@ def _follow_surface(
     a piece of surface crosses are joined through faces whose corners change sign, so once one of them
     is inside a split cell the whole piece is."""
     coarse = res // 2
-    steps = _STEPS.to(split.device)
-    span = torch.arange(3, device=split.device)
+    steps, faces = _STEPS.to(split.device), _FACES.to(split.device)
     fresh = split.nonzero()  # (K, 3): the cells whose faces are checked
     while len(fresh):
         found = []
-        for step in steps:
+        for step, face in zip(steps, faces, strict=True):
             near = fresh + step
             inside = ((near >= 0) & (near < coarse)).all(1)
             cells, near = fresh[inside], near[inside]
@@ -201,14 +223,7 @@ def _follow_surface(
             cells, near = cells[outward], near[outward]
             if not len(cells):
                 continue
-            # The shared face's 3 x 3 grid points: at the step's side along its axis, spanning the other two.
-            axis = int(step.abs().argmax())
-            others = [a for a in range(3) if a != axis]
-            face = torch.zeros(9, 3, dtype=cells.dtype, device=cells.device)
-            grid_a, grid_b = torch.meshgrid(span, span, indexing="ij")
-            face[:, others[0]], face[:, others[1]] = grid_a.reshape(-1), grid_b.reshape(-1)
-            face[:, axis] = 2 if step[axis] > 0 else 0
-            points = 2 * cells[:, None, :] + face  # (P, 9, 3)
+            points = 2 * cells[:, None, :] + face  # (P, 9, 3): the shared face's grid points
             v = values[points[..., 0], points[..., 1], points[..., 2]]
             crossed = (v > 0).any(1) & (v < 0).any(1)
             found.append(near[crossed])
