@@ -7,8 +7,10 @@ and against the dense grid of the same resolution: `sign_mismatch`, the grid poi
 differs from the dense grid's at the corners of cells the dense surface crosses, and `cd_to_dense`,
 the Chamfer distance between the method's mesh and the dense mesh, beside `cd_floor`, the distance
 between two independent samplings of the dense mesh. With the dense grid comes
-`queries_exact_split`: the queries of a hierarchy that split exactly the cells the dense surface
-crosses, the least any splitting rule can ask for and still match the dense grid.
+`queries_exact_split`, the queries of a hierarchy that split exactly the cells the dense surface
+crosses (the least a rule that queries split cells whole can ask for and still match the dense
+grid), and `crossed_corners`, the corners of those cells (the least any decoder can ask for).
+`--method-max METHOD=R` leaves a method out above R (the dense grid: `--dense-max`).
 
 The methods:
 - dense: the field at every (R + 1)^3 grid point, marching cubes over the whole grid;
@@ -89,7 +91,7 @@ class queries_as_before:
     """Within the block, the VAE's local query decoder runs `per_pair_forward` (if it has planes)."""
 
     def __init__(self, vae):
-        self.decoder = vae.query_decoder
+        self.decoder = getattr(vae, "query_decoder", None)  # the grid family has none
         self.active = getattr(self.decoder, "planes", False)
 
     def __enter__(self):
@@ -164,9 +166,9 @@ def builtin_objects(steps: int, device: str) -> tuple[object, list[tuple[str, di
 
 def stage_objects(vae_dir: Path, samples: Path, n: int, keys: list[str] | None, device: str):
     from shapeflow.dataset import list_objects, load_arrays
-    from shapeflow.models.vae import load_pretrained
+    from shapeflow.models.families import load_vae
 
-    vae = load_pretrained(vae_dir, device).eval()
+    vae = load_vae(vae_dir, device).eval()
     objects = list_objects(samples, "test") or list_objects(samples)
     if keys:
         objects = [o for o in objects if any(o.key.startswith(k) for k in keys)]
@@ -286,18 +288,19 @@ METHODS = ("dense", "two_level", "previous", "hierarchical")
 
 
 def bench_shape(
-    name: str, vae, arrays: dict, resolutions: list[int], dense_max: int, device: str, methods=METHODS
+    name: str, vae, arrays: dict, resolutions: list[int], limits: dict[str, int], device: str, methods=METHODS
 ) -> list[dict]:
     import numpy as np
     import torch
 
     from shapeflow import config
-    from shapeflow.dataset import encoder_inputs
+    from shapeflow.geometry.decode import crossed_corners
     from shapeflow.geometry.sampling import sample_surface
     from shapeflow.metrics import chamfer_distance
+    from shapeflow.models.families import encoder_inputs
 
     data = config.load_params(None).train_vae.data
-    inputs = {k: v.to(device) for k, v in encoder_inputs(arrays, data, 0).items()}
+    inputs = {k: v.to(device) for k, v in encoder_inputs(vae, arrays, data, 0).items()}
     with torch.no_grad():
         tokens = vae.decode(vae.encode(**inputs).mode())
 
@@ -309,12 +312,13 @@ def bench_shape(
         dense_values = dense_mesh = dense_points = None
         result = {}
         for method in methods:
-            if method == "dense" and resolution > dense_max:
+            if resolution > limits.get(method, resolution):
                 continue
             values, mesh, row = run_method(method, field, resolution, device, queries_as_before(vae))
             if method == "dense":
                 dense_values, dense_mesh = values, mesh
                 row["queries_exact_split"] = exact_split_queries(values)
+                row["crossed_corners"] = int(crossed_corners(values).sum())
                 if len(mesh.faces):
                     dense_points, _ = sample_surface(mesh, FLOOR_POINTS, np.random.default_rng(1))
                     again, _ = sample_surface(mesh, FLOOR_POINTS, np.random.default_rng(2))
@@ -343,10 +347,10 @@ def evaluate_rows(vae_dir: Path, samples: Path, n: int, device: str) -> list[dic
     from shapeflow import config
     from shapeflow.dataset import list_objects
     from shapeflow.geometry.decode import decode_grid, decode_mesh, evaluate_points
-    from shapeflow.models.vae import load_pretrained
+    from shapeflow.models.families import load_vae
 
     params = config.load_params(None)
-    vae = load_pretrained(vae_dir, device).eval()
+    vae = load_vae(vae_dir, device).eval()
     objects = (list_objects(samples, "test") or list_objects(samples))[:n]
     refs = evaluate.reference_paths(samples.parent / "watertight")
 
@@ -394,6 +398,7 @@ def summary_rows(rows: list[dict]) -> list[list[object]]:
                 f"{dense['queries']:,}" if dense else "-",
                 *(f"{m['queries']:,}" if m else "-" for m in (two, prev, hier)),
                 f"{dense['queries_exact_split']:,}" if dense else "-",
+                f"{dense['crossed_corners']:,}" if dense else "-",
                 f"{dense['total_s']:.1f}" if dense else "-",
                 *(f"{m['total_s']:.1f}" if m else "-" for m in (two, prev, hier)),
                 ratio(dense, hier, "queries"),
@@ -409,6 +414,13 @@ def summary_rows(rows: list[dict]) -> list[list[object]]:
     return table
 
 
+def parse_limit(item: str) -> tuple[str, int]:
+    method, _, resolution = item.partition("=")
+    if method not in METHODS or not resolution.isdigit():
+        raise SystemExit(f"--method-max: {item!r} is not METHOD=R with METHOD one of {', '.join(METHODS)}")
+    return method, int(resolution)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vae", type=Path, help="a train_vae output folder (default: train one here)")
@@ -418,6 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all")
     parser.add_argument("--dense-max", type=int, help="largest resolution with a dense grid (CPU 256, GPU 512)")
+    parser.add_argument(
+        "--method-max",
+        nargs="+",
+        default=[],
+        metavar="METHOD=R",
+        help="the largest resolution a method runs at, e.g. two_level=128 (default: every one)",
+    )
     parser.add_argument("--train-steps", type=int, default=300, help="steps of the VAE trained without --vae")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on a CPU (default: torch's)")
@@ -432,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dense_max = args.dense_max or (512 if device == "cuda" else 256)
+    limits = {"dense": dense_max} | dict(parse_limit(item) for item in args.method_max)
     if args.vae:
         samples = args.samples or Path("data/samples")
         vae, objects = stage_objects(args.vae, samples, args.objects, args.keys, device)
@@ -441,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         source = f"local preset trained {args.train_steps} steps on built-in {', '.join(BUILTIN_SHAPES)}"
     rows = []
     for name, arrays in [] if args.skip_grids else objects:
-        rows += bench_shape(name, vae, arrays, args.resolutions, dense_max, device, args.methods)
+        rows += bench_shape(name, vae, arrays, args.resolutions, limits, device, args.methods)
     evaluated = []
     if args.vae and args.evaluate_objects:
         evaluated = evaluate_rows(args.vae, args.samples or Path("data/samples"), args.evaluate_objects, device)
@@ -451,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "vae": source,
         "dense_max": dense_max,
+        "method_max": limits,
         "rows": rows,
         "evaluate": evaluated,
     }
@@ -465,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         "previous",
         "hier.",
         "exact-split bound",
+        "crossed corners",
         "s dense",
         "two-level",
         "previous",

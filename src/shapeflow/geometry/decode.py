@@ -179,6 +179,13 @@ def _evaluate_at(
     exact[idx[:, 0], idx[:, 1], idx[:, 2]] = True
 
 
+def _unique_rows(cells: torch.Tensor, size: int) -> torch.Tensor:
+    """The distinct rows of cells (K, 3) with entries in [0, size), in C order: a 1-D unique of their
+    flat indices (torch.unique(dim=0) took 25x as long on 10^6 rows)."""
+    flat = torch.unique(cells[:, 0] * (size * size) + cells[:, 1] * size + cells[:, 2])
+    return torch.stack([flat // (size * size), flat // size % size, flat % size], dim=1)
+
+
 def _split_cells(
     field: FieldFn, values: torch.Tensor, exact: torch.Tensor, cells: torch.Tensor, res: int, chunk: int
 ) -> None:
@@ -227,7 +234,7 @@ def _follow_surface(
             v = values[points[..., 0], points[..., 1], points[..., 2]]
             crossed = (v > 0).any(1) & (v < 0).any(1)
             found.append(near[crossed])
-        fresh = torch.unique(torch.cat(found), dim=0) if found else steps.new_zeros(0, 3)
+        fresh = _unique_rows(torch.cat(found), coarse) if found else steps.new_zeros(0, 3)
         if len(fresh):
             split[fresh[:, 0], fresh[:, 1], fresh[:, 2]] = True
             _split_cells(field, values, exact, fresh, res, chunk)
