@@ -101,16 +101,24 @@ def test_a_flow_run_whose_worker_is_killed_ends_its_stage_and_itself(tmp_path):
     (tmp_path / "stage.py").write_text(STAGE)
     (tmp_path / "worker.py").write_text(WORKER)
     files = [str(tmp_path / n) for n in ("stage.py", "child.pid", "run.pid")]
+    groups = tmp_path / "groups"
     worker = subprocess.Popen(
-        [sys.executable, str(tmp_path / "worker.py"), *files], cwd=tmp_path, start_new_session=True
+        [sys.executable, str(tmp_path / "worker.py"), *files],
+        cwd=tmp_path,
+        start_new_session=True,
+        env=dict(os.environ, **{dp.STAGE_GROUPS_ENV: str(groups)}),
     )
     try:
         child = int(wait_file(tmp_path / "child.pid"))
         run = int(wait_file(tmp_path / "run.pid"))
+        assert len(list(groups.glob("*.pgid"))) == 1
         os.killpg(worker.pid, signal.SIGKILL)  # the worker's group: the flow run is not in it
         worker.wait()
         assert wait_gone(child), "the stage's child outlived its worker"
         assert wait_gone(run), "the flow run's process outlived its worker"
+        # Plain SIGTERM ends this stand-in at once (no Prefect handler, no `finally`): the watch
+        # itself took the stage off the list, so `make stop-services` finds nothing stale there.
+        assert list(groups.glob("*.pgid")) == []
     finally:
         for pid in (worker.pid,):
             try:

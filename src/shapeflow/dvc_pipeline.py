@@ -209,10 +209,11 @@ class ParentWatch:
     is gone, end the stage's process group `pgid`, then send this process SIGTERM, which Prefect
     turns into a crashed flow run. A flow run's process is in a session of its own, out of reach of
     a signal to the worker's group: without this, a killed worker would leave its stage running on,
-    unsupervised, beside the run that retries it."""
+    unsupervised, beside the run that retries it. `listed`, the group's entry in the stage registry,
+    is removed as soon as the group has ended, before the SIGTERM."""
 
-    def __init__(self, pgid: int, poll_s: float = 1.0):
-        self.pgid, self.parent, self.poll_s = pgid, os.getppid(), poll_s
+    def __init__(self, pgid: int, poll_s: float = 1.0, listed: Path | None = None):
+        self.pgid, self.parent, self.poll_s, self.listed = pgid, os.getppid(), poll_s, listed
         self.done = threading.Event()
         self.thread = threading.Thread(target=self.watch, name="shapeflow-parent-watch", daemon=True)
 
@@ -225,6 +226,8 @@ class ParentWatch:
                     flush=True,
                 )
                 stop_group(self.pgid)
+                if self.listed is not None:
+                    self.listed.unlink(missing_ok=True)
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
 
@@ -266,7 +269,7 @@ def run_logged(
         listed.parent.mkdir(parents=True, exist_ok=True)
         listed.write_text(f"{' '.join(cmd)}\n(in {cwd}, started by pid {os.getpid()})\n")
     try:
-        with ParentWatch(proc.pid):
+        with ParentWatch(proc.pid, listed=listed):
             for line in proc.stdout:
                 line = line.rstrip("\n")
                 tail.append(line)
