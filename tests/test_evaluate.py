@@ -287,6 +287,8 @@ def test_the_grid_family_goes_through_the_dit_and_the_same_evaluation(grid_sampl
         train_dit.run(grid_params, paths)
         dit_config = json.loads((tmp_path / "dit" / "raw" / "config.json").read_text())["config"]
         assert dit_config["grid_side"] == 8 and dit_config["num_tokens"] == 512 and dit_config["patch_size"] == 2
+        # t_shift auto: the grid family's shift, which the sampler reads back from generator.json
+        assert json.loads((tmp_path / "dit" / "generator.json").read_text())["t_shift"] == families.T_SHIFT["grid"] > 1
         metrics = evaluate.run(
             grid_params,
             evaluate.Paths(tmp_path / "vae", tmp_path / "dit", grid_samples, grid_samples.parent / "watertight",

@@ -73,6 +73,7 @@ def test_stage_writes_raw_and_ema_weights_scores_and_one_tracked_run(builtin_sam
     }
     assert info["classes"] == sorted(categories)
     assert len(info["latent_stats"]["mean"]) == 16 + 3 * int(vae_config("tiny").anchored)
+    assert info["t_shift"] == 1.0  # t_shift auto on VecSet latents
 
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["gen_samples"] == 2
@@ -303,3 +304,22 @@ def test_a_kill_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(builtin
     straight, resumed = weights(tmp_path / "straight", False), weights(tmp_path / "killed", True)
     assert straight.keys() == resumed.keys()
     assert [k for k in straight if not torch.equal(straight[k], resumed[k])] == []
+
+
+def test_t_shift_takes_a_positive_number_or_auto(tmp_path):
+    from shapeflow import config
+    from shapeflow.models import families
+    from shapeflow.models.grid_vae import grid_vae_config
+
+    path = tmp_path / "params.yaml"
+    for value, expected in (("auto", "auto"), (2.5, 2.5), (3, 3.0)):
+        path.write_text(yaml.safe_dump({"train_dit": {"flow": {"t_shift": value}}}))
+        assert config.load_params(path).train_dit.flow.t_shift == expected
+    bad = (("fast", "a number or one of \\['auto'\\] is required, got 'fast'"), (0, "positive or auto"))
+    for value, message in bad:
+        path.write_text(yaml.safe_dump({"train_dit": {"flow": {"t_shift": value}}}))
+        with pytest.raises(config.ParamsError, match=f"train_dit.flow.t_shift: .*{message}"):
+            config.load_params(path)
+    assert families.flow_shift("auto", grid_vae_config("tiny")) == families.T_SHIFT["grid"]
+    assert families.flow_shift("auto", vae_config("tiny")) == families.T_SHIFT["vecset"] == 1.0
+    assert families.flow_shift(2.5, grid_vae_config("tiny")) == 2.5

@@ -323,11 +323,15 @@ class TrainVAEParams:
 class FlowParams:
     t_mean: float = 0.0  # logit-normal training times: t = sigmoid(t_mean + t_std * N(0, 1))
     t_std: float = 1.0
-    t_shift: float = 1.0  # > 1 moves training and sampling times towards the noise end
+    # > 1 moves training and sampling times towards the noise end; auto: the VAE family's default
+    # (shapeflow.models.families.T_SHIFT)
+    t_shift: float | Literal["auto"] = "auto"
 
     def check(self, where: str) -> None:
-        if self.t_std <= 0 or self.t_shift <= 0:
-            raise ParamsError(f"{where}: t_std and t_shift must be positive, got {self.t_std}, {self.t_shift}")
+        if self.t_std <= 0:
+            raise ParamsError(f"{where}.t_std: must be positive, got {self.t_std}")
+        if self.t_shift != "auto" and self.t_shift <= 0:
+            raise ParamsError(f"{where}.t_shift: must be positive or auto, got {self.t_shift}")
 
 
 @dataclass(frozen=True)
@@ -436,6 +440,13 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return obj
 
 
+def _describe(hint: Any) -> str:
+    """What a value of a scalar parameter type looks like, for error messages."""
+    if typing.get_origin(hint) is Literal:
+        return f"one of {list(typing.get_args(hint))}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
@@ -449,7 +460,14 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(args[0], value, where)
+        if len(args) == 1:
+            return _coerce(args[0], value, where)
+        for arg in args:
+            try:
+                return _coerce(arg, value, where)
+            except ParamsError:
+                continue
+        raise ParamsError(f"{where}: {' or '.join(map(_describe, args))} is required, got {value!r}")
     if origin is dict:
         if not isinstance(value, dict):
             raise ParamsError(f"{where}: a mapping is required, got {value!r}")

@@ -27,6 +27,11 @@ AnyVAE = vae.VecSetVAE | grid_vae.GridVAE
 AnyVAEConfig = vae.VAEConfig | grid_vae.GridVAEConfig
 FAMILIES = ("vecset", "grid")
 GRID_ARRAY = GRID_ARRAYS[0]  # the grid the encoder reads
+# train_dit.flow.t_shift "auto" per family. A grid latent (16^3 x 8 numbers by default, 6.7x VecSet's
+# 256 x 19) is spatially redundant: noise at a given t hides less of it, so its DiT trains and samples
+# with times shifted towards the noise end, where the coarse shape and the class are decided (SD3's
+# resolution-dependent shift). Measured in docs/grid-family.md.
+T_SHIFT = {"vecset": 1.0, "grid": 3.0}
 
 
 def family_of(model: AnyVAE) -> str:
@@ -106,3 +111,11 @@ def encoder_inputs(
 def token_grid(cfg: AnyVAEConfig) -> int:
     """The side of the grid the latent tokens lie on in C order (0: an unordered set)."""
     return cfg.latent_side if isinstance(cfg, grid_vae.GridVAEConfig) else 0
+
+
+def flow_shift(setting: float | str, cfg: AnyVAEConfig) -> float:
+    """The rectified-flow time shift for this VAE's latents: `setting` itself, or the family's
+    T_SHIFT when it is "auto"."""
+    if setting == "auto":
+        return T_SHIFT["grid" if isinstance(cfg, grid_vae.GridVAEConfig) else "vecset"]
+    return float(setting)

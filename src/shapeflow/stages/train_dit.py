@@ -293,7 +293,9 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
     data = training_data(params, paths, accelerator)
     _, num_tokens, latent_dim = data.train.latents.shape
     vae_info = json.loads((paths.vae / "config.json").read_text())
-    grid_side = families.token_grid(families.config_from(vae_info))
+    vae_cfg = families.config_from(vae_info)
+    grid_side = families.token_grid(vae_cfg)
+    p = dataclasses.replace(p, flow=dataclasses.replace(p.flow, t_shift=families.flow_shift(p.flow.t_shift, vae_cfg)))
     cfg = model_config(p, latent_dim, num_tokens, len(data.classes), grid_side)
     model = DiT(cfg)
     ema = training.ema(model, p.ema_decay, accelerator.device) if p.ema_decay else None
