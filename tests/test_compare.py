@@ -32,6 +32,9 @@ def workspace(root, family, *, cd, evaluated=True):
         )
         timings = {"recon_objects": 3, "recon_s": 30.0, "recon_decode_s": 2.5, "samples": 4, "generation_s": 20.0}
         (root / "eval" / "run.json").write_text(json.dumps({"mlflow_run_id": "e" * 32, "timings": timings}))
+        (root / "models" / "dit").mkdir()
+        generator = {"t_shift": families.T_SHIFT[family], "classes": []}
+        (root / "models" / "dit" / "generator.json").write_text(json.dumps(generator))
     return model
 
 
@@ -59,6 +62,7 @@ def test_two_families_side_by_side_with_sizes_throughput_and_figures(tmp_path):
     assert cells(table, "recon, test split: seconds a shape") == ["2.5", "–"]
     assert cells(table, "recon, ycb: F@0.02") == ["0.87", "–"]
     assert cells(table, "generation: seconds a sample (scoring included)") == ["5", "–"]
+    assert cells(table, "train_dit time shift (flow.t_shift)") == ["1", "–"]
     assert cells(table, "MLflow run, train_vae") == ["vecset0v", "grid0gri"]
     # What the unevaluated run lacks is said, not guessed.
     assert f"grid ({tmp_path / 'b'}) lacks: models/dit/ema/model.safetensors, reports/train_dit/metrics.json" in table

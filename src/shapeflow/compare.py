@@ -93,6 +93,7 @@ class Run:
         self.dit_throughput = self._read(median_throughput, "reports/train_dit/loss.csv")
         self.eval_metrics = self._read(_json, "eval/metrics.json") or {}
         self.eval_run = self._read(_json, "eval/run.json") or {}
+        self.generator = self._read(_json, "models/dit/generator.json") or {}
         self.run_ids = stage_run_ids(self.folder)
         self.recon_reports: list[dict[str, Any]] = []
 
@@ -144,6 +145,8 @@ def rows(runs: list[Run]) -> list[tuple[str, list[Any]]]:
         ("train_vae steps", [lookup(r.vae_metrics or {}, "steps") for r in runs]),
         ("train_vae samples/s (median)", [r.vae_throughput for r in runs]),
         ("train_dit samples/s (median)", [r.dit_throughput for r in runs]),
+        ("train_dit steps", [lookup(r.dit_metrics or {}, "steps") for r in runs]),
+        ("train_dit time shift (flow.t_shift)", [lookup(r.generator, "t_shift") for r in runs]),
     ]
     split = next((r.eval_metrics.get("split") for r in runs if r.eval_metrics.get("split")), "test")
     out.append((f"recon, {split} split: objects", [lookup(r.eval_metrics, "recon.objects") for r in runs]))
