@@ -34,8 +34,9 @@ GRID_ARRAY = GRID_ARRAYS[0]  # the grid the encoder reads
 T_SHIFT = {"vecset": 1.0, "grid": 3.0}
 
 
-def family_of(model: AnyVAE) -> str:
-    return "grid" if isinstance(model, grid_vae.GridVAE) else "vecset"
+def family_of(model: AnyVAE | AnyVAEConfig) -> str:
+    """The family of a VAE or of its config: "grid" or "vecset"."""
+    return "grid" if isinstance(model, (grid_vae.GridVAE, grid_vae.GridVAEConfig)) else "vecset"
 
 
 def vae_config(family: str, preset: str, overrides: dict[str, Any] | None = None) -> AnyVAEConfig:
@@ -117,5 +118,5 @@ def flow_shift(setting: float | str, cfg: AnyVAEConfig) -> float:
     """The rectified-flow time shift for this VAE's latents: `setting` itself, or the family's
     T_SHIFT when it is "auto"."""
     if setting == "auto":
-        return T_SHIFT["grid" if isinstance(cfg, grid_vae.GridVAEConfig) else "vecset"]
+        return T_SHIFT[family_of(cfg)]
     return float(setting)

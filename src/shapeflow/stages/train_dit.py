@@ -346,7 +346,7 @@ def run(params: config.Params, paths: Paths) -> dict[str, Any]:
         | {
             "data_manifest_sha256": mf.file_sha256(paths.samples / mf.MANIFEST),
             "latent_cache_key": data.key,
-            "vae_family": "grid" if grid_side else "vecset",
+            "vae_family": families.family_of(vae_cfg),
         },
         params={
             "model_config": cfg.to_dict(),
