@@ -35,10 +35,20 @@ LATENTS = {  # DiT config fields the latents fix, by --latents
 }
 
 
+def train_params(latents: str):
+    """train_dit's default params with the time shift its "auto" gives these latents."""
+    import dataclasses
+
+    from shapeflow.config import TrainDiTParams
+    from shapeflow.models.families import T_SHIFT
+
+    p = TrainDiTParams()
+    return dataclasses.replace(p, flow=dataclasses.replace(p.flow, t_shift=T_SHIFT[latents.replace("preset", "vecset")]))
+
+
 def measure_training(preset: str, latents: str, batch: int, steps: int, warmup: int, device: str) -> dict:
     import torch
 
-    from shapeflow.config import TrainDiTParams
     from shapeflow.models.dit import DiT, dit_config
     from shapeflow.stages.train_dit import training_losses
 
@@ -48,8 +58,10 @@ def measure_training(preset: str, latents: str, batch: int, steps: int, warmup: 
     data = torch.randn(batch, config.num_tokens, config.latent_dim, device=device)
     labels = torch.randint(0, 8, (batch,), device=device)
 
+    params = train_params(latents)
+
     def loss() -> torch.Tensor:
-        return training_losses(model, (data, labels), TrainDiTParams(), config.null_label, None)["loss"]
+        return training_losses(model, (data, labels), params, config.null_label, None)["loss"]
 
     row = time_training(model, loss, batch, steps, warmup, device)
     tokens_per_s = row["samples_per_s"] * config.num_tokens
