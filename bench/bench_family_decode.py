@@ -2,7 +2,8 @@
 
 For each run (a workspace that ran train_vae: its models/vae, data/samples and params.yaml), the
 same test objects (the keys every run has, one per category first) are encoded and decoded with
-today's decoder (shapeflow.inference.reconstruct) at each resolution: field queries, encode+decode
+today's decoder (shapeflow.inference.reconstruct) at each resolution, on CUDA when there is one
+(--device): field queries, encode+decode
 seconds, marching-cubes seconds, faces. The family table of docs/grid-family.md takes its
 "decode seconds per shape at the same output resolution" from here.
 
@@ -46,7 +47,7 @@ def common_objects(samples: list[Path], n: int) -> list[str]:
     return chosen[:n]
 
 
-def time_run(label: str, workspace: Path, keys: list[str], resolutions: list[int]) -> list[dict]:
+def time_run(label: str, workspace: Path, keys: list[str], resolutions: list[int], device: str) -> list[dict]:
     import torch
 
     import shapeflow.inference as inference
@@ -56,8 +57,10 @@ def time_run(label: str, workspace: Path, keys: list[str], resolutions: list[int
     from shapeflow.models.families import family_of, load_vae
 
     params = config.load_params(workspace / "params.yaml")
-    vae = load_vae(workspace / "models" / "vae", "cpu").eval()
+    vae = load_vae(workspace / "models" / "vae", device).eval()
     objects = {o.key: o for o in list_objects(workspace / "data" / "samples", "test")}
+    if device == "cuda":  # CUDA start-up and the first kernels' compilation stay out of the times
+        inference.reconstruct(vae, load_arrays(objects[keys[0]].path), params.train_vae.data, 0, 64, torch.device(device))
     rows = []
     for key in keys:
         arrays = load_arrays(objects[key].path)
@@ -79,12 +82,13 @@ def time_run(label: str, workspace: Path, keys: list[str], resolutions: list[int
             inference.decode_mesh = counted_mesh
             try:
                 tic = time.perf_counter()
-                _, mesh = inference.reconstruct(vae, arrays, params.train_vae.data, 0, resolution, torch.device("cpu"))
+                _, mesh = inference.reconstruct(vae, arrays, params.train_vae.data, 0, resolution, torch.device(device))
                 total = time.perf_counter() - tic
             finally:
                 inference.decode_mesh = decode.decode_mesh
             row = {
                 "run": label,
+                "device": device,
                 "family": family_of(vae),
                 "object": f"{objects[key].category}/{key[:8]}",
                 "resolution": resolution,
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objects", type=int, default=4)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "family_decode.json")
     args = parser.parse_args(argv)
 
@@ -112,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     for label, workspace in args.run:
         for part in ("models/vae", "data/samples", "params.yaml"):
             if not (workspace / part).exists():
@@ -121,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the runs have no test object in common")
     rows = []
     for label, workspace in args.run:
-        rows += time_run(label, workspace, keys, args.resolutions)
-    report = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "objects": keys, "rows": rows}
+        rows += time_run(label, workspace, keys, args.resolutions, device)
+    report = {"device": device, "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "objects": keys, "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
