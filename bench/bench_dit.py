@@ -43,7 +43,8 @@ def train_params(latents: str):
     from shapeflow.models.families import T_SHIFT
 
     p = TrainDiTParams()
-    return dataclasses.replace(p, flow=dataclasses.replace(p.flow, t_shift=T_SHIFT[latents.replace("preset", "vecset")]))
+    shift = T_SHIFT[latents.replace("preset", "vecset")]
+    return dataclasses.replace(p, flow=dataclasses.replace(p.flow, t_shift=shift))
 
 
 def measure_training(preset: str, latents: str, batch: int, steps: int, warmup: int, device: str) -> dict:

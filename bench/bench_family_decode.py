@@ -60,7 +60,8 @@ def time_run(label: str, workspace: Path, keys: list[str], resolutions: list[int
     vae = load_vae(workspace / "models" / "vae", device).eval()
     objects = {o.key: o for o in list_objects(workspace / "data" / "samples", "test")}
     if device == "cuda":  # CUDA start-up and the first kernels' compilation stay out of the times
-        inference.reconstruct(vae, load_arrays(objects[keys[0]].path), params.train_vae.data, 0, 64, torch.device(device))
+        first = load_arrays(objects[keys[0]].path)
+        inference.reconstruct(vae, first, params.train_vae.data, 0, 64, torch.device(device))
     rows = []
     for key in keys:
         arrays = load_arrays(objects[key].path)
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for label, workspace in args.run:
         rows += time_run(label, workspace, keys, args.resolutions, device)
-    report = {"device": device, "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "objects": keys, "rows": rows}
+    report = {"device": device, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    report |= {"objects": keys, "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -69,8 +69,9 @@ def models(device: str) -> dict:
                     param.normal_(0.0, 0.02)
         x = torch.randn(16, config.num_tokens, config.latent_dim, device=device)
         y = torch.randint(0, 8, (16,), device=device)
+        params = train_params(latents)
 
-        def loss(m=model, x=x, y=y, null=config.null_label, p=train_params(latents)):
+        def loss(m=model, x=x, y=y, null=config.null_label, p=params):
             return training_losses(m, (x, y), p, null, None)["loss"]
 
         out[f"DiT on {latents} latents"] = (model, loss)
