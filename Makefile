@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup pipeline test test-fast lint bench clean-venv services stop-services deploy exps
+.PHONY: setup pipeline test test-fast lint bench clean-venv services stop-services deploy exps gpu-check
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,11 @@ bench: setup
 	$(BIN)/python bench/bench_vae.py
 	$(BIN)/python bench/bench_dit.py
 	$(BIN)/python bench/bench_decode.py
+
+# On a CUDA machine (with your CUDA build of torch in the venv): what the stages pick there (bf16,
+# the attention kernels, decoding on the GPU) checked against float32 and the CPU.
+gpu-check: setup
+	$(BIN)/python bench/gpu_check.py
 
 # Prefect server (127.0.0.1:4200), MLflow server (127.0.0.1:5000) and a worker on the `shapeflow` process
 # pool; logs and pid files in .shapeflow/services. `make deploy` registers prefect.yaml's deployments
