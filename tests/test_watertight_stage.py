@@ -341,6 +341,18 @@ def test_an_object_past_the_time_bound_is_a_failed_row_and_the_rest_go_on(tmp_pa
     )
 
 
+def test_the_time_bound_counts_from_when_a_worker_begins_the_object(tmp_path, monkeypatch):
+    # Workers that take 8 s to start (past the 6.5 s hard limit of a 1 s bound) run their objects.
+    from slow_start import quick
+
+    from shapeflow import runner
+
+    monkeypatch.setenv("SHAPEFLOW_TEST_IMPORT_S", "8")
+    tasks = [runner.Task(key=k, src=f"builtin:{k}", meta={}) for k in ("a", "b", "c")]
+    records = runner.run_objects(quick, tasks, tmp_path, "h", workers=2, limits=runner.Limits(timeout_s=1.0))
+    assert [(r["key"], r["status"], r["reason"]) for r in records] == [(k, "ok", "") for k in ("a", "b", "c")]
+
+
 def stuck_when_asked(task, out_dir):
     """A per-object function stuck where the alarm cannot reach it (as in a long native call)."""
     if task.key == "stuck":

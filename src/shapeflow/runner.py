@@ -13,6 +13,7 @@ import ctypes
 import logging
 import multiprocessing as mp
 import os
+import queue
 import signal
 import sys
 import threading
@@ -170,6 +171,8 @@ def _call_bounded(fn: ObjectFn, task: Task, out_dir: Path, limits: Limits) -> di
 
 def _run_one(fn: ObjectFn, task: Task, out_dir: Path, params_hash: str, limits: Limits) -> dict[str, Any]:
     """Run `fn` on one task within `limits` and write its record; never raises for a bad object."""
+    if _STARTS is not None:
+        _STARTS.put((task.key, time.monotonic()))
     start = time.perf_counter()
     record: dict[str, Any] = {
         "key": task.key,
@@ -202,7 +205,14 @@ def _log_timing(out_dir: Path, key: str, status: str, seconds: float) -> None:
         fh.write(f"{key},{status},{seconds:.3f}\n")
 
 
-def _init_worker(parent: int) -> None:
+# In a worker process: where `_run_one` reports (key, time.monotonic()) as it begins an object, so
+# the parent's time bound counts from then. CLOCK_MONOTONIC is one clock for every process of a machine.
+_STARTS = None
+
+
+def _init_worker(parent: int, starts=None) -> None:
+    global _STARTS
+    _STARTS = starts
     _die_with_parent(parent)
     # One process per core already: keep native thread pools from oversubscribing the cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -287,27 +297,41 @@ def _end_workers(pool: ProcessPoolExecutor) -> None:
         process.kill()
 
 
+def _drain(starts, began: dict[str, float]) -> None:
+    """Move the (key, monotonic time) reports that workers put as they begin an object into `began`."""
+    while True:
+        try:
+            key, when = starts.get_nowait()
+        except queue.Empty:
+            return
+        began[key] = when
+
+
 def _run_pool(fn, todo, out_dir, params_hash, limits, workers, bar):
     ctx = mp.get_context("spawn")  # fork is unsafe with the thread pools of numba, igl and tqdm
     pending = list(todo)
     suspects: list[Task] = []
     hard = _hard_limit(limits)
     while pending:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
+        starts = ctx.Queue()
+        began: dict[str, float] = {}
+        init = (os.getpid(), starts)
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
             running: dict[Future, Task] = {}
-            started: dict[Future, float] = {}
             broken = False
             while (pending or running) and not broken:
                 while pending and len(running) < 2 * workers:
                     task = pending.pop(0)
                     running[pool.submit(_run_one, fn, task, out_dir, params_hash, limits)] = task
                 finished, _ = wait(running, timeout=1.0 if hard else None, return_when=FIRST_COMPLETED)
-                now = time.monotonic()
-                for fut in running:
-                    if fut.running():
-                        started.setdefault(fut, now)
-                if hard and any(now - t > hard for f, t in started.items() if f in running and f not in finished):
-                    _end_workers(pool)  # which worker holds the stuck object is unknown: all go
+                # The bound counts from when a worker began the object: not from its submission, which
+                # can be long before under load (workers still starting, objects queued behind others).
+                if hard:
+                    _drain(starts, began)
+                    now = time.monotonic()
+                    in_flight = [t.key for f, t in running.items() if f not in finished and t.key in began]
+                    if any(now - began[key] > hard for key in in_flight):
+                        _end_workers(pool)  # which worker holds the stuck object is unknown: all go
                 for fut in finished:
                     task = running.pop(fut)
                     try:
@@ -326,11 +350,25 @@ def _run_pool(fn, todo, out_dir, params_hash, limits, workers, bar):
         suspects = []
 
 
+def _result_within(future: Future, starts, hard: float | None) -> dict[str, Any]:
+    """The future's result; FutureTimeout once its object has run `hard` seconds in the worker
+    (however long the worker took to start)."""
+    if not hard:
+        return future.result()
+    began: dict[str, float] = {}
+    while not wait([future], timeout=1.0).done:
+        _drain(starts, began)
+        if began and time.monotonic() - min(began.values()) > hard:
+            raise FutureTimeout
+    return future.result()
+
+
 def _run_isolated(fn, task, out_dir, params_hash, limits, ctx) -> dict[str, Any]:
-    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
+    starts = ctx.Queue()
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(), starts)) as pool:
         future = pool.submit(_run_one, fn, task, out_dir, params_hash, limits)
         try:
-            return future.result(timeout=_hard_limit(limits))
+            return _result_within(future, starts, _hard_limit(limits))
         except (BrokenProcessPool, FutureTimeout) as exc:
             timed_out = isinstance(exc, FutureTimeout)
             if timed_out:
