@@ -120,20 +120,21 @@ def test_query_chunks_follow_the_device(monkeypatch):
         assert decode.default_chunk("cuda") == expected
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_decoding_on_the_gpu_gives_the_cpu_mesh():
-    cpu = decode_grid(thin_rod, 128)
-    gpu = decode_grid(lambda q: thin_rod(q.cpu()).to(q.device), 128, device="cuda")
-    assert np.array_equal(cpu < 0, gpu < 0)
-    assert len(grid_to_mesh(gpu).faces) == len(grid_to_mesh(cpu).faces)
-
-
 def finned_ball(q: torch.Tensor) -> torch.Tensor:
     """A ball with a fin 0.008 thick around y = 1/64 (grid points of 128^3 only) reaching out to
     x = 0.9, as four times a distance: slope 4."""
     ball = q.norm(dim=-1) - 0.4
     fin = ((q - torch.tensor([0.6, 1 / 64, 0.0])).abs() - torch.tensor([0.3, 0.004, 0.2])).max(dim=-1).values
     return 4 * torch.minimum(ball, fin)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("field", [thin_rod, finned_ball], ids=lambda f: f.__name__)  # finned_ball: surface following
+def test_decoding_on_the_gpu_gives_the_cpu_mesh(field):
+    cpu = decode_grid(field, 128)
+    gpu = decode_grid(lambda q: field(q.cpu()).to(q.device), 128, device="cuda")
+    assert np.array_equal(cpu < 0, gpu < 0)
+    assert len(grid_to_mesh(gpu).faces) == len(grid_to_mesh(cpu).faces)
 
 
 def test_following_the_surface_finds_a_part_steeper_than_the_margin_assumes():

@@ -197,8 +197,10 @@ def _split_cells(
     span = torch.arange(3, device=cells.device)
     offsets = torch.stack(torch.meshgrid(span, span, span, indexing="ij"), dim=-1).reshape(-1, 3)  # (27, 3)
     size = res + 1
-    # One flat index per point, each point once (neighbouring cells share their faces).
-    flat = ((2 * cells[:, None, :] + offsets) @ torch.tensor([size * size, size, 1], device=cells.device)).reshape(-1)
+    # One flat index per point, each point once (neighbouring cells share their faces). Element-wise:
+    # CUDA has no integer matrix product.
+    points = 2 * cells[:, None, :] + offsets  # (K, 27, 3)
+    flat = ((points[..., 0] * size + points[..., 1]) * size + points[..., 2]).reshape(-1)
     flat = torch.unique(flat)
     flat = flat[~exact.view(-1)[flat]]
     _evaluate_at(
