@@ -338,7 +338,7 @@ class FlowParams:
 class GenerateParams:
     steps: int = 50  # Euler steps from noise to data
     guidance: float = 2.0  # classifier-free guidance scale; 1 = plain conditional
-    resolution: int = 128  # decode grid points per axis
+    resolution: int = 256  # decode grid points per axis: the meshes users get, finer than evaluate's
 
     def check(self, where: str) -> None:
         if self.steps < 1:
