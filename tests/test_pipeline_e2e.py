@@ -162,6 +162,35 @@ def test_two_experiments_line_up_in_dvc_exp_show_metrics_diff_and_mlflow(repo):
     assert set(named["coarse"].data.metrics) == set(named["fine"].data.metrics)
 
 
+def test_the_grid_family_runs_through_evaluate_as_a_dvc_experiment(repo):
+    if not (repo / "dvc.lock").is_file():
+        dvc(repo, "repro")
+    commit(repo, "before the grid experiment")
+    # Hydra's override grammar, which DVC takes: "+" adds a key the params file does not hold yet,
+    # "~" removes one (the VecSet model overrides).
+    grid = ["train_vae.family=grid", "+train_vae.preset=tiny", "~train_vae.model"]
+    grid += ["+sample.grid={resolution: 32, sparse_resolution: 64}"]
+    out = dvc(repo, "exp", "run", "--temp", "-n", "grid", *[arg for s in grid for arg in ("-S", s)])
+    # fetch and watertight do not read the family; the sample stage adds the grids.
+    assert ran(out) == {"sample", "train_vae", "train_dit", "evaluate"}, out[-3000:]
+
+    exps = {}
+    for baseline in _json_of(dvc(repo, "exp", "show", "--json")):
+        for experiment in baseline.get("experiments") or []:
+            exps[experiment["revs"][0]["name"]] = experiment["revs"][0]["data"]
+    assert exps["grid"]["params"]["params.yaml"]["data"]["train_vae"]["family"] == "grid"
+    evaluated = exps["grid"]["metrics"]["eval/metrics.json"]["data"]
+    assert evaluated["recon"]["objects"] > 0 and evaluated["generation"]["samples"] > 0
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    for stage in ("train_vae", "train_dit", "evaluate"):
+        experiment = client.get_experiment_by_name(f"shapeflow-{stage}")
+        tagged = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("dvc_exp") == "grid"]
+        assert [r.data.tags["vae_family"] for r in tagged] == ["grid"], stage
+
+
 def commit(repo: Path, message: str) -> None:
     git = ["git", "-c", "user.name=shapeflow-test", "-c", "user.email=test@localhost"]
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
