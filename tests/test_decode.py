@@ -110,6 +110,35 @@ def test_a_thin_part_between_the_coarse_grid_points_is_found_when_the_margin_cov
     assert (missed > 0).all() and len(grid_to_mesh(missed).faces) == 0
 
 
+def test_the_cover_test_only_skips_cells_the_balls_about_their_corners_fill():
+    from shapeflow.geometry.decode import _CORNERS, _covered
+
+    # Radii around the scale where the test decides (half a diagonal is 0.87 of the width).
+    radii = torch.rand(3000, 8, generator=torch.Generator().manual_seed(0)) * 1.4
+    covered = _covered(radii, 1.0)
+    assert 0 < covered.sum() < len(radii)
+    points = torch.rand(4000, 3, generator=torch.Generator().manual_seed(1))
+    reach = torch.cdist(points, torch.tensor(_CORNERS, dtype=torch.float32))  # (P, 8)
+    inside_some_ball = (reach[None] < radii[covered][:, None, :]).any(2)  # (covered cells, P)
+    assert inside_some_ball.all()  # no point of a covered cell outside every ball: no surface there
+
+
+def test_cells_beside_a_plane_that_the_corner_balls_cover_are_not_split():
+    # A plane through the middle of a layer of 32^3 cells: the layers beside it have corners half a
+    # cell from it, inside the margin, but their far corners' balls (1.5 cells) cover their near
+    # halves, so one refinement to 64^3 splits the crossed layer alone.
+    queries = []
+
+    def plane(q: torch.Tensor) -> torch.Tensor:
+        queries.append(len(q))
+        return q[:, 2] - (-1 + 16.5 * 2 / 32)
+
+    values = decode_grid(plane, 64, base=32)
+    layer = 65 * 65 * 3 - 33 * 33 * 2  # the layer's fine grid points, less the coarse ones it holds
+    assert sum(queries) == 33**3 + layer
+    assert np.array_equal(values < 0, dense_grid(plane, 64) < 0)
+
+
 def test_query_chunks_follow_the_device(monkeypatch):
     from shapeflow.geometry import decode
 

@@ -10,12 +10,17 @@ the surface may cross are split and their new corners evaluated, and everywhere 
 takes the coarse values by trilinear interpolation, whose sign is all marching cubes needs away from
 the surface. The number of field queries grows about as R^2 instead of R^3.
 
-A cell is split when its corners change sign or one of them has |f| under `slope` * (half the
-cell's diagonal). The guarantee: if the field changes by at most `slope` per unit length, a cell that
-holds a point of the surface has a corner within half a diagonal of it, with |f| under the margin, so
-every such cell is split at every level, its children's corners are the field's own values, and
-everywhere else the sign is right; the grid's signs are the dense grid's and so is the mesh. A true
-signed distance has slope 1, the default.
+A cell is split when its corners change sign, or when a corner has |f| under the margin, `slope`
+times half the cell's diagonal, and the balls about its corners, of radius |f| / L, do not cover
+the cell. L is the larger of `slope` and the steepest change per unit length along the edges of the
+cell and of the 26 around it: where a learned field is steeper than `slope`, the balls shrink. The
+cover is tested on COVER_PARTS^3 sub-cells, each of which has to lie whole in one ball. The
+guarantee: if the field changes by at most `slope` per unit length, a point p of the surface in a
+cell has a corner within half a diagonal, so under the margin, and |f(c)| <= slope * |p - c| at
+every corner c, so p lies in no ball, its sub-cell is not covered and the cell is split. So every
+cell that holds surface is split at every level, its children's corners are the field's own values,
+and everywhere else the sign is right; the grid's signs are the dense grid's and so is the mesh. A
+true signed distance has slope 1, the default.
 
 A learned field only approximates a distance: on the Quaternius VAE its slope along grid edges near
 the surface is about 0.2-0.5 at the median, 1.6-2.5 at the 99th percentile and up to 9 near thin
@@ -58,6 +63,7 @@ CPU_CHUNK = 2048
 GPU_CHUNK_BOUNDS = (1 << 14, 1 << 19)
 QUERY_BYTES = 8 * 8 * 128 * 4
 _CORNERS = [(i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+COVER_PARTS = 4  # sub-cells a side in the test that balls about a cell's corners cover it
 
 
 def default_chunk(device: torch.device | str) -> int:
@@ -124,7 +130,16 @@ def decode_grid(
         margin = slope * 0.5 * (2 * BOUND / res) * 3**0.5
         crossed = (corners > 0).any(0) & (corners < 0).any(0)
         split = corners.abs().amin(0) < margin
-        del corners
+        # Of the cells with a corner under the margin, those the balls about their corners cover
+        # hold no surface.
+        near = (split & ~crossed).nonzero()
+        if len(near):
+            width = 2 * BOUND / res
+            local = _steepness(values)[near[:, 0], near[:, 1], near[:, 2]] / width
+            radii = corners[:, near[:, 0], near[:, 1], near[:, 2]].abs().t() / local.clamp(min=slope)[:, None]  # (K, 8)
+            near = near[_covered(radii, width)]
+            split[near[:, 0], near[:, 1], near[:, 2]] = False
+        del corners, near
         if dilate:
             crossed = F.max_pool3d(crossed[None, None].float(), 3, 1, 1)[0, 0] > 0
         split |= crossed
@@ -152,6 +167,41 @@ def decode_grid(
     return values.cpu().numpy()
 
 
+def _cover_distances(parts: int) -> torch.Tensor:
+    """(parts^3, 8): the farthest distance, in cell widths, from each corner of a cell to each of the
+    parts^3 sub-cells it is cut into."""
+    span = torch.arange(parts, dtype=torch.float64) / parts
+    low = torch.cartesian_prod(span, span, span)[:, None]  # (parts^3, 1, 3)
+    corners = torch.tensor(_CORNERS, dtype=torch.float64)
+    far = torch.maximum((low - corners).abs(), (low + 1 / parts - corners).abs())
+    return far.square().sum(-1).sqrt().float()
+
+
+_COVER = _cover_distances(COVER_PARTS)
+
+
+def _steepness(values: torch.Tensor) -> torch.Tensor:
+    """Per cell of the grid `values` (R + 1)^3: the largest change of value along an edge of the cell
+    or of the 26 around it, (R, R, R)."""
+    edges = []
+    for axis in range(3):
+        change = (values.narrow(axis, 1, values.shape[axis] - 1) - values.narrow(axis, 0, values.shape[axis] - 1)).abs()
+        window = [2, 2, 2]
+        window[axis] = 1  # the cell's 4 edges along this axis
+        edges.append(F.max_pool3d(change[None, None], window, 1)[0, 0])
+    cells = torch.maximum(torch.maximum(edges[0], edges[1]), edges[2])
+    del edges
+    return F.max_pool3d(cells[None, None], 3, 1, 1)[0, 0]
+
+
+def _covered(radii: torch.Tensor, width: float) -> torch.Tensor:
+    """Whether the balls of radii (K, 8) about a cell's corners (in _CORNERS order) cover the cell,
+    for K cells of `width`: each sub-cell (COVER_PARTS a side) has to lie whole in one of them.
+    In parts of 2^16 cells, so the (cells, sub-cells, corners) comparison stays small."""
+    reach = _COVER.to(radii.device) * width
+    return torch.cat([(part[:, None, :] > reach).any(2).all(1) for part in radii.split(1 << 16)])
+
+
 _STEPS = torch.tensor([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])  # face neighbours
 
 
@@ -174,9 +224,28 @@ _FACES = torch.stack([_face_points(step) for step in _STEPS])  # (6, 9, 3)
 def _evaluate_at(
     field: FieldFn, values: torch.Tensor, exact: torch.Tensor, idx: torch.Tensor, res: int, chunk: int
 ) -> None:
-    """The field at grid points idx (P, 3) of the res-level grid, written into values and marked exact."""
+    """The field at grid points idx (P, 3) of the res-level grid, written into values and marked exact.
+    The points go in Z order, so each chunk of queries holds points close together (the local
+    decoder then compares each with fewer tokens)."""
+    idx = idx[_z_order(idx).argsort()]
     values[idx[:, 0], idx[:, 1], idx[:, 2]] = evaluate_points(field, grid_coordinates(res, values.device)[idx], chunk)
     exact[idx[:, 0], idx[:, 1], idx[:, 2]] = True
+
+
+def _spread_bits(v: torch.Tensor) -> torch.Tensor:
+    """The low 21 bits of v (int64) moved to every third bit (bit b to bit 3b)."""
+    v = v & 0x1FFFFF
+    v = (v | (v << 32)) & 0x1F00000000FFFF
+    v = (v | (v << 16)) & 0x1F0000FF0000FF
+    v = (v | (v << 8)) & 0x100F00F00F00F00F
+    v = (v | (v << 4)) & 0x10C30C30C30C30C3
+    return (v | (v << 2)) & 0x1249249249249249
+
+
+def _z_order(idx: torch.Tensor) -> torch.Tensor:
+    """Morton codes of grid indices (P, 3): sorted by them, points along the order stay close in
+    space."""
+    return (_spread_bits(idx[:, 0]) << 2) | (_spread_bits(idx[:, 1]) << 1) | _spread_bits(idx[:, 2])
 
 
 def _unique_rows(cells: torch.Tensor, size: int) -> torch.Tensor:
