@@ -78,6 +78,19 @@ def test_anchored_query_decoder_reads_only_the_tokens_near_a_query():
     assert shift[0] > 1e-3 and shift[1] == 0.0
 
 
+@pytest.mark.parametrize("spread", [0.02, 0.3, 2.0])
+def test_nearest_tokens_of_a_chunk_of_queries_are_those_of_a_full_search(spread):
+    from shapeflow.models.vae import _k_smallest, _near_candidates, _nearest
+
+    g = torch.Generator().manual_seed(1)
+    anchors = torch.rand(1, 512, 3, generator=g) * 2 - 1
+    queries = (torch.rand(1, 2048, 3, generator=g) - 0.5) * spread + 0.1  # close together, or not
+    found = _nearest(queries, anchors, 8).sort(-1).values
+    assert torch.equal(found, _k_smallest(queries, anchors, 8).sort(-1).values)
+    if spread < 0.5:  # a compact chunk compares with a fraction of the tokens
+        assert 2 * len(_near_candidates(queries[0], anchors[0], 8)) <= anchors.shape[1]
+
+
 def test_presets_have_the_published_size_for_base():
     base = PRESETS["base"]
     assert 512 <= base.num_latents <= 2048 and 32 <= base.latent_channels <= 64

@@ -177,8 +177,37 @@ class LocalityBias(nn.Module):
 
 
 def _nearest(centres: torch.Tensor, item_xyz: torch.Tensor, k: int) -> torch.Tensor:
-    """The indices (B, Q, k) of the k items nearest to each centre (B, Q, 3); item_xyz (B, M, 3)."""
-    return torch.cdist(centres.float(), item_xyz.float()).topk(k, dim=-1, largest=False).indices
+    """The indices (B, Q, k) of the k items nearest to each centre (B, Q, 3); item_xyz (B, M, 3).
+
+    For one batch of centres that lie close together (a decoder's chunk of nearby grid points), only
+    the items that can be among any centre's k nearest are compared (_near_candidates): the same
+    neighbours, for a fraction of the distances and of topk's work. Distances are taken pair by pair
+    (not through a matrix product, whose rounding depends on the other items), so a distance is the
+    same whichever items it is compared with and near ties break the same way."""
+    centres, item_xyz = centres.float(), item_xyz.float()
+    if centres.shape[0] == 1 and item_xyz.shape[1] > 2 * k:
+        candidates = _near_candidates(centres[0], item_xyz[0], k)
+        if 2 * len(candidates) <= item_xyz.shape[1]:
+            return candidates[_k_smallest(centres, item_xyz[:, candidates], k)]
+    return _k_smallest(centres, item_xyz, k)
+
+
+def _k_smallest(centres: torch.Tensor, item_xyz: torch.Tensor, k: int) -> torch.Tensor:
+    distance = torch.cdist(centres, item_xyz, compute_mode="donot_use_mm_for_euclid_dist")
+    return distance.topk(k, dim=-1, largest=False).indices
+
+
+def _near_candidates(centres: torch.Tensor, items: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the items (M, 3) that may be among the k nearest of some centre (Q, 3).
+
+    With c the middle of the centres' bounding box and r the farthest centre from it, every centre
+    has c's k nearest items within d_k(c) + r, so its own k nearest are that close to it and within
+    d_k(c) + 2r of c (triangle inequality); a little slack covers rounding."""
+    middle = (centres.amin(0) + centres.amax(0)) / 2
+    spread = (centres - middle).norm(dim=1).max()
+    reach = (items - middle).norm(dim=1)
+    bound = reach.kthvalue(k).values + 2 * spread
+    return (reach <= bound * (1 + 1e-5) + 1e-6).nonzero()[:, 0]
 
 
 def _take(items: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
