@@ -19,9 +19,11 @@ The methods:
   query code of then (`per_pair_forward`: the local decoder's value map applied to every
   (query, neighbour) pair);
 - previous: the first hierarchical decoder (levels from 32^3, slope 1.5 and a one-cell dilation of
-  the crossed cells, no surface following), with the query code of then;
-- hierarchical: the decoder of today (levels from 32^3, slope 1 and surface following, queries per
-  call sized to the device, marching cubes on the blocks the surface crosses).
+  the crossed cells, no surface following or cover test), with the query code of then;
+- hierarchical: the decoder of today (levels from 32^3, slope 1 with the corner-ball cover test from
+  the 128^3 level on, surface following, queries in Z order and per call sized to the device, the
+  local decoder's neighbour search narrowed per chunk, marching cubes on the blocks the surface
+  crosses).
 
 The VAE: a train_vae output (`--vae models/vae`) with its sample-stage objects (`--samples`,
 default data/samples beside it); or, without `--vae`, a VAE of the default (local) preset trained
@@ -105,7 +107,7 @@ class queries_as_before:
 
 
 # The splitting rule of the first hierarchical decoder, and the one the two-level decoder's band used.
-RULE_BEFORE = {"slope": 1.5, "dilate": True, "follow": False}
+RULE_BEFORE = {"slope": 1.5, "dilate": True, "follow": False, "cover": False}
 
 
 def full_grid_mesh(values):

@@ -124,19 +124,24 @@ def test_the_cover_test_only_skips_cells_the_balls_about_their_corners_fill():
 
 
 def test_cells_beside_a_plane_that_the_corner_balls_cover_are_not_split():
-    # A plane through the middle of a layer of 32^3 cells: the layers beside it have corners half a
+    # A plane through the middle of a layer of 128^3 cells: the layers beside it have corners half a
     # cell from it, inside the margin, but their far corners' balls (1.5 cells) cover their near
-    # halves, so one refinement to 64^3 splits the crossed layer alone.
+    # halves, so one refinement to 256^3 splits the crossed layer alone.
     queries = []
 
     def plane(q: torch.Tensor) -> torch.Tensor:
         queries.append(len(q))
-        return q[:, 2] - (-1 + 16.5 * 2 / 32)
+        return q[:, 2] - (-1 + 64.5 * 2 / 128)
 
-    values = decode_grid(plane, 64, base=32)
-    layer = 65 * 65 * 3 - 33 * 33 * 2  # the layer's fine grid points, less the coarse ones it holds
-    assert sum(queries) == 33**3 + layer
-    assert np.array_equal(values < 0, dense_grid(plane, 64) < 0)
+    values = decode_grid(plane, 256, base=128)
+    layer = 257 * 257 * 3 - 129 * 129 * 2  # the layer's fine grid points, less the coarse ones it holds
+    assert sum(queries) == 129**3 + layer
+    inside = torch.linspace(-1, 1, 257) < -1 + 64.5 * 2 / 128
+    assert np.array_equal(values < 0, np.broadcast_to(inside.numpy(), values.shape))
+    # The margin alone splits the layers beside it too.
+    queries.clear()
+    decode_grid(plane, 256, base=128, cover=False)
+    assert sum(queries) > 129**3 + 2 * layer
 
 
 def test_query_chunks_follow_the_device(monkeypatch):

@@ -11,16 +11,19 @@ takes the coarse values by trilinear interpolation, whose sign is all marching c
 the surface. The number of field queries grows about as R^2 instead of R^3.
 
 A cell is split when its corners change sign, or when a corner has |f| under the margin, `slope`
-times half the cell's diagonal, and the balls about its corners, of radius |f| / L, do not cover
-the cell. L is the larger of `slope` and the steepest change per unit length along the edges of the
-cell and of the 26 around it: where a learned field is steeper than `slope`, the balls shrink. The
-cover is tested on COVER_PARTS^3 sub-cells, each of which has to lie whole in one ball. The
-guarantee: if the field changes by at most `slope` per unit length, a point p of the surface in a
-cell has a corner within half a diagonal, so under the margin, and |f(c)| <= slope * |p - c| at
-every corner c, so p lies in no ball, its sub-cell is not covered and the cell is split. So every
-cell that holds surface is split at every level, its children's corners are the field's own values,
-and everywhere else the sign is right; the grid's signs are the dense grid's and so is the mesh. A
-true signed distance has slope 1, the default.
+times half the cell's diagonal, and the balls about its corners, of radius |f| / L, do not cover the
+cell. L is the larger of `slope` and the steepest change per unit length along the edges of the cell
+and of the 26 around it: where a learned field is steeper than `slope`, the balls shrink. The cover
+is tested on COVER_PARTS^3 sub-cells, each of which has to lie whole in one ball, and only from the
+COVER_MIN_LEVEL level on: in a cell twice as wide, the default VAE's table has a bubble one 128^3
+grid point across, where the field reads -0.003 within 0.7 cell of a corner reading +0.084, that the
+corners' balls cover; below that level the margin alone decides. The guarantee: if the field changes
+by at most `slope` per unit length, a point p of the surface in a cell has a corner within half a
+diagonal, so under the margin, and |f(c)| <= slope * |p - c| at every corner c, so p lies in no
+ball, its sub-cell is not covered and the cell is split. So every cell that holds surface is split
+at every level, its children's corners are the field's own values, and everywhere else the sign is
+right; the grid's signs are the dense grid's and so is the mesh. A true signed distance has slope 1,
+the default.
 
 A learned field only approximates a distance: on the Quaternius VAE its slope along grid edges near
 the surface is about 0.2-0.5 at the median, 1.6-2.5 at the 99th percentile and up to 9 near thin
@@ -64,6 +67,9 @@ GPU_CHUNK_BOUNDS = (1 << 14, 1 << 19)
 QUERY_BYTES = 8 * 8 * 128 * 4
 _CORNERS = [(i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)]
 COVER_PARTS = 4  # sub-cells a side in the test that balls about a cell's corners cover it
+# The cover test starts at this level (cells 2/128 wide): a wider cell can hide a bubble of a learned
+# field that its corners' values give no sign of (module docstring).
+COVER_MIN_LEVEL = 128
 
 
 def default_chunk(device: torch.device | str) -> int:
@@ -107,13 +113,14 @@ def decode_grid(
     slope: float = SLOPE,
     dilate: bool = False,
     follow: bool = True,
+    cover: bool = True,
 ) -> np.ndarray:
     """Signed distances at the (resolution + 1)^3 grid points, float32 numpy array: exact where the
     surface may be, interpolated from a coarser level elsewhere.
 
     `base` is the coarsest level, evaluated densely (default: `base_resolution`); resolution must be
     base times a power of two. base == resolution is the dense grid, resolution // 2 a single
-    refinement. `slope`, `dilate` and `follow`: the splitting rule (module docstring)."""
+    refinement. `slope`, `dilate`, `follow` and `cover`: the splitting rule (module docstring)."""
     base = base or base_resolution(resolution)
     levels = resolution // base
     if base < 1 or resolution % base or levels & (levels - 1):
@@ -132,8 +139,8 @@ def decode_grid(
         split = corners.abs().amin(0) < margin
         # Of the cells with a corner under the margin, those the balls about their corners cover
         # hold no surface.
-        near = (split & ~crossed).nonzero()
-        if len(near):
+        near = (split & ~crossed).nonzero() if cover and res >= COVER_MIN_LEVEL else None
+        if near is not None and len(near):
             width = 2 * BOUND / res
             local = _steepness(values)[near[:, 0], near[:, 1], near[:, 2]] / width
             radii = corners[:, near[:, 0], near[:, 1], near[:, 2]].abs().t() / local.clamp(min=slope)[:, None]  # (K, 8)
