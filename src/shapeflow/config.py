@@ -310,7 +310,7 @@ class TrainVAEParams:
     keep_checkpoints: int = 2
     val_every: int = 500  # 0: validate only at the end
     val_objects: int = 8  # val objects scored by the periodic validations (0 = all); the last one scores all
-    val_resolution: int = 128  # decode grid points per axis
+    val_resolution: int = 256  # decode grid points per axis
     accelerate_config: str = "configs/accelerate/default.yaml"
 
     def check(self, where: str) -> None:
@@ -338,7 +338,7 @@ class FlowParams:
 class GenerateParams:
     steps: int = 50  # Euler steps from noise to data
     guidance: float = 2.0  # classifier-free guidance scale; 1 = plain conditional
-    resolution: int = 256  # decode grid points per axis: the meshes users get, finer than evaluate's
+    resolution: int = 256  # decode grid points per axis: the meshes users get
 
     def check(self, where: str) -> None:
         if self.steps < 1:
@@ -389,7 +389,7 @@ class TrainDiTParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     split: Literal["train", "val", "test"] = "test"  # the split reconstructed and generated against
-    resolution: int = 128  # decode grid points per axis, reconstructions and samples alike
+    resolution: int = 256  # decode grid points per axis, reconstructions and samples alike
     recon_objects: int = 0  # objects of the split reconstructed (the first by key); 0: all
     recon_points: int = 100_000  # surface points a side for reconstruction CD, F-score, normal consistency
     gen_per_category: int = 0  # samples per category; 0: as many as the split holds of that category
