@@ -218,6 +218,15 @@ def _take(items: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return items.reshape(b * m, -1).index_select(0, flat)
 
 
+def _add_product(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """base + a @ b, written into base (a contiguous tensor the caller made and no longer needs), which
+    saves addmm's copy of base: 7 % of a local decoder's query on a CPU. Under autocast the product
+    stays out of place, so that it runs in the autocast dtype."""
+    if torch.is_autocast_enabled(base.device.type):
+        return torch.addmm(base, a, b)
+    return base.addmm_(a, b)
+
+
 def _pool_heads(hidden: torch.Tensor, to_value_logit: nn.Linear, heads: int, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden (N, k, C) per (centre, neighbour) pair -> to_value_logit's C values and `heads` logits
     (and `extra` more logits) per pair; per head, the values averaged over the k neighbours with the
@@ -248,10 +257,9 @@ def _read_neighbours(
     k = min(k, item_xyz.shape[1])
     idx = _nearest(centres, item_xyz, k)  # (B, Q, k)
     # rel's bias is added to the M items once instead of to the B * Q * k pairs.
-    near = _take(torch.cat([items + rel.proj.bias, item_xyz.to(items.dtype)], dim=-1), idx)
-    near_item, near_xyz = near.split([items.shape[-1], 3], dim=-1)  # (B * Q * k, C), (B * Q * k, 3)
-    offset = (centres[:, :, None] - near_xyz.view(b, q, k, 3)).flatten(0, 2)
-    hidden = F.gelu(torch.addmm(near_item, rel.fourier(offset), rel.proj.weight.t()))
+    near_item = _take(items + rel.proj.bias, idx)  # (B * Q * k, C), a tensor of its own (_add_product)
+    offset = (centres[:, :, None] - _take(item_xyz.to(items.dtype), idx).view(b, q, k, 3)).flatten(0, 2)
+    hidden = F.gelu(_add_product(near_item, rel.fourier(offset), rel.proj.weight.t()))
     x, _ = _pool_heads(hidden.view(b * q, k, -1), to_value_logit, heads)
     return x.view(b, q, -1)
 
@@ -405,20 +413,18 @@ class LocalQueryDecoder(_FieldDecoder):
         b, q = queries.shape[:2]
         k = min(self.k, anchors.shape[1])
         plane = self.to_plane(normed)  # (B, M, 4)
-        # Per token, once: the token with both embeddings' biases added, its plane, its anchor.
-        items = torch.cat(
-            [tokens + self.rel.proj.bias + self.from_plane.bias, F.normalize(plane[..., :3], dim=-1), plane[..., 3:],
-             anchors.to(tokens.dtype)],
-            dim=-1,
-        )
-        near = _take(items, _nearest(queries, anchors, k))  # (B * Q * k, C + 7)
-        near_token, normal, offset, near_anchor = near.split([width, 3, 1, 3], dim=-1)
+        # Per token, once: the token with both embeddings' biases added; its plane and anchor.
+        shifted = tokens + self.rel.proj.bias + self.from_plane.bias
+        geometry = torch.cat([F.normalize(plane[..., :3], dim=-1), plane[..., 3:], anchors.to(tokens.dtype)], dim=-1)
+        idx = _nearest(queries, anchors, k)
+        near_token = _take(shifted, idx)  # (B * Q * k, C), a tensor of its own (_add_product)
+        normal, offset, near_anchor = _take(geometry, idx).split([3, 1, 3], dim=-1)
         rel = (queries[:, :, None] - near_anchor.view(b, q, k, 3)).flatten(0, 2)  # (B * Q * k, 3)
         dist = (normal * rel).sum(-1, keepdim=True) + offset  # signed distance to each neighbour's plane
         # rel(rel) + from_plane(fourier(dist)) as one product: their features side by side.
         feats = torch.cat([self.rel.fourier(rel), self.plane_fourier(dist)], dim=-1)
         embed = torch.cat([self.rel.proj.weight, self.from_plane.weight], dim=1)  # (C, F_rel + F_plane)
-        hidden = F.gelu(torch.addmm(near_token, feats, embed.t())).view(b * q, k, width)
+        hidden = F.gelu(_add_product(near_token, feats, embed.t())).view(b * q, k, width)
         x, plane_logit = _pool_heads(hidden, self.to_value_logit, self.heads, extra=1)  # (B * Q, C), (B * Q, k, 1)
         blend = (plane_logit.softmax(dim=1) * dist.view(b * q, k, 1)).sum(dim=(1, 2)).view(b, q)
         reach = self.log_reach.exp()
