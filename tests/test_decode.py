@@ -33,13 +33,24 @@ def test_sphere_decodes_to_a_closed_outward_mesh_on_the_surface():
     assert metrics["f@0.02"] > 0.99 and metrics["cd"] < 0.012
 
 
-def test_a_shape_that_reaches_the_box_is_capped_there_and_closed():
+@pytest.mark.parametrize("resolution", [32, 40])  # 40: blocks padded past the grid
+def test_a_shape_that_reaches_the_box_is_capped_there_and_closed(resolution):
     # A slab through the whole box (inside |z| < 0.3 everywhere on the box's sides): marching cubes
     # alone would leave it open where it meets the box; the mesh is closed at the box's faces.
-    mesh = decode_mesh(lambda q: q[:, 2].abs() - 0.3, 32)
+    mesh = decode_mesh(lambda q: q[:, 2].abs() - 0.3, resolution)
     assert mesh.is_watertight and mesh.volume > 0
     assert abs(mesh.volume - 2.0 * 2.0 * 0.6) < 0.05
     assert np.abs(mesh.vertices).max() <= 1.0 + 1e-6
+
+
+def test_a_surface_on_the_grid_planes_between_marching_blocks_is_meshed_and_closed():
+    # A cube whose faces lie on the grid planes 16 and 48 of 64, where marching-cubes blocks meet:
+    # whole planes of exact zeros, which PyMCubes counts as inside.
+    values = dense_grid(lambda q: (q.abs() - 0.5).max(dim=-1).values, 64)
+    assert (values == 0).sum() > 6 * 31**2
+    mesh = grid_to_mesh(values)
+    assert mesh.is_watertight and mesh.is_winding_consistent
+    assert abs(mesh.volume - 1.0) < 1e-6
 
 
 def thin_plate(q: torch.Tensor) -> torch.Tensor:  # 0.008 thick: under one cell even at 128^3
@@ -142,6 +153,44 @@ def test_cells_beside_a_plane_that_the_corner_balls_cover_are_not_split():
     queries.clear()
     decode_grid(plane, 256, base=128, cover=False)
     assert sum(queries) > 129**3 + 2 * layer
+
+
+def test_the_last_level_probes_exactly_the_new_points_outside_the_corner_balls():
+    from shapeflow.geometry.decode import _CORNERS, NEAREST_REACH, _uncovered_points
+
+    radii = torch.rand(2000, 8, generator=torch.Generator().manual_seed(2)) * 1.2
+    uncovered = _uncovered_points(radii, 2.0)  # cells 2 wide: the new points sit at 0, 1 or 2
+    new = [(i, j, k) for i in range(3) for j in range(3) for k in range(3) if 1 in (i, j, k)]
+    reach = torch.cdist(torch.tensor(new, dtype=torch.float32), 2.0 * torch.tensor(_CORNERS, dtype=torch.float32))
+    nearest = reach <= reach.amin(1, keepdim=True) + 1e-6
+    near_surface = ((radii[:, None, :] <= NEAREST_REACH * reach[None]) & nearest[None]).any(2)
+    assert torch.equal(uncovered, ~(reach[None] < radii[:, None, :]).any(2) | near_surface)
+    assert (near_surface & (reach[None] < radii[:, None, :]).any(2)).any()  # probed though covered
+    assert 0 < uncovered.sum() < uncovered.numel()
+
+
+def test_a_plate_between_the_grid_points_of_the_level_before_the_last_is_found_by_probing():
+    # A plate 0.004 thick around y = 1/128: grid points of 256^3 hold it (odd indices), none of
+    # 128^3. The cells of 128^3 around it have corners 0.0058 away, under the margin but with balls
+    # that miss the middle of their faces; probing those points finds the plate and splits the cells.
+    queries = []
+
+    def plate(q: torch.Tensor) -> torch.Tensor:
+        queries.append(len(q))
+        half = torch.tensor([0.6, 0.002, 0.3])
+        return ((q - torch.tensor([0.0, 1 / 128, 0.0])).abs() - half).max(dim=-1).values
+
+    values = decode_grid(plate, 256, base=128)
+    probed = sum(queries)
+    dense = dense_grid(plate, 256)
+    crossed = crossed_corners(dense)
+    assert crossed.any() and np.array_equal(values < 0, dense < 0)
+    assert np.array_equal(values[crossed], dense[crossed])
+    assert grid_to_mesh(values).is_watertight
+    # Splitting every cell under the margin asks more.
+    queries.clear()
+    decode_grid(plate, 256, base=128, cover=False)
+    assert probed < sum(queries)
 
 
 def test_query_chunks_follow_the_device(monkeypatch):

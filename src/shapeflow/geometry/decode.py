@@ -17,13 +17,24 @@ and of the 26 around it: where a learned field is steeper than `slope`, the ball
 is tested on COVER_PARTS^3 sub-cells, each of which has to lie whole in one ball, and only from the
 COVER_MIN_LEVEL level on: in a cell twice as wide, the default VAE's table has a bubble one 128^3
 grid point across, where the field reads -0.003 within 0.7 cell of a corner reading +0.084, that the
-corners' balls cover; below that level the margin alone decides. The guarantee: if the field changes
-by at most `slope` per unit length, a point p of the surface in a cell has a corner within half a
-diagonal, so under the margin, and |f(c)| <= slope * |p - c| at every corner c, so p lies in no
-ball, its sub-cell is not covered and the cell is split. So every cell that holds surface is split
-at every level, its children's corners are the field's own values, and everywhere else the sign is
-right; the grid's signs are the dense grid's and so is the mesh. A true signed distance has slope 1,
-the default.
+corners' balls cover; below that level the margin alone decides. At the last level only the signs
+at its grid points matter, so there a cell is not split outright: its new grid points outside every
+ball are evaluated first (`_probe_cells`), and the cell is split only if one of them has a sign its
+corners do not; every other point lies in a ball, so has that ball's centre's sign. A point next to
+a corner nearly on the surface is probed too, when that corner's ball reaches less than
+NEAREST_REACH of the way to it: there the learned field can fold back within half a cell. On the
+default VAE's lamp an edge from -0.0187 to -0.0014 reads +0.0014 at its middle, a slope 2.4 times
+the one its neighbourhood's edges show, and the far corner's ball held that point.
+
+The guarantee: if the field changes by at most `slope` per unit length, a point p of the surface in
+a cell has a corner within half a diagonal, so under the margin, and |f(c)| <= slope * |p - c| at
+every corner c, so p lies in no ball, its sub-cell is not covered and the cell is split. So every
+cell that holds surface is split at every level but the last, its children's corners are the
+field's own values, and everywhere else the sign is right. At the last level a grid point whose sign
+differs from its cell's corners lies in no ball either, so it is probed and the cell split: every
+cell of the finest grid whose corners change sign lies in a split cell. The grid's signs are the
+dense grid's, the values at the corners of the cells the surface crosses are the field's own, and
+the mesh is the dense grid's. A true signed distance has slope 1, the default.
 
 A learned field only approximates a distance: on the Quaternius VAE its slope along grid edges near
 the surface is about 0.2-0.5 at the median, 1.6-2.5 at the 99th percentile and up to 9 near thin
@@ -51,7 +62,7 @@ import torch
 import torch.nn.functional as F
 import trimesh
 
-from shapeflow.geometry.marching import MC_BLOCK, march_blocks, weld
+from shapeflow.geometry.marching import MC_BLOCK, crosses, march_blocks, weld
 
 FieldFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -140,12 +151,19 @@ def decode_grid(
         # Of the cells with a corner under the margin, those the balls about their corners cover
         # hold no surface.
         near = (split & ~crossed).nonzero() if cover and res >= COVER_MIN_LEVEL else None
+        probe = None
         if near is not None and len(near):
             width = 2 * BOUND / res
             local = _steepness(values)[near[:, 0], near[:, 1], near[:, 2]] / width
             radii = corners[:, near[:, 0], near[:, 1], near[:, 2]].abs().t() / local.clamp(min=slope)[:, None]  # (K, 8)
-            near = near[_covered(radii, width)]
-            split[near[:, 0], near[:, 1], near[:, 2]] = False
+            if res * 2 == resolution:
+                # The last level: only the signs at its grid points count, so these cells are split
+                # only if one of their new points outside the balls turns out to have the other sign.
+                split[near[:, 0], near[:, 1], near[:, 2]] = False
+                probe = (near, _uncovered_points(radii, width))
+            else:
+                near = near[_covered(radii, width)]
+                split[near[:, 0], near[:, 1], near[:, 2]] = False
         del corners, near
         if dilate:
             crossed = F.max_pool3d(crossed[None, None].float(), 3, 1, 1)[0, 0] > 0
@@ -156,6 +174,9 @@ def decode_grid(
         coarse_exact, exact = exact, torch.zeros((res + 1,) * 3, dtype=torch.bool, device=values.device)
         exact[::2, ::2, ::2] = coarse_exact
         del coarse_exact
+        if probe is not None:
+            _probe_cells(field, values, exact, split, *probe, res, chunk)
+            del probe
         if not split.any():
             continue
         # Every corner of the new cells inside a split cell that does not hold an exact value yet.
@@ -207,6 +228,58 @@ def _covered(radii: torch.Tensor, width: float) -> torch.Tensor:
     In parts of 2^16 cells, so the (cells, sub-cells, corners) comparison stays small."""
     reach = _COVER.to(radii.device) * width
     return torch.cat([(part[:, None, :] > reach).any(2).all(1) for part in radii.split(1 << 16)])
+
+
+_SPAN = torch.stack(torch.meshgrid(*[torch.arange(3)] * 3, indexing="ij"), dim=-1).reshape(-1, 3)
+_MIDDLE = _SPAN[(_SPAN == 1).any(1)]  # (19, 3): a coarse cell's fine grid points that are not its corners
+# (19, 8): the distance, in coarse cell widths, from each of them to each corner
+_MIDDLE_REACH = (_MIDDLE[:, None, :] / 2 - torch.tensor(_CORNERS)).square().sum(-1).sqrt().float()
+_NEAREST = _MIDDLE_REACH < _MIDDLE_REACH.amin(1, keepdim=True) + 1e-6  # (19, 8): each point's nearest corners
+# A point is also probed when the ball of one of its nearest corners reaches less than this share of
+# the way to it (module docstring).
+NEAREST_REACH = 0.25
+
+
+def _uncovered_points(radii: torch.Tensor, width: float) -> torch.Tensor:
+    """(K, 19) bool: which of the _MIDDLE points of K cells of `width` to probe: those in none of the
+    balls of radii (K, 8) about the cells' corners, and those next to a corner nearly on the
+    surface (its ball reaches less than NEAREST_REACH of the way to them)."""
+    reach = _MIDDLE_REACH.to(radii.device) * width
+    nearest = _NEAREST.to(radii.device)
+    parts = []
+    for part in radii.split(1 << 16):
+        inside = part[:, None, :] > reach  # (k, 19, 8)
+        short = (part[:, None, :] <= NEAREST_REACH * reach) & nearest
+        parts.append(~inside.any(2) | short.any(2))
+    return torch.cat(parts)
+
+
+def _probe_cells(
+    field: FieldFn,
+    values: torch.Tensor,
+    exact: torch.Tensor,
+    split: torch.Tensor,
+    cells: torch.Tensor,
+    uncovered: torch.Tensor,
+    res: int,
+    chunk: int,
+) -> None:
+    """Evaluate the uncovered points (K, 19) of coarse cells (K, 3) of level res / 2, and mark as
+    split (in `split`) the cells where a point found this way has a sign their corners do not have.
+
+    Every other point of such a cell lies in a ball whose centre has its sign, so when no probed
+    point changes sign, no cell of the res-level grid inside changes sign either."""
+    points = 2 * cells[:, None, :] + _MIDDLE.to(cells.device)  # (K, 19, 3)
+    size = res + 1
+    flat = torch.unique(((points[..., 0] * size + points[..., 1]) * size + points[..., 2])[uncovered])
+    flat = flat[~exact.view(-1)[flat]]
+    _evaluate_at(
+        field, values, exact, torch.stack([flat // (size * size), flat // size % size, flat % size], dim=1), res, chunk
+    )
+    every = 2 * cells[:, None, :] + _SPAN.to(cells.device)  # (K, 27, 3): corners and new points
+    seen = values[every[..., 0], every[..., 1], every[..., 2]]
+    changed = cells[(seen > 0).any(1) & (seen < 0).any(1)]
+    split[changed[:, 0], changed[:, 1], changed[:, 2]] = True
 
 
 _STEPS = torch.tensor([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])  # face neighbours
@@ -331,6 +404,7 @@ def crossed_corners(values: np.ndarray) -> np.ndarray:
 
 
 OUTSIDE_CAP = 1e-6  # the least value a boundary grid point gets: outside, by next to nothing
+SLIVER_NEAR = 1e-3  # grid-index units: a vertex this close to a grid point may make a zero-area face
 
 
 def grid_to_mesh(values: np.ndarray) -> trimesh.Trimesh:
@@ -342,43 +416,61 @@ def grid_to_mesh(values: np.ndarray) -> trimesh.Trimesh:
     (no faces) when the field never changes sign.
     """
     resolution = values.shape[0] - 1
-    values = np.array(values, dtype=np.float32)
-    for sides in (np.s_[[0, -1], :, :], np.s_[:, [0, -1], :], np.s_[:, :, [0, -1]]):  # the six faces of the grid
-        values[sides] = np.maximum(values[sides], OUTSIDE_CAP)
-    origins, blocks = _sign_change_blocks(values)
+    origins, blocks = _surface_blocks(values)
     verts, faces = march_blocks(blocks, origins)
     if len(faces) == 0:
         return trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64), process=False)
     verts, faces = weld(verts, faces, resolution)
+    # Where the field is exactly zero at grid points, marching cubes leaves zero-area slivers between
+    # the (welded) vertices there; they are dropped without opening holes. Three points on distinct
+    # edges of a cube, none at a corner, are never in a line, so only faces with a vertex at (or
+    # within SLIVER_NEAR of) a grid point are checked.
+    at_point = (np.abs(verts - np.round(verts)) < SLIVER_NEAR).all(1)
     verts = verts * (2 * BOUND / resolution) - BOUND
     faces = faces[:, ::-1]  # PyMCubes orients faces towards the negative side; ours is inside
+    suspect = np.flatnonzero(at_point[faces].any(1))
+    if len(suspect):
+        flat = ~trimesh.triangles.nondegenerate(verts[faces[suspect]], height=None)
+        faces = np.delete(faces, suspect[flat], axis=0)
     mesh = trimesh.Trimesh(verts, faces, process=False)
-    # Where the field is exactly zero at grid points, marching cubes leaves zero-area slivers between
-    # the (welded) vertices there; they are dropped without opening holes.
-    mesh.update_faces(mesh.nondegenerate_faces(height=None))
     mesh.remove_unreferenced_vertices()
     return mesh
 
 
-def _sign_change_blocks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(origins (n, 3), values (n, B+1, B+1, B+1)) of the MC_BLOCK blocks whose values change sign.
+def _surface_blocks(values: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(origins (n, 3), value blocks, each (B+1, B+1, B+1) float64) of the MC_BLOCK blocks the
+    surface may cross, with the grid's boundary raised to OUTSIDE_CAP in the blocks' copies.
 
-    The grid is padded (edge values repeated, which adds no sign change) to whole blocks."""
+    The blocks' ranges are reduced over a strided view of the grid, which is left as it is and
+    never copied whole (on a fresh VM a 513^3 copy took 3 s, most of it the first touch of new
+    memory). A block on the boundary is taken when it has a value <= 0 anywhere: capping can only
+    add values above 0. The grid is padded (edge values repeated) to whole blocks when its
+    resolution is not a multiple of MC_BLOCK."""
     resolution = values.shape[0] - 1
     n = -(-resolution // MC_BLOCK)
     pad = n * MC_BLOCK - resolution
-    grid = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))[None, None]
+    grid = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
     if pad:
-        grid = F.pad(grid, (0, pad) * 3, mode="replicate")
-    kernel, stride = MC_BLOCK + 1, MC_BLOCK
-    hi = F.max_pool3d(grid, kernel, stride)[0, 0]
-    lo = -F.max_pool3d(-grid, kernel, stride)[0, 0]
-    chosen = ((lo < 0) & (hi > 0)).nonzero().numpy()  # (n, 3) block indices
-    origins = chosen * MC_BLOCK
-    grid = grid[0, 0].numpy()
-    blocks = np.zeros((len(origins),) + (kernel,) * 3)
-    for b, (i, j, k) in enumerate(origins):
-        blocks[b] = grid[i : i + kernel, j : j + kernel, k : k + kernel]
+        grid = F.pad(grid[None, None], (0, pad) * 3, mode="replicate")[0, 0]
+    kernel = MC_BLOCK + 1
+    windows = grid.unfold(0, kernel, MC_BLOCK).unfold(1, kernel, MC_BLOCK).unfold(2, kernel, MC_BLOCK)
+    lo, hi = windows.amin((3, 4, 5)), windows.amax((3, 4, 5))
+    edge = torch.ones(n, n, n, dtype=torch.bool)
+    edge[1:-1, 1:-1, 1:-1] = False
+    origins = (crosses(lo, hi) | (edge & (lo <= 0))).nonzero().numpy() * MC_BLOCK
+    grid = grid.numpy()
+    blocks = []
+    for origin in origins:
+        i, j, k = origin
+        block = grid[i : i + kernel, j : j + kernel, k : k + kernel].astype(np.float64)
+        for axis, start in enumerate(origin):
+            sides = [0] if start == 0 else []
+            sides += range(max(resolution - start, 0), kernel)  # the far boundary and the padding
+            if sides:
+                index = [slice(None)] * 3
+                index[axis] = sides
+                block[tuple(index)] = np.maximum(block[tuple(index)], OUTSIDE_CAP)
+        blocks.append(block)
     return origins, blocks
 
 

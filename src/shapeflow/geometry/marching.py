@@ -14,20 +14,29 @@ import trimesh
 MC_BLOCK = 16  # marching-cubes block edge, in cells
 
 
-def march_blocks(values: np.ndarray, origins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """PyMCubes on each block (n, B+1, B+1, B+1) with a sign change; vertices in grid-index units
-    (the block's origin added), faces as PyMCubes orients them (towards the negative side)."""
+def crosses(lo, hi):
+    """Whether marching cubes finds surface where the values range from lo to hi (arrays or tensors)."""
+    return (lo <= 0) & (hi > 0)
+
+
+def march_blocks(values, origins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PyMCubes on each block (B+1, B+1, B+1) of `values` (an array or a list) that the surface
+    crosses; vertices in grid-index units (the block's origin added), faces as PyMCubes orients them
+    (towards the negative side).
+
+    PyMCubes puts a value of exactly 0 on the negative side, so a block holds surface when it has a
+    value <= 0 and one > 0 (`crosses`)."""
     verts, faces = [], []
-    if len(values) == 0:
-        return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
-    lo = values.reshape(len(values), -1).min(axis=1)
-    hi = values.reshape(len(values), -1).max(axis=1)
-    for b in np.flatnonzero((lo < 0) & (hi > 0)):
-        v, f = mcubes.marching_cubes(values[b], 0.0)
+    for b, block in enumerate(values):
+        if not crosses(block.min(), block.max()):
+            continue
+        v, f = mcubes.marching_cubes(block, 0.0)
         if len(f) == 0:
             continue
         verts.append(v + origins[b])
         faces.append(f.astype(np.int64))
+    if not faces:
+        return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
     return trimesh.util.append_faces(verts, faces)
 
 
