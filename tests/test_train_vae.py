@@ -134,7 +134,7 @@ def test_a_training_stopped_by_sigterm_ends_its_mlflow_run_as_killed(two_samples
     assert [r.info.status for r in found] == ["RUNNING"] and len(found[0].inputs.dataset_inputs) == 1
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM and "train-vae: interrupted" in err
+    assert proc.returncode == 128 + signal.SIGTERM and "train-vae: interrupted" in err, err[-4000:]
     _, found = runs(tmp_path)
     assert [r.info.status for r in found] == ["KILLED"]
 

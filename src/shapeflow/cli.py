@@ -13,6 +13,7 @@ import sys
 
 from shapeflow import __version__, compare, evaluate_recon
 from shapeflow.config import ParamsError
+from shapeflow.interrupts import interrupt_on_sigterm
 from shapeflow.manifest import FolderBusyError, ManifestError, storage_error
 from shapeflow.stages import evaluate, fetch, generate, sample, train_dit, train_vae, watertight
 
@@ -28,16 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     # SIGTERM (a stopped worker, a cancelled flow run, `kill`) ends a command as Ctrl-C does: its
     # MLflow run is marked KILLED and half-written files are removed, instead of an abrupt exit.
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ import yaml
 
 from shapeflow import manifest as mf
 from shapeflow import tracking
+from shapeflow.interrupts import uninterrupted
 
 VAE_MODEL = "shapeflow-vae"
 DIT_MODEL = "shapeflow-dit"
@@ -99,6 +100,13 @@ def register(
 ) -> str:
     """Log the model folders `artifacts` as an MLflow model in run `run_id` and register it as a new
     version of `name`, tagged with the run's final scores; -> the version."""
+    with uninterrupted():  # a few seconds of writes to the tracking store (interrupts module)
+        return _register(run_id, name, artifacts, signature, description, scores)
+
+
+def _register(
+    run_id: str, name: str, artifacts: dict[str, Path], signature, description: str, scores: dict[str, float]
+) -> str:
     mlflow = _mlflow()
     package = Path(__file__).resolve().parent
     with mlflow.start_run(run_id=run_id):
@@ -140,7 +148,8 @@ def log_dataset(run_id: str, samples: Path, context: str = "training") -> None:
     # Through the client: the training's run is still going, and leaving a fluent `start_run` block
     # would mark it FINISHED.
     entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
-    mlflow.MlflowClient().log_inputs(run_id, datasets=[entry])
+    with uninterrupted():
+        mlflow.MlflowClient().log_inputs(run_id, datasets=[entry])
 
 
 def load_model_folders(model_uri: str) -> dict[str, Path]:

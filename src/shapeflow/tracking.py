@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from shapeflow import manifest as mf
+from shapeflow.interrupts import uninterrupted
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -60,8 +61,9 @@ def tag_runs(run_ids: Mapping[str, str], tags: Mapping[str, str]) -> list[str]:
     missed = []
     for stage, run_id in run_ids.items():
         try:
-            for key, value in tags.items():
-                client.set_tag(run_id, key, value)
+            with uninterrupted():
+                for key, value in tags.items():
+                    client.set_tag(run_id, key, value)
         except MlflowException:
             missed.append(stage)
     return missed
@@ -141,16 +143,18 @@ class Tracker:
         self._client = MlflowClient(tracking_uri=uri)
         if run_id is not None:
             self.run_id = run_id
-            self._client.update_run(run_id, status="RUNNING")
-            self._client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            with uninterrupted():
+                self._client.update_run(run_id, status="RUNNING")
+                self._client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
             return run_id
-        found = self._client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
-        run = self._client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
-        self.run_id = run.info.run_id
-        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self._client.log_batch(self.run_id, params=items[i : i + 100])
+        with uninterrupted():
+            found = self._client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
+            run = self._client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+            self.run_id = run.info.run_id
+            items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                self._client.log_batch(self.run_id, params=items[i : i + 100])
         return self.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -160,7 +164,8 @@ class Tracker:
 
         now = int(time.time() * 1000)
         items = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()]
-        self._client.log_batch(self.run_id, metrics=items)
+        with uninterrupted():
+            self._client.log_batch(self.run_id, metrics=items)
 
     def log_table(self, rows: list[Mapping[str, Any]], artifact_file: str) -> None:
         """Rows of one table (the same columns) as an MLflow table artifact (JSON, shown in the UI)."""
@@ -168,15 +173,18 @@ class Tracker:
             return
         columns = list(rows[0])
         data = {c: [mf.finite_or_none(row.get(c)) for row in rows] for c in columns}
-        self._client.log_table(self.run_id, data=data, artifact_file=artifact_file)
+        with uninterrupted():
+            self._client.log_table(self.run_id, data=data, artifact_file=artifact_file)
 
     def log_artifacts(self, folder: str | Path, artifact_path: str) -> None:
         if self.active:
-            self._client.log_artifacts(self.run_id, str(folder), artifact_path)
+            with uninterrupted():
+                self._client.log_artifacts(self.run_id, str(folder), artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
         if self.active and self.run_id is not None:
-            self._client.set_terminated(self.run_id, status=status)
+            with uninterrupted():
+                self._client.set_terminated(self.run_id, status=status)
 
     @contextlib.contextmanager
     def ends_on_error(self):
